@@ -1,0 +1,150 @@
+"""``create_app(settings)`` assembles the gateway; the lifespan owns every long-lived object
+(database engines, the history writer, the upstream client) and hands them to requests as
+lifespan state. Nothing is done on import."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.asgi import Receive, Scope, Send, send_error
+from gateway.auth import Authenticator
+from gateway.errors import NotFound
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+from storage.batch import insert_ignore
+from storage.database import create_engine, ensure_database, migrate, ping
+from storage.schema import api_keys
+from storage.writer import HistoryWriter
+
+log = logging.getLogger("mes.app")
+
+
+class FromState:
+    """An ASGI endpoint that calls the lifespan-state object named ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await scope["state"][self.name](scope, receive, send)
+
+
+
+class NotFoundEndpoint:
+    """Every path the gateway does not serve: 404 in OpenAI's error shape."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_error(send, NotFound(f"Unknown route {scope['method']} {scope['path']}."))
+
+
+async def healthz(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    engines: dict[str, AsyncEngine] = request.state.engines
+    writer: HistoryWriter = request.state.writer
+    databases = {}
+    for name, engine in engines.items():
+        try:
+            await asyncio.wait_for(ping(engine), timeout=2.0)
+            databases[name] = "ok"
+        except Exception as error:  # any failure means "not ready"; the reason is reported
+            databases[name] = f"unreachable: {type(error).__name__}"
+    ready = all(state == "ok" for state in databases.values())
+    body = {"status": "ready" if ready else "not ready", "databases": databases,
+            "queue_depth": writer.depth}
+    return _json(body, status=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.state.metrics
+    return PlainTextResponse(registry.render(), media_type="text/plain; version=0.0.4")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[str]) -> None:
+    if not fingerprints:
+        return
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [{"fingerprint": f, "name": None, "source": "env", "created_at": now}
+            for f in sorted(fingerprints)]
+    async with engine.begin() as connection:
+        await connection.execute(insert_ignore(connection, api_keys), rows)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        main_engine = create_engine(await ensure_database(settings.main_dsn),
+                                    settings.db_pool_size)
+        history_engine = main_engine
+        if settings.history_dsn != settings.main_dsn:
+            history_engine = create_engine(await ensure_database(settings.history_dsn),
+                                           settings.db_pool_size)
+        await migrate(main_engine, "main")
+        await migrate(history_engine, "history")
+        authenticator = Authenticator(settings.gateway_keys, settings.managed_mode)
+        await _register_gateway_keys(main_engine, authenticator.fingerprints)
+
+        registry = Metrics()
+        writer = HistoryWriter(
+            history_engine,
+            registry,
+            queue_size=settings.capture_queue_size,
+            batch_size=settings.capture_batch_size,
+            flush_interval=settings.capture_flush_interval,
+            retry_seconds=settings.capture_retry_seconds,
+        )
+        registry.gauges["queue_depth"] = lambda: writer.depth
+        writer.start()
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout,
+                                  connect=settings.upstream_connect_timeout),
+            limits=httpx.Limits(max_connections=settings.upstream_max_connections,
+                                max_keepalive_connections=settings.upstream_max_connections),
+            follow_redirects=False,
+        )
+        proxy = Proxy(settings, client, authenticator, writer.submit, registry)
+        engines = {"main": main_engine}
+        if history_engine is not main_engine:
+            engines["history"] = history_engine
+        log.info("MES Gateway ready: upstream %s, %s mode", settings.upstream_base_url,
+                 "managed" if settings.managed_mode else "pass-through")
+        try:
+            yield {"proxy": proxy, "writer": writer, "metrics": registry, "engines": engines}
+        finally:
+            await writer.close(settings.shutdown_grace_seconds)
+            await client.aclose()
+            for engine in engines.values():
+                await engine.dispose()
+
+    return Starlette(
+        routes=[
+            Route("/v1/{path:path}", FromState("proxy")),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/{path:path}", NotFoundEndpoint()),
+        ],
+        lifespan=lifespan,
+    )

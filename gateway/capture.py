@@ -1,0 +1,301 @@
+"""What the request path hands to the capture queue, and how the writer turns it into rows.
+
+The request path does as little as it can: it fills an ``Exchange`` with what it already has
+(the parsed request, the raw response bytes or SSE chunks with their arrival times, timings,
+caller, client) and queues it. Parsing the answer, rebuilding streamed messages, hashing the
+message chain and shaping rows happen in ``rows()``, called by the writer off the request path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from gateway.accumulate import StreamAccumulator
+from gateway.sse import iter_data
+from storage.chain import ROOT, chain, content_text
+from storage.rows import RowSet
+
+JSON = dict[str, Any]
+TITLE_LENGTH = 80
+
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_DISCONNECTED = "upstream_disconnected"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One proxied chat completion, as the request path saw it."""
+
+    owner: str
+    key_fingerprint: str | None
+    client_ip: str | None
+    user_agent: str | None
+    conversation_header: str | None
+    request: JSON
+    stream: bool
+    started_at: datetime
+    id: str = field(default_factory=new_id)
+    status: int = 0
+    response_body: bytes = b""
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    first_byte_ms: float | None = None
+    latency_ms: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
+
+    def rows(self) -> RowSet:
+        answer = self._answer()
+        conversation_id = self._conversation_id()
+        messages = self.request.get("messages")
+        valid_messages = isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+        params = {k: v for k, v in self.request.items() if k != "messages" or not valid_messages}
+        message_rows: list[JSON] = []
+        request_hash: str | None = None
+        if valid_messages:
+            for digest, parent, body in chain(messages):
+                message_rows.append(_message_row(conversation_id, digest, parent, body,
+                                                 self.started_at))
+                request_hash = digest
+        response_hash: str | None = None
+        extra_choices = []
+        for index, (message, finish_reason) in enumerate(answer.choices):
+            if index == 0:
+                for digest, parent, body in chain([message], request_hash or ROOT):
+                    message_rows.append(_message_row(conversation_id, digest, parent, body,
+                                                     self.started_at))
+                    response_hash = digest
+            else:
+                extra_choices.append({"index": index, "message": message,
+                                      "finish_reason": finish_reason})
+        usage = answer.usage or {}
+        completion = {
+            "id": self.id,
+            "response_id": answer.id,
+            "conversation_id": conversation_id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "end_user": _short(self.request.get("user"), 255),
+            "requested_model": _short(self.request.get("model"), 255),
+            "response_model": _short(answer.model, 255),
+            "params": orjson.dumps(params).decode(),
+            "metadata": _json_or_none(self.request.get("metadata")),
+            "request_hash": request_hash,
+            "request_message_count": len(messages) if valid_messages else 0,
+            "response_hash": response_hash,
+            "extra_choices": orjson.dumps(extra_choices).decode() if extra_choices else None,
+            "finish_reason": answer.finish_reason,
+            "prompt_tokens": _int(usage.get("prompt_tokens")),
+            "completion_tokens": _int(usage.get("completion_tokens")),
+            "total_tokens": _int(usage.get("total_tokens")),
+            "cached_tokens": _int(_get(usage, "prompt_tokens_details", "cached_tokens")),
+            "reasoning_tokens": _int(_get(usage, "completion_tokens_details", "reasoning_tokens")),
+            "usage": _json_or_none(answer.usage),
+            "status_code": self.status,
+            "error_type": _short(self.error_type or answer.error_type, 255),
+            "error_message": self.error_message or answer.error_message,
+            "client_ip": self.client_ip,
+            "user_agent": _short(self.user_agent, 512),
+            "stream": self.stream,
+            "started_at": self.started_at,
+            "ttft_ms": answer.ttft_ms if answer.ttft_ms is not None else None,
+            "latency_ms": self.latency_ms,
+            "upstream_created": _int(answer.created),
+            "system_fingerprint": _short(answer.system_fingerprint, 255),
+        }
+        conversation = {
+            "id": conversation_id,
+            "owner": self.owner,
+            "client_conversation_id": _short(self.conversation_header, 255),
+            "title": _title(messages if valid_messages else []),
+            "created_at": self.started_at,
+            "updated_at": self.started_at,
+        }
+        return RowSet(completion=completion, conversation=conversation, messages=message_rows)
+
+    def _conversation_id(self) -> str:
+        if self.conversation_header:
+            # Namespaced by owner: two callers naming the same conversation never share it.
+            scoped = f"{self.owner}\n{self.conversation_header}".encode()
+            return hashlib.sha256(scoped).hexdigest()[:32]
+        return self.id
+
+    def _answer(self) -> Answer:
+        if self.stream and self.chunks and 200 <= self.status < 300:
+            return _streamed_answer(self.chunks, self.cut_short)
+        return _json_answer(self.response_body, self.status, self.cut_short)
+
+
+@dataclass(slots=True)
+class Answer:
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    system_fingerprint: str | None = None
+    usage: JSON | None = None
+    choices: list[tuple[JSON, str | None]] = field(default_factory=list)
+    finish_reason: str | None = None
+    ttft_ms: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+def _streamed_answer(chunks: list[tuple[float, bytes]], cut_short: str | None) -> Answer:
+    accumulator = StreamAccumulator()
+    ttft_ms: float | None = None
+    for arrived_ms, raw in chunks:
+        for data in iter_data([raw]):
+            if data == b"[DONE]":
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict) and accumulator.add(chunk) and ttft_ms is None:
+                ttft_ms = arrived_ms
+    choices = accumulator.choices()
+    if cut_short:
+        choices = [(message, finish or cut_short) for message, finish in choices]
+        if not choices:
+            choices = [({"role": "assistant", "content": None}, cut_short)]
+    return Answer(
+        id=accumulator.id,
+        model=accumulator.model,
+        created=accumulator.created,
+        system_fingerprint=accumulator.system_fingerprint,
+        usage=accumulator.usage,
+        choices=choices,
+        finish_reason=choices[0][1] if choices else None,
+        ttft_ms=ttft_ms,
+    )
+
+
+def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return Answer(finish_reason=cut_short,
+                      error_message=body[:2000].decode(errors="replace") if status >= 400 and body
+                      else None)
+    if status >= 400 or "error" in parsed:
+        error = parsed.get("error")
+        if isinstance(error, dict):
+            kind = error.get("type") or error.get("code")
+            return Answer(error_type=str(kind) if kind else None,
+                          error_message=_str_or_none(error.get("message")))
+        return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
+    choices = []
+    for choice in parsed.get("choices") or ():
+        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+            choices.append((choice["message"], choice.get("finish_reason")))
+    usage = parsed.get("usage")
+    return Answer(
+        id=_str_or_none(parsed.get("id")),
+        model=_str_or_none(parsed.get("model")),
+        created=parsed.get("created") if isinstance(parsed.get("created"), int) else None,
+        system_fingerprint=_str_or_none(parsed.get("system_fingerprint")),
+        usage=usage if isinstance(usage, dict) else None,
+        choices=choices,
+        finish_reason=choices[0][1] if choices else cut_short,
+    )
+
+
+@dataclass(slots=True)
+class RequestLog:
+    """Any other proxied ``/v1`` request: a light row, no content."""
+
+    owner: str
+    key_fingerprint: str | None
+    method: str
+    path: str
+    client_ip: str | None
+    user_agent: str | None
+    started_at: datetime
+    id: str = field(default_factory=new_id)
+    status: int = 0
+    error_type: str | None = None
+    latency_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def rows(self) -> RowSet:
+        return RowSet(request_log={
+            "id": self.id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "method": self.method,
+            "path": self.path[:1024],
+            "status_code": self.status,
+            "error_type": self.error_type,
+            "latency_ms": self.latency_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "client_ip": self.client_ip,
+            "user_agent": _short(self.user_agent, 512),
+            "started_at": self.started_at,
+        })
+
+
+def _message_row(conversation_id: str, digest: str, parent: str, body: bytes,
+                 created_at: datetime) -> JSON:
+    message = orjson.loads(body)
+    role = message.get("role") if isinstance(message, dict) else None
+    return {
+        "conversation_id": conversation_id,
+        "hash": digest,
+        "parent_hash": parent or None,
+        "role": str(role)[:32] if role else "unknown",
+        "body": body.decode(),
+        "content_text": content_text(message),
+        "created_at": created_at,
+    }
+
+
+def _title(messages: list[JSON]) -> str | None:
+    for message in messages:
+        if message.get("role") == "user":
+            text = content_text(message)
+            if text:
+                text = " ".join(text.split())
+                return text if len(text) <= TITLE_LENGTH else text[: TITLE_LENGTH - 1] + "…"
+    return None
+
+
+def _get(mapping: JSON, *path: str) -> Any:
+    value: Any = mapping
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _short(value: Any, length: int) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text[:length]
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()

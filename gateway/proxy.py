@@ -1,0 +1,377 @@
+"""The ``/v1`` proxy, as a pure ASGI app: chat completions relayed and captured, every other
+route relayed and logged.
+
+The relay forwards the upstream's bytes as they arrive. For a stream it forwards whole SSE
+events (an event cut in two by the network waits for its second half), which lets it hold back
+the one event the client did not ask for: the usage chunk the gateway requested on its behalf.
+Everything else about capture happens after the bytes are sent, or later in the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import orjson
+
+from gateway.asgi import (
+    HOP_BY_HOP,
+    ClientGone,
+    DisconnectWatch,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    connection_listed,
+    header,
+    read_body,
+    send_error,
+)
+from gateway.auth import Authenticator, Caller
+from gateway.capture import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
+from gateway.client_ip import client_ip
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.sse import EventSplitter, event_data
+from storage.rows import Record
+
+log = logging.getLogger("mes.proxy")
+
+CHAT_PATH = "/v1/chat/completions"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+# Headers the gateway reads itself and never sends on.
+_CONSUMED = frozenset({b"host", b"content-length", b"x-conversation-id"})
+_CREDENTIALS = frozenset({b"authorization", b"api-key"})
+_EVENT_STREAM = "text/event-stream"
+_STREAM_ERROR = (
+    b'data: {"error":{"message":"The upstream connection was lost before the answer was '
+    b'complete.","type":"upstream_error","param":null,"code":"upstream_disconnected"}}\n\n'
+)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        authenticator: Authenticator,
+        capture: Callable[[Record], bool],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.authenticator = authenticator
+        self.capture = capture
+        self.metrics = metrics
+        self._upstream_base = settings.upstream_base_url.removesuffix("/v1")
+        self._upstream_prefix = settings.upstream_base_url
+        self._upstream_auth = (
+            (b"authorization", b"Bearer " + settings.upstream_api_key.encode())
+            if settings.upstream_api_key
+            else None
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: Headers = scope["headers"]
+        try:
+            caller = self.authenticator.identify(
+                header(headers, b"authorization"), header(headers, b"api-key")
+            )
+            length = header(headers, b"content-length")
+            body = await read_body(
+                receive,
+                self.settings.max_body_bytes,
+                int(length) if length and length.isdigit() else None,
+            )
+            if scope["method"] == "POST" and scope["path"] == CHAT_PATH:
+                request = _parse_chat_request(body)
+        except GatewayError as error:
+            self.metrics.inc("requests_rejected")
+            await send_error(send, error)
+            return
+        except ClientGone:
+            return
+        if scope["method"] == "POST" and scope["path"] == CHAT_PATH:
+            await self._chat(scope, receive, send, caller, body, request)
+        else:
+            await self._relay(scope, receive, send, caller, body)
+
+    def _upstream_url(self, scope: Scope) -> str:
+        path = scope.get("raw_path") or scope["path"].encode()
+        url = self._upstream_prefix + path.decode("latin-1").removeprefix("/v1")
+        query = scope.get("query_string")
+        return url + "?" + query.decode("latin-1") if query else url
+
+    def _upstream_headers(self, headers: Headers, chat: bool) -> Headers:
+        dropped = HOP_BY_HOP | _CONSUMED | connection_listed(headers)
+        if self._upstream_auth is not None:
+            dropped |= _CREDENTIALS
+        forwarded = [
+            (name, value)
+            for name, value in headers
+            if name.lower() not in dropped and not (chat and name.lower() == b"accept-encoding")
+        ]
+        if chat:  # the gateway reads the answer, so it asks for it uncompressed
+            forwarded.append((b"accept-encoding", b"identity"))
+        if self._upstream_auth is not None:
+            forwarded.append(self._upstream_auth)
+        return forwarded
+
+    def _exchange(self, scope: Scope, caller: Caller, request: dict[str, object]) -> Exchange:
+        headers: Headers = scope["headers"]
+        return Exchange(
+            owner=caller.owner,
+            key_fingerprint=caller.key_fingerprint,
+            client_ip=self._client_ip(scope),
+            user_agent=header(headers, b"user-agent"),
+            conversation_header=header(headers, b"x-conversation-id"),
+            request=request,
+            stream=request.get("stream") is True,
+            started_at=datetime.now(UTC).replace(tzinfo=None),
+        )
+
+    def _client_ip(self, scope: Scope) -> str | None:
+        peer = scope.get("client")
+        return client_ip(
+            peer[0] if peer else None,
+            header(scope["headers"], b"x-forwarded-for"),
+            self.settings.trusted_proxies,
+        )
+
+    async def _chat(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        caller: Caller,
+        body: bytes,
+        request: dict[str, object],
+    ) -> None:
+        exchange = self._exchange(scope, caller, request)
+        upstream_body, strip_usage = _ask_for_usage(request, body)
+        upstream_request = httpx.Request(
+            "POST",
+            self._upstream_url(scope),
+            headers=self._upstream_headers(scope["headers"], chat=True),
+            content=upstream_body,
+        )
+        started = time.perf_counter()
+        response: httpx.Response | None = None
+        watch = DisconnectWatch(receive)
+        try:
+            async with watch:
+                response = await self._send_upstream(upstream_request)
+                exchange.status = response.status_code
+                exchange.first_byte_ms = _since(started)
+                content_type = response.headers.get("content-type", "")
+                if exchange.stream and response.is_success and _EVENT_STREAM in content_type:
+                    await self._relay_events(send, response, exchange, started, strip_usage)
+                else:
+                    exchange.response_body = await self._relay_whole(send, response)
+        except GatewayError as error:
+            exchange.status = error.status
+            exchange.error_type = error.code
+            exchange.error_message = error.message
+            await send_error(send, error)
+        finally:
+            if response is not None:
+                await response.aclose()
+            if watch.disconnected:
+                exchange.cut_short = CLIENT_DISCONNECTED
+                exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
+                exchange.error_type = exchange.error_type or CLIENT_DISCONNECTED
+                self.metrics.inc("client_disconnects")
+            exchange.latency_ms = _since(started)
+            self.metrics.inc("requests")
+            self.capture(exchange)
+
+    async def _send_upstream(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            self.metrics.inc("upstream_errors")
+            raise UpstreamTimeout("The upstream did not answer in time.") from None
+        except httpx.TransportError as error:
+            self.metrics.inc("upstream_errors")
+            log.warning("upstream unreachable: %s", type(error).__name__)
+            raise UpstreamUnreachable("The upstream could not be reached.") from None
+
+    async def _relay_events(
+        self,
+        send: Send,
+        response: httpx.Response,
+        exchange: Exchange,
+        started: float,
+        strip_usage: bool,
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _response_headers(response, keep_length=False),
+            }
+        )
+        splitter = EventSplitter()
+        chunks = exchange.chunks
+        try:
+            async for raw in response.aiter_raw():
+                events = splitter.feed(raw)
+                if not events:
+                    continue
+                whole = events[0] if len(events) == 1 else b"".join(events)
+                out = _without_usage_event(events, whole) if strip_usage else whole
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                chunks.append((_since(started), whole))
+        except httpx.HTTPError as error:
+            self.metrics.inc("upstream_errors")
+            exchange.cut_short = UPSTREAM_DISCONNECTED
+            exchange.error_type = UPSTREAM_DISCONNECTED
+            exchange.error_message = f"upstream stream broke: {type(error).__name__}"
+            await send({"type": "http.response.body", "body": _STREAM_ERROR, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_whole(self, send: Send, response: httpx.Response) -> bytes:
+        try:
+            parts = [raw async for raw in response.aiter_raw()]
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("The upstream did not finish its answer in time.") from None
+        except httpx.HTTPError:
+            raise UpstreamUnreachable("The upstream connection broke during the answer.") from None
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _response_headers(response, keep_length=False)
+                + [(b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return body
+
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, caller: Caller, body: bytes
+    ) -> None:
+        log_row = RequestLog(
+            owner=caller.owner,
+            key_fingerprint=caller.key_fingerprint,
+            method=scope["method"],
+            path=scope["path"],
+            client_ip=self._client_ip(scope),
+            user_agent=header(scope["headers"], b"user-agent"),
+            started_at=datetime.now(UTC).replace(tzinfo=None),
+            bytes_in=len(body),
+        )
+        upstream_request = httpx.Request(
+            scope["method"],
+            self._upstream_url(scope),
+            headers=self._upstream_headers(scope["headers"], chat=False),
+            content=body,
+        )
+        started = time.perf_counter()
+        response: httpx.Response | None = None
+        watch = DisconnectWatch(receive)
+        try:
+            async with watch:
+                response = await self._send_upstream(upstream_request)
+                log_row.status = response.status_code
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status_code,
+                        "headers": _response_headers(response, keep_length=True),
+                    }
+                )
+                try:
+                    async for raw in response.aiter_raw():
+                        log_row.bytes_out += len(raw)
+                        await send({"type": "http.response.body", "body": raw, "more_body": True})
+                except httpx.HTTPError as error:
+                    log_row.error_type = UPSTREAM_DISCONNECTED
+                    log.warning("upstream broke mid-response: %s", type(error).__name__)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except GatewayError as error:
+            log_row.status = error.status
+            log_row.error_type = error.code
+            await send_error(send, error)
+        finally:
+            if response is not None:
+                await response.aclose()
+            if watch.disconnected:
+                log_row.status = log_row.status or CLIENT_CLOSED_REQUEST
+                log_row.error_type = CLIENT_DISCONNECTED
+            log_row.latency_ms = _since(started)
+            self.metrics.inc("requests")
+            self.capture(log_row)
+
+
+def _parse_chat_request(body: bytes) -> dict[str, object]:
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. "
+            "The body must be a JSON object (see https://platform.openai.com/docs/api-reference)."
+        ) from None
+    if not isinstance(request, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if "stream" in request and not isinstance(request["stream"], bool | None):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    if not isinstance(request.get("messages"), list):
+        raise InvalidRequest("'messages' must be an array of messages.", param="messages")
+    return request
+
+
+def _ask_for_usage(request: dict[str, object], body: bytes) -> tuple[bytes, bool]:
+    """The body to send upstream, and whether the gateway added ``include_usage`` to it."""
+    if request.get("stream") is not True:
+        return body, False
+    options = request.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return body, False
+    return orjson.dumps({**request, "stream_options": {**options, "include_usage": True}}), True
+
+
+def _without_usage_event(events: list[bytes], whole: bytes) -> bytes:
+    """The events minus the usage-only chunk that the gateway asked for on its own."""
+    kept = [event for event in events if not _is_usage_event(event)]
+    if len(kept) == len(events):
+        return whole
+    return b"".join(kept)
+
+
+def _is_usage_event(event: bytes) -> bool:
+    if b'"usage"' not in event or b'"usage":null' in event or b'"usage": null' in event:
+        return False
+    data = event_data(event)
+    if data is None or data == b"[DONE]":
+        return False
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and bool(chunk.get("usage"))
+
+
+def _response_headers(response: httpx.Response, keep_length: bool) -> Headers:
+    raw = response.headers.raw
+    dropped = HOP_BY_HOP | connection_listed(raw)
+    if not keep_length:
+        dropped = dropped | {b"content-length"}
+    return [(name.lower(), value) for name, value in raw if name.lower() not in dropped]
+
+
+def _since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

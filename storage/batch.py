@@ -1,0 +1,118 @@
+"""One batch of captured records written in one transaction, idempotently.
+
+A record may be written twice (a retry after a lost commit acknowledgement, or two writers
+replaying the same record): completions and request logs already present are skipped, and
+messages and conversations are inserted only where their key is new, so a replay never
+duplicates and concurrent writers storing one conversation neither collide nor lose rows.
+Rows are sorted by key before every write, so two writers lock them in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Table, case, func, insert, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
+
+from storage.rows import Row, RowSet
+from storage.schema import completions, conversations, messages, request_logs
+
+
+async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) -> int:
+    """Write what is new in ``rowsets``; returns how many records were new."""
+    new_completions = await _new_rows(
+        connection, completions, [r.completion for r in rowsets if r.completion]
+    )
+    new_logs = await _new_rows(
+        connection, request_logs, [r.request_log for r in rowsets if r.request_log]
+    )
+    new_ids = {row["id"] for row in new_completions}
+    fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
+
+    conversation_rows = _unique(
+        (r.conversation for r in fresh if r.conversation), ("id",)
+    )
+    if conversation_rows:
+        await connection.execute(insert_ignore(connection, conversations), conversation_rows)
+    message_rows = _unique(
+        (m for r in fresh for m in r.messages), ("conversation_id", "hash")
+    )
+    if message_rows:
+        await connection.execute(insert_ignore(connection, messages), message_rows)
+    if new_completions:
+        await connection.execute(insert(completions), new_completions)
+    if new_logs:
+        await connection.execute(insert(request_logs), new_logs)
+    await _add_to_totals(connection, new_completions)
+    return len(new_completions) + len(new_logs)
+
+
+async def _new_rows(connection: AsyncConnection, table: Table, rows: list[Row]) -> list[Row]:
+    if not rows:
+        return []
+    ids = [row["id"] for row in rows]
+    existing = set(
+        (await connection.execute(select(table.c.id).where(table.c.id.in_(ids)))).scalars()
+    )
+    unique = _unique((row for row in rows if row["id"] not in existing), ("id",))
+    return unique
+
+
+def _unique(rows: Any, key: tuple[str, ...]) -> list[Row]:
+    by_key: dict[tuple[Any, ...], Row] = {}
+    for row in rows:
+        by_key.setdefault(tuple(row[k] for k in key), row)
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def insert_ignore(connection: AsyncConnection, table: Table) -> Insert:
+    """INSERT that skips rows whose primary key is already there, in each dialect's words."""
+    name = connection.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    statement = mysql.insert(table)
+    first_key = table.primary_key.columns.values()[0].name
+    return statement.on_duplicate_key_update({first_key: statement.inserted[first_key]})
+
+
+async def _add_to_totals(connection: AsyncConnection, new_completions: list[Row]) -> None:
+    totals: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"count": 0, "prompt": 0, "completion": 0, "total": 0, "last": None}
+    )
+    for row in new_completions:
+        entry = totals[row["conversation_id"]]
+        entry["count"] += 1
+        entry["prompt"] += row["prompt_tokens"] or 0
+        entry["completion"] += row["completion_tokens"] or 0
+        entry["total"] += row["total_tokens"] or 0
+        if entry["last"] is None or row["started_at"] > entry["last"]:
+            entry["last"] = row["started_at"]
+    message_count = (
+        select(func.count())
+        .select_from(messages)
+        .where(messages.c.conversation_id == conversations.c.id)
+        .scalar_subquery()
+    )
+    for conversation_id in sorted(totals):
+        entry = totals[conversation_id]
+        await connection.execute(
+            update(conversations)
+            .where(conversations.c.id == conversation_id)
+            .values(
+                completion_count=conversations.c.completion_count + entry["count"],
+                prompt_tokens=conversations.c.prompt_tokens + entry["prompt"],
+                completion_tokens=conversations.c.completion_tokens + entry["completion"],
+                total_tokens=conversations.c.total_tokens + entry["total"],
+                message_count=message_count,
+                updated_at=case(
+                    (conversations.c.updated_at < entry["last"], entry["last"]),
+                    else_=conversations.c.updated_at,
+                ),
+            )
+        )

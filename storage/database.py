@@ -1,0 +1,132 @@
+"""Engines for the main and history databases: created, migrated and checked on start."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from migrations import MIGRATIONS_DIR
+from storage.dsn import DatabaseURL, parse_dsn
+
+log = logging.getLogger("mes.storage")
+
+_SAFE_DATABASE_NAME = re.compile(r"^[A-Za-z0-9_$-]{1,63}$")
+
+
+class DatabaseSetupError(RuntimeError):
+    """The database could not be created or migrated at start."""
+
+
+def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
+    """An async engine tuned per backend: WAL SQLite, pinged pools for the servers."""
+    if database.kind == "sqlite":
+        engine = create_async_engine(database.url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    options: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+    }
+    return create_async_engine(database.url, **options)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+async def ensure_database(dsn: str) -> DatabaseURL:
+    """Parse ``dsn`` and create its database when it does not exist yet."""
+    database = parse_dsn(dsn)
+    if database.kind == "sqlite":
+        name = database.database
+        if name and name != ":memory:":
+            Path(name).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        return database
+    name = database.database
+    if not name or not _SAFE_DATABASE_NAME.match(name):
+        raise DatabaseSetupError(
+            f"database name {name!r} in {database.rendered()} must be letters, digits, _ $ or -"
+        )
+    if database.kind == "postgresql":
+        await _create_postgres_database(database, name)
+    else:
+        await _create_mysql_database(database, name)
+    return database
+
+
+async def _create_postgres_database(database: DatabaseURL, name: str) -> None:
+    server = create_async_engine(
+        database.url.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
+    )
+    try:
+        async with server.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if not exists:
+                quoted = connection.dialect.identifier_preparer.quote_identifier(name)
+                log.info("creating PostgreSQL database %s", name)
+                try:
+                    await connection.execute(text(f"CREATE DATABASE {quoted} ENCODING 'UTF8'"))
+                except DBAPIError as exc:  # another replica may have created it meanwhile
+                    if "already exists" not in str(exc):
+                        raise
+    finally:
+        await server.dispose()
+
+
+async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
+    server = create_async_engine(database.url.set(database=None), poolclass=NullPool)
+    try:
+        async with server.connect() as connection:
+            quoted = connection.dialect.identifier_preparer.quote_identifier(name)
+            await connection.execute(
+                text(
+                    f"CREATE DATABASE IF NOT EXISTS {quoted} "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                )
+            )
+    finally:
+        await server.dispose()
+
+
+def alembic_config(target: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("version_locations", str(MIGRATIONS_DIR / target / "versions"))
+    config.attributes["target"] = target
+    return config
+
+
+async def migrate(engine: AsyncEngine, target: str) -> None:
+    """Apply ``target``'s migrations ("main" or "history") up to the newest."""
+
+    def upgrade(connection: Connection) -> None:
+        config = alembic_config(target)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(upgrade)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))

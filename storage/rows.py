@@ -1,0 +1,24 @@
+"""The rows one captured record becomes, and what the writer needs of a queued record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+
+
+@dataclass(slots=True)
+class RowSet:
+    completion: Row | None = None
+    conversation: Row | None = None
+    messages: list[Row] = field(default_factory=list)
+    request_log: Row | None = None
+
+
+class Record(Protocol):
+    """Anything the capture queue carries: it has an id and knows its rows."""
+
+    id: str
+
+    def rows(self) -> RowSet: ...

@@ -1,0 +1,138 @@
+"""The tables, as SQLAlchemy Core metadata: one set for the main database, one for history.
+
+History keeps messages in their own table, each addressed by a hash of its canonical JSON
+chained to its parent's hash (see ``storage/chain.py``), and keyed by conversation: a message
+that several requests of one conversation resend is one row. A completion points at the tail
+of its request chain and at its answer, so any captured request can be rebuilt exactly.
+
+JSON is stored as text written by orjson: the same bytes on every backend, read back exactly.
+The migrations in ``migrations/`` create these tables; this module is what the code queries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+
+# MySQL's TEXT stops at 64 KB and its DATETIME at whole seconds.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+ID = 64  # record ids, hashes and fingerprints are at most 64 characters
+
+main_metadata = MetaData()
+history_metadata = MetaData()
+
+api_keys = Table(
+    "api_keys",
+    main_metadata,
+    Column("fingerprint", String(ID), primary_key=True),
+    Column("name", String(255), nullable=True),
+    Column("source", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+)
+
+conversations = Table(
+    "conversations",
+    history_metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("owner", String(ID), nullable=False),
+    Column("client_conversation_id", String(255), nullable=True),
+    Column("title", String(255), nullable=True),
+    Column("metadata", LongText, nullable=True),
+    Column("tags", LongText, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("completion_count", Integer, nullable=False, default=0),
+    Column("message_count", Integer, nullable=False, default=0),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+    Column("total_tokens", BigInteger, nullable=False, default=0),
+    Index("ix_conversations_owner_updated", "owner", "updated_at"),
+)
+
+messages = Table(
+    "messages",
+    history_metadata,
+    Column("conversation_id", String(ID), primary_key=True),
+    Column("hash", String(ID), primary_key=True),
+    Column("parent_hash", String(ID), nullable=True),
+    Column("role", String(32), nullable=False),
+    Column("body", LongText, nullable=False),
+    Column("content_text", LongText, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+completions = Table(
+    "completions",
+    history_metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("response_id", String(255), nullable=True),
+    Column("conversation_id", String(ID), nullable=False),
+    Column("owner", String(ID), nullable=False),
+    Column("key_fingerprint", String(ID), nullable=True),
+    Column("end_user", String(255), nullable=True),
+    Column("requested_model", String(255), nullable=True),
+    Column("response_model", String(255), nullable=True),
+    Column("params", LongText, nullable=True),
+    Column("metadata", LongText, nullable=True),
+    Column("request_hash", String(ID), nullable=True),
+    Column("request_message_count", Integer, nullable=False),
+    Column("response_hash", String(ID), nullable=True),
+    Column("extra_choices", LongText, nullable=True),
+    Column("finish_reason", String(64), nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("total_tokens", Integer, nullable=True),
+    Column("cached_tokens", Integer, nullable=True),
+    Column("reasoning_tokens", Integer, nullable=True),
+    Column("usage", LongText, nullable=True),
+    Column("status_code", Integer, nullable=False),
+    Column("error_type", String(255), nullable=True),
+    Column("error_message", LongText, nullable=True),
+    Column("client_ip", String(64), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Column("stream", Boolean, nullable=False),
+    Column("started_at", Timestamp, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("upstream_created", BigInteger, nullable=True),
+    Column("system_fingerprint", String(255), nullable=True),
+    Index("ix_completions_owner_started", "owner", "started_at"),
+    Index("ix_completions_conversation", "conversation_id", "started_at"),
+    Index("ix_completions_response_id", "response_id"),
+    Index("ix_completions_started", "started_at"),
+)
+
+request_logs = Table(
+    "request_logs",
+    history_metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("owner", String(ID), nullable=False),
+    Column("key_fingerprint", String(ID), nullable=True),
+    Column("method", String(16), nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("error_type", String(255), nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("bytes_in", BigInteger, nullable=False),
+    Column("bytes_out", BigInteger, nullable=False),
+    Column("client_ip", String(64), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Column("started_at", Timestamp, nullable=False),
+    Index("ix_request_logs_owner_started", "owner", "started_at"),
+    Index("ix_request_logs_started", "started_at"),
+)

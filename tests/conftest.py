@@ -1,0 +1,84 @@
+"""Shared fixtures: the fake upstream, real PostgreSQL and MariaDB servers, and the gateway.
+
+Every database backend runs in CI (``CI=true``): a missing server fails there. On a
+developer's machine without the server binaries, those backends are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from fake_upstream.testing import serve
+from tests.dbservers import DatabaseServer, start_mariadb, start_postgres
+from tests.history_db import HistoryDB
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: every backend must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[object]:
+    with serve() as served:
+        yield served
+
+
+def _server(kind: str, base: Path) -> DatabaseServer:
+    starter = start_postgres if kind == "postgresql" else start_mariadb
+    try:
+        return starter(base)
+    except Exception as error:  # binaries missing or the server would not start
+        unavailable(f"{kind} server unavailable: {error}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    server = _server("postgresql", tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    server = _server("mysql", tmp_path_factory.mktemp("mariadb"))
+    yield server
+    server.shutdown()
+
+
+def database_dsn(request: pytest.FixtureRequest, kind: str, tmp_path: Path, prefix: str) -> str:
+    """A DSN naming a database that does not exist yet (the gateway creates it)."""
+    if kind == "sqlite":
+        return str(tmp_path / f"{prefix}.db")
+    server: DatabaseServer = request.getfixturevalue(
+        "postgres" if kind == "postgresql" else "mariadb"
+    )
+    name = server.new_database_name(prefix)
+    request.addfinalizer(lambda: server.drop_database(name))
+    return server.url(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def history_dsn(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    return database_dsn(request, backend, tmp_path, "history")
+
+
+@pytest.fixture
+async def history(history_dsn: str) -> AsyncIterator[HistoryDB]:
+    db = HistoryDB(history_dsn)
+    yield db
+    await db.close()

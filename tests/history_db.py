@@ -1,0 +1,76 @@
+"""Reading what the gateway wrote, straight from the database under test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sqlalchemy import inspect, select, text
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from storage import history
+from storage.database import create_engine
+from storage.dsn import parse_dsn
+from storage.schema import completions
+
+
+class HistoryDB:
+    def __init__(self, dsn: str) -> None:
+        self.database = parse_dsn(dsn)
+        self.engine: AsyncEngine = create_engine(self.database, pool_size=2)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def count(self, table: str) -> int:
+        async with self.engine.connect() as connection:
+            return int(await connection.scalar(text(f"SELECT COUNT(*) FROM {table}")) or 0)
+
+    async def completions(self) -> list[RowMapping]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(select(completions))
+            return list(result.mappings())
+
+    async def wait_for(self, table: str, expected: int, timeout: float = 60.0) -> int:
+        """Poll until ``table`` holds ``expected`` rows (or the time is up); the last count."""
+        deadline = time.monotonic() + timeout
+        count = -1
+        while time.monotonic() < deadline:
+            try:
+                count = await self.count(table)
+            except Exception:  # the table may not exist yet while the gateway migrates
+                count = -1
+            if count >= expected:
+                # Give a straggler the chance to show up as one too many.
+                await asyncio.sleep(0.3)
+                return await self.count(table)
+            await asyncio.sleep(0.1)
+        return count
+
+    async def request_and_answer(self, row: RowMapping) -> tuple[list[dict[str, Any]], Any]:
+        async with self.engine.connect() as connection:
+            request = await history.request_messages(connection, row)
+            answer = await history.answer_message(connection, row)
+            return request, answer
+
+    async def all_text(self) -> str:
+        """Every value in every history table, as one string, for leak checks."""
+        parts = []
+        async with self.engine.connect() as connection:
+            for table in ("completions", "messages", "conversations", "request_logs"):
+                rows = await connection.execute(text(f"SELECT * FROM {table}"))
+                parts.extend(repr(tuple(row)) for row in rows)
+            tables = await connection.run_sync(
+                lambda sync: inspect(sync).get_table_names()
+            )
+            if "api_keys" in tables:
+                rows = await connection.execute(text("SELECT * FROM api_keys"))
+                parts.extend(repr(tuple(row)) for row in rows)
+        return "\n".join(parts)
+
+    async def scalar(self, query: Any) -> Any:
+        async with self.engine.connect() as connection:
+            return await connection.scalar(query)
+
