@@ -1,0 +1,1 @@
+"""A fake OpenAI upstream for tests and benchmarks; see ``fake_upstream.app``."""

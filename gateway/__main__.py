@@ -30,6 +30,7 @@ def main() -> None:
         http="httptools",
         log_level=settings.log_level,
         access_log=False,
+        proxy_headers=False,  # X-Forwarded-For is read by the gateway, from TRUSTED_PROXIES only
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
 

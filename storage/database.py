@@ -10,7 +10,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -93,7 +93,11 @@ async def _create_postgres_database(database: DatabaseURL, name: str) -> None:
 
 
 async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
-    server = create_async_engine(database.url.set(database=None), poolclass=NullPool)
+    url = database.url
+    # URL.set() takes database=None as "unchanged"; the server connection needs no database.
+    server_url = URL.create(url.drivername, url.username, url.password, url.host, url.port,
+                            None, url.query)
+    server = create_async_engine(server_url, poolclass=NullPool)
     try:
         async with server.connect() as connection:
             quoted = connection.dialect.identifier_preparer.quote_identifier(name)

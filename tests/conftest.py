@@ -7,6 +7,7 @@ developer's machine without the server binaries, those backends are skipped.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -32,8 +33,10 @@ def upstream() -> Iterator[object]:
         yield served
 
 
-def _server(kind: str, base: Path) -> DatabaseServer:
+def _server(kind: str) -> DatabaseServer:
     starter = start_postgres if kind == "postgresql" else start_mariadb
+    # Not under pytest's tmp folder: the server runs as its own user, who cannot enter it.
+    base = Path(tempfile.mkdtemp(prefix=f"mes-test-{kind}-"))
     try:
         return starter(base)
     except Exception as error:  # binaries missing or the server would not start
@@ -42,15 +45,15 @@ def _server(kind: str, base: Path) -> DatabaseServer:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
-    server = _server("postgresql", tmp_path_factory.mktemp("postgres"))
+def postgres() -> Iterator[DatabaseServer]:
+    server = _server("postgresql")
     yield server
     server.shutdown()
 
 
 @pytest.fixture(scope="session")
-def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
-    server = _server("mysql", tmp_path_factory.mktemp("mariadb"))
+def mariadb() -> Iterator[DatabaseServer]:
+    server = _server("mysql")
     yield server
     server.shutdown()
 

@@ -23,5 +23,6 @@ def test_every_environment_variable_the_gateway_reads_is_in_the_readme() -> None
 
 def test_the_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "python -m gateway" in README
-    assert "python -m pytest" in README
-    assert "python -m pytest" in (REPO / ".ci" / "run").read_text()
+    assert "scripts/test" in README
+    assert "scripts/test" in (REPO / ".ci" / "run").read_text()
+    assert "python -m pytest" in (REPO / "scripts" / "test").read_text()

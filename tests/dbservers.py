@@ -1,0 +1,210 @@
+"""Real PostgreSQL and MariaDB servers for the tests, started from Debian's binaries.
+
+Each server runs from its own folder, listens on 127.0.0.1 only, on a free port, and is
+stopped (and its folder removed) at the end of the session, or at exit if pytest dies.
+The servers refuse to run as root, so as root they run as ``postgres`` / ``mysql``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PG_USER = "postgres"
+MYSQL_USER = "mes"
+MYSQL_PASSWORD = "mes-test-pw"
+
+
+class ServerUnavailable(RuntimeError):
+    """The server's binaries are missing, or it would not start."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _as_service_user(user: str, command: list[str]) -> list[str]:
+    return ["runuser", "-u", user, "--", *command] if os.geteuid() == 0 else command
+
+
+def _own(path: Path, user: str) -> None:
+    if os.geteuid() == 0:
+        shutil.chown(path, user, user)
+        for child in path.rglob("*"):
+            shutil.chown(child, user, user)
+
+
+def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerUnavailable(f"server on port {port} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerUnavailable(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise ServerUnavailable(f"{' '.join(command[:3])}... failed: {result.stderr.strip()}")
+    return result  # type: ignore[no-any-return]
+
+
+@dataclass
+class DatabaseServer:
+    kind: str  # "postgresql" or "mysql"
+    base: Path
+    port: int
+    user: str
+    password: str
+    binaries: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    host = "127.0.0.1"
+
+    def url(self, database: str) -> str:
+        if self.kind == "postgresql":
+            return f"postgresql+asyncpg://{self.user}@{self.host}:{self.port}/{database}"
+        return (f"mysql+aiomysql://{self.user}:{self.password}@{self.host}:{self.port}/"
+                f"{database}?charset=utf8mb4")
+
+    def new_database_name(self, prefix: str) -> str:
+        return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    def sql(self, statement: str, database: str | None = None) -> str:
+        """Run one statement with the command-line client; its output."""
+        if self.kind == "postgresql":
+            command = [str(self.binaries / "psql"), "-h", self.host, "-p", str(self.port),
+                       "-U", self.user, "-d", database or "postgres", "-tAc", statement]
+        else:
+            command = ["mariadb", "-h", self.host, "-P", str(self.port), "-u", self.user,
+                       f"-p{self.password}", "-N", "-e", statement]
+            if database:
+                command.insert(1, f"--database={database}")
+        return _run(command, timeout=60).stdout
+
+    def drop_database(self, name: str) -> None:
+        if not self.is_running():
+            return
+        if self.kind == "postgresql":
+            self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        else:
+            self.sql(f"DROP DATABASE IF EXISTS `{name}`")
+
+    def is_running(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.kind == "postgresql":
+            _run(_as_service_user(PG_USER, [
+                str(self.binaries / "pg_ctl"), "-D", str(self.base / "data"), "-l",
+                str(self.base / "server.log"), "-w", "-t", "60", "-o",
+                f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c max_connections=300", "start"]), timeout=90)
+        else:
+            log = open(self.base / "server.log", "ab")
+            self.process = subprocess.Popen(
+                [str(self.binaries / "mariadbd"), "--no-defaults", "--user=mysql",
+                 f"--datadir={self.base / 'data'}", f"--socket={self.base / 'sock'}",
+                 f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
+                 f"--pid-file={self.base / 'mariadb.pid'}", "--innodb-buffer-pool-size=128M",
+                 "--innodb-flush-log-at-trx-commit=2", "--max-connections=500",
+                 "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+        _wait_for_port(self.port, 60, self.process)
+
+    def stop(self, how: str = "fast") -> None:
+        """``fast`` (clean), ``immediate`` (PostgreSQL's crash-like stop) or ``kill`` (SIGKILL)."""
+        if self.kind == "postgresql":
+            if how == "kill":
+                pid = int((self.base / "data" / "postmaster.pid").read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                self._wait_closed()
+                return
+            _run(_as_service_user(PG_USER, [
+                str(self.binaries / "pg_ctl"), "-D", str(self.base / "data"), "-w",
+                "-m", "immediate" if how == "immediate" else "fast", "stop"]), timeout=60)
+            return
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGKILL if how in ("kill", "immediate") else signal.SIGTERM)
+        self.process.wait(60)
+        self.process = None
+        self._wait_closed()
+
+    def _wait_closed(self) -> None:
+        deadline = time.monotonic() + 30
+        while self.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        try:
+            if self.is_running() or self.process is not None:
+                self.stop("fast")
+        except (ServerUnavailable, subprocess.TimeoutExpired, OSError):
+            self.stop("kill")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _postgres_binaries() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[4]))
+    if not found:
+        raise ServerUnavailable("PostgreSQL server binaries not found (apt-get install postgresql)")
+    return Path(found[-1]).parent
+
+
+def _mariadb_binaries() -> Path:
+    for folder in ("/usr/sbin", "/usr/bin", "/usr/local/bin"):
+        if Path(folder, "mariadbd").exists():
+            return Path(folder)
+    raise ServerUnavailable("MariaDB server binaries not found (apt-get install mariadb-server)")
+
+
+def start_postgres(base: Path) -> DatabaseServer:
+    binaries = _postgres_binaries()
+    base.mkdir(parents=True, exist_ok=True)
+    _own(base, PG_USER)
+    _run(_as_service_user(PG_USER, [str(binaries / "initdb"), "-D", str(base / "data"),
+                                    "--auth=trust", "-U", PG_USER, "-E", "UTF8"]), timeout=120)
+    server = DatabaseServer("postgresql", base, free_port(), PG_USER, "", binaries)
+    server.start()
+    atexit.register(server.shutdown)
+    return server
+
+
+def start_mariadb(base: Path) -> DatabaseServer:
+    binaries = _mariadb_binaries()
+    base.mkdir(parents=True, exist_ok=True)
+    _own(base, "mysql")
+    installer = shutil.which("mariadb-install-db") or str(binaries / "mariadb-install-db")
+    _run([installer, "--no-defaults", "--user=mysql", f"--datadir={base / 'data'}",
+          "--auth-root-authentication-method=normal", "--skip-test-db"], timeout=180)
+    server = DatabaseServer("mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries)
+    server.start()
+    atexit.register(server.shutdown)
+    _run(["mariadb", f"--socket={base / 'sock'}", "-u", "root", "-e",
+          f"CREATE USER '{MYSQL_USER}'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
+          f"GRANT ALL ON *.* TO '{MYSQL_USER}'@'127.0.0.1' WITH GRANT OPTION;"], timeout=60)
+    return server
