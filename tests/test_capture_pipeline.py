@@ -1,0 +1,135 @@
+"""Capture stays off the request path: client disconnects, conversations, a database outage."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import unavailable
+from tests.dbservers import DatabaseServer, start_postgres
+from tests.gateway_process import GatewayProcess
+from tests.history_db import HistoryDB
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "tell me a story"}]}
+
+
+def fake_stats(upstream: Any) -> dict[str, int]:
+    stats: dict[str, int] = httpx.get(upstream.root + "/_fake/stats").json()
+    return stats
+
+
+async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_keeps_the_partial_answer(
+    upstream: Any, tmp_path: Path
+) -> None:
+    httpx.delete(upstream.root + "/_fake/requests")
+    slow = {"X-Fake-Chunks": "200", "X-Fake-Chunk-Delay": "0.05", "Authorization": "Bearer sk-a"}
+    with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+            async with client.stream("POST", "/chat/completions", headers=slow,
+                                     json={**CHAT, "stream": True}) as response:
+                seen = 0
+                async for line in response.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen == 4:
+                        break
+        # 200 chunks at 50 ms would take 10 s; the upstream must hear of it well before.
+        deadline = time.monotonic() + 3
+        while fake_stats(upstream)["streams_abandoned"] < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert fake_stats(upstream) == {"streams_started": 1, "streams_completed": 0,
+                                        "streams_abandoned": 1}
+        db = HistoryDB(str(tmp_path / "mes_gateway.db"))
+        try:
+            assert await db.wait_for("completions", 1) == 1
+            (row,) = await db.completions()
+            _, answer = await db.request_and_answer(row)
+        finally:
+            await db.close()
+    assert row["finish_reason"] == "client_disconnected"
+    assert row["status_code"] == 200
+    assert answer["content"].startswith("Echo: tell me a story")
+    assert row["latency_ms"] < 3000
+
+
+async def test_a_conversation_header_groups_completions_per_caller(
+    upstream: Any, tmp_path: Path
+) -> None:
+    with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path) as gateway:
+        for key in ("sk-alice", "sk-alice", "sk-bob"):
+            response = httpx.post(gateway.base_url + "/chat/completions", json=CHAT,
+                                  headers={"Authorization": f"Bearer {key}",
+                                           "X-Conversation-Id": "trip-planning"})
+            assert response.status_code == 200
+        db = HistoryDB(str(tmp_path / "mes_gateway.db"))
+        try:
+            assert await db.wait_for("completions", 3) == 3
+            rows = await db.completions()
+            conversations = await db.count("conversations")
+        finally:
+            await db.close()
+    by_owner: dict[str, set[str]] = {}
+    for row in rows:
+        by_owner.setdefault(row["owner"], set()).add(row["conversation_id"])
+    assert sorted(len(ids) for ids in by_owner.values()) == [1, 1]
+    alice, bob = by_owner.values()
+    assert alice != bob  # the same name, two callers: two conversations
+    assert conversations == 2
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A PostgreSQL server of this test's own, to stop without disturbing the others."""
+    try:
+        server = start_postgres(Path(tempfile.mkdtemp(prefix="mes-test-outage-")))
+    except Exception as error:  # binaries missing
+        unavailable(f"postgresql server unavailable: {error}")
+    yield server
+    server.shutdown()
+
+
+async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted(
+    upstream: Any, own_postgres: DatabaseServer, tmp_path: Path
+) -> None:
+    env = {"UPSTREAM_BASE_URL": upstream.base_url,
+           "SQL_DSN": own_postgres.url("outage"), "MES_RETRY_SECONDS": "1",
+           "MES_QUEUE_SIZE": "20"}
+
+    async def timed_requests(client: httpx.AsyncClient, count: int) -> list[float]:
+        latencies = []
+        for index in range(count):
+            started = time.perf_counter()
+            response = await client.post(
+                "/chat/completions", json={**CHAT, "user": f"u{index}", "stream": index % 2 == 0})
+            assert response.status_code == 200
+            latencies.append(time.perf_counter() - started)
+        return latencies
+
+    with GatewayProcess(env, tmp_path) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url,
+                                     headers={"Authorization": "Bearer sk-x"}) as client:
+            healthy = await timed_requests(client, 30)
+            own_postgres.stop("immediate")
+            down = await timed_requests(client, 60)
+            ready = httpx.get(gateway.url + "/readyz")
+            await asyncio.sleep(3)  # the writer gives up after MES_RETRY_SECONDS
+            metrics = httpx.get(gateway.url + "/metrics").text
+    assert ready.status_code == 503
+    assert ready.json()["databases"]["main"].startswith("unreachable")
+    # The request path never waits for the database: a request that did would take at
+    # least the writer's 1 s retry window.
+    assert statistics.median(healthy) < 0.25
+    assert statistics.median(down) < 0.25
+    assert max(down) < 1.0
+    values = dict(line.split() for line in metrics.splitlines() if line.startswith("mes_"))
+    assert int(values["mes_records_written_total"]) >= 1
+    lost = int(values["mes_records_failed_total"]) + int(values["mes_records_dropped_total"])
+    assert lost >= 1
+    assert int(values["mes_records_captured_total"]) + int(
+        values["mes_records_dropped_total"]) == 90
