@@ -14,8 +14,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     arguments = parser.parse_args()
-    uvicorn.run(create_app(), host=arguments.host, port=arguments.port, loop="uvloop",
-                http="httptools", log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(),
+        host=arguments.host,
+        port=arguments.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ class ConnectionReset(Exception):
 class FakeUpstream:
     def __init__(self, history: int = 5000) -> None:
         self.received: deque[tuple[str, str, list[tuple[bytes, bytes]], bytes]] = deque(
-            maxlen=history)
+            maxlen=history
+        )
         self.stats = {"streams_started": 0, "streams_completed": 0, "streams_abandoned": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,16 +67,26 @@ class FakeUpstream:
             return
         await self._route(method, path, body, headers, receive, send)
 
-    async def _route(self, method: str, path: str, body: bytes, headers: dict[bytes, bytes],
-                     receive: Receive, send: Send) -> None:
+    async def _route(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        send: Send,
+    ) -> None:
         if method == "GET" and path == "/v1/models":
             await _send(send, 200, responses.models())
             return
         if method == "GET" and path.startswith("/v1/models/"):
             await _send(send, 200, responses.model(path.removeprefix("/v1/models/")))
             return
-        if method != "POST" or path not in {"/v1/chat/completions", "/v1/embeddings",
-                                            "/v1/completions"}:
+        if method != "POST" or path not in {
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/completions",
+        }:
             await _send(send, 404, responses.error(404, f"Invalid URL ({method} {path})"))
             return
         try:
@@ -93,8 +104,9 @@ class FakeUpstream:
         else:
             await self._chat(request, headers, receive, send)
 
-    async def _chat(self, request: dict[str, Any], headers: dict[bytes, bytes],
-                    receive: Receive, send: Send) -> None:
+    async def _chat(
+        self, request: dict[str, Any], headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
         if not isinstance(request.get("messages"), list):
             await _send(send, 400, responses.error(400, "'messages' is required.", "messages"))
             return
@@ -108,14 +120,16 @@ class FakeUpstream:
         reset_after = int(headers.get(b"x-fake-reset-after", b"-1"))
         await self._stream(answer.events(include_usage), delay, reset_after, receive, send)
 
-    async def _stream(self, events: Any, delay: float, reset_after: int, receive: Receive,
-                      send: Send) -> None:
+    async def _stream(
+        self, events: Any, delay: float, reset_after: int, receive: Receive, send: Send
+    ) -> None:
         self.stats["streams_started"] += 1
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone))
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [SSE_TYPE, *COMMON]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [SSE_TYPE, *COMMON]}
+            )
             for sent, event in enumerate(events):
                 if sent == reset_after:
                     raise ConnectionReset("X-Fake-Reset-After")
@@ -139,11 +153,23 @@ class FakeUpstream:
                 self.stats[name] = 0
             await _send(send, 200, b"{}")
         else:
-            await _send(send, 200, orjson.dumps([
-                {"method": m, "path": p,
-                 "headers": {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in h},
-                 "body": b.decode(errors="replace")}
-                for m, p, h, b in self.received]))
+            await _send(
+                send,
+                200,
+                orjson.dumps(
+                    [
+                        {
+                            "method": m,
+                            "path": p,
+                            "headers": {
+                                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in h
+                            },
+                            "body": b.decode(errors="replace"),
+                        }
+                        for m, p, h, b in self.received
+                    ]
+                ),
+            )
 
 
 def create_app() -> FakeUpstream:
@@ -160,8 +186,13 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 async def _send(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [JSON_TYPE, (b"content-length", str(len(body)).encode()), *COMMON]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [JSON_TYPE, (b"content-length", str(len(body)).encode()), *COMMON],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -19,8 +19,9 @@ DEFAULT_CHUNKS = 8
 
 
 def request_digest(request: JSON) -> str:
-    basis = orjson.dumps([request.get("model"), request.get("messages")],
-                         option=orjson.OPT_SORT_KEYS)
+    basis = orjson.dumps(
+        [request.get("model"), request.get("messages")], option=orjson.OPT_SORT_KEYS
+    )
     return hashlib.sha256(basis).hexdigest()
 
 
@@ -70,11 +71,18 @@ def wants_tools(request: JSON) -> list[JSON]:
     if not isinstance(tools, list) or not tools or request.get("tool_choice") == "none":
         return []
     messages = request.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "tool":
+    if (
+        isinstance(messages, list)
+        and messages
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") == "tool"
+    ):
         return []
-    functions = [t["function"] for t in tools if isinstance(t, dict)
-                 and isinstance(t.get("function"), dict) and "name" in t["function"]]
+    functions = [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
+    ]
     choice = request.get("tool_choice")
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         named = choice["function"].get("name")
@@ -87,10 +95,16 @@ def wants_tools(request: JSON) -> list[JSON]:
 def tool_calls(request: JSON, digest: str) -> list[JSON]:
     calls = []
     for index, function in enumerate(wants_tools(request)):
-        arguments = orjson.dumps({"query": _last_user_text(request.get("messages"))[:30],
-                                  "unit": "celsius", "n": index}).decode()
-        calls.append({"id": f"call_{digest[index * 8: index * 8 + 24]}", "type": "function",
-                      "function": {"name": function["name"], "arguments": arguments}})
+        arguments = orjson.dumps(
+            {"query": _last_user_text(request.get("messages"))[:30], "unit": "celsius", "n": index}
+        ).decode()
+        calls.append(
+            {
+                "id": f"call_{digest[index * 8 : index * 8 + 24]}",
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
     return calls
 
 
@@ -137,45 +151,84 @@ class Answer:
         }
 
     def completion(self) -> bytes:
-        return orjson.dumps({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": i, "message": self.message(), "logprobs": None,
-                         "finish_reason": self.finish_reason} for i in range(self.choices)],
-            "usage": self.usage,
-            "service_tier": "default",
-            "system_fingerprint": FINGERPRINT,
-        })
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": self.message(),
+                        "logprobs": None,
+                        "finish_reason": self.finish_reason,
+                    }
+                    for i in range(self.choices)
+                ],
+                "usage": self.usage,
+                "service_tier": "default",
+                "system_fingerprint": FINGERPRINT,
+            }
+        )
 
     def events(self, include_usage: bool) -> Iterator[bytes]:
         """Each SSE event of the streamed answer, ``data: [DONE]`` last."""
-        base = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "service_tier": "default",
-                "system_fingerprint": FINGERPRINT}
+        base = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "service_tier": "default",
+            "system_fingerprint": FINGERPRINT,
+        }
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, delta: JSON, finish: str | None = None) -> bytes:
-            body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish}], **extra}
+            body = {
+                **base,
+                "choices": [
+                    {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **extra,
+            }
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
         for index in range(self.choices):
-            yield chunk(index, {"role": "assistant", "content": "" if not self.calls else None,
-                                "refusal": None})
+            yield chunk(
+                index,
+                {"role": "assistant", "content": "" if not self.calls else None, "refusal": None},
+            )
             for piece in self.pieces:
                 yield chunk(index, {"content": piece})
             for position, call in enumerate(self.calls):
-                yield chunk(index, {"tool_calls": [{
-                    "index": position, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}]})
+                yield chunk(
+                    index,
+                    {
+                        "tool_calls": [
+                            {
+                                "index": position,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        ]
+                    },
+                )
                 arguments = call["function"]["arguments"]
                 step = max(1, len(arguments) // 3)
                 for start in range(0, len(arguments), step):
-                    yield chunk(index, {"tool_calls": [{
-                        "index": position,
-                        "function": {"arguments": arguments[start:start + step]}}]})
+                    yield chunk(
+                        index,
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": position,
+                                    "function": {"arguments": arguments[start : start + step]},
+                                }
+                            ]
+                        },
+                    )
             yield chunk(index, {}, self.finish_reason)
         if include_usage:
             yield b"data: " + orjson.dumps({**base, "choices": [], "usage": self.usage}) + b"\n\n"
@@ -185,8 +238,11 @@ class Answer:
 _ERRORS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", "invalid_value", "Invalid value for 'messages'."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
-    403: ("invalid_request_error", "unsupported_country_region_territory",
-          "Country, region, or territory not supported."),
+    403: (
+        "invalid_request_error",
+        "unsupported_country_region_territory",
+        "Country, region, or territory not supported.",
+    ),
     404: ("invalid_request_error", "model_not_found", "The model does not exist."),
     429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
     500: ("server_error", None, "The server had an error while processing your request."),
@@ -196,22 +252,31 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
 
 def error(status: int, message: str | None = None, param: str | None = None) -> bytes:
     kind, code, default = _ERRORS.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", None,
-                 f"Error {status}."))
-    return orjson.dumps({"error": {"message": message or default, "type": kind,
-                                   "param": param, "code": code}})
+        status,
+        ("invalid_request_error" if status < 500 else "server_error", None, f"Error {status}."),
+    )
+    return orjson.dumps(
+        {"error": {"message": message or default, "type": kind, "param": param, "code": code}}
+    )
 
 
 def models() -> bytes:
     names = ["gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small"]
-    return orjson.dumps({"object": "list", "data": [
-        {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
-        for name in names]})
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+                for name in names
+            ],
+        }
+    )
 
 
 def model(name: str) -> bytes:
-    return orjson.dumps({"id": name, "object": "model", "created": 1_700_000_000,
-                         "owned_by": "system"})
+    return orjson.dumps(
+        {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+    )
 
 
 def embeddings(request: JSON) -> bytes:
@@ -220,19 +285,40 @@ def embeddings(request: JSON) -> bytes:
     data = []
     for index, item in enumerate(items):
         digest = hashlib.sha256(orjson.dumps(item)).digest()
-        data.append({"object": "embedding", "index": index,
-                     "embedding": [round(b / 255 - 0.5, 6) for b in digest[:16]]})
+        data.append(
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": [round(b / 255 - 0.5, 6) for b in digest[:16]],
+            }
+        )
     tokens = sum(len(str(item)) // 4 + 1 for item in items)
-    return orjson.dumps({"object": "list", "data": data, "model": request.get("model"),
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": data,
+            "model": request.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 def text_completion(request: JSON) -> bytes:
     digest = hashlib.sha256(orjson.dumps(request.get("prompt"))).hexdigest()
-    return orjson.dumps({
-        "id": "cmpl-" + digest[:24], "object": "text_completion", "created": 1_700_000_000,
-        "model": request.get("model"),
-        "choices": [{"text": " fake continuation", "index": 0, "logprobs": None,
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-    })
+    return orjson.dumps(
+        {
+            "id": "cmpl-" + digest[:24],
+            "object": "text_completion",
+            "created": 1_700_000_000,
+            "model": request.get("model"),
+            "choices": [
+                {
+                    "text": " fake continuation",
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+    )

@@ -51,9 +51,16 @@ def _wait_until_listening(port: int, timeout: float = 20.0) -> None:
 def serve(host: str = "127.0.0.1", port: int = 0) -> Iterator[Served]:
     """The fake upstream under uvicorn in a background thread."""
     port = port or free_port()
-    config = uvicorn.Config(create_app(), host=host, port=port, loop="uvloop",
-                            http="httptools", log_level="critical", access_log=False,
-                            lifespan="on")
+    config = uvicorn.Config(
+        create_app(),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="critical",
+        access_log=False,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="fake-upstream", daemon=True)
     thread.start()
@@ -69,8 +76,9 @@ def serve(host: str = "127.0.0.1", port: int = 0) -> Iterator[Served]:
 def serve_subprocess(host: str = "127.0.0.1", port: int = 0) -> Iterator[Served]:
     """The fake upstream in its own process (``python -m fake_upstream``), for benchmarks."""
     port = port or free_port()
-    process = subprocess.Popen([sys.executable, "-m", "fake_upstream", "--host", host,
-                                "--port", str(port)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fake_upstream", "--host", host, "--port", str(port)]
+    )
     try:
         _wait_until_listening(port)
         yield Served(port)

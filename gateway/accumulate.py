@@ -25,8 +25,10 @@ class _Choice:
     saw_content: bool = False
 
     def message(self) -> JSON:
-        message: JSON = {"role": self.role, "content": "".join(self.content) if self.content
-                         or self.saw_content else None}
+        message: JSON = {
+            "role": self.role,
+            "content": "".join(self.content) if self.content or self.saw_content else None,
+        }
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
         if self.tool_calls:

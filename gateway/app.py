@@ -43,7 +43,6 @@ class FromState:
         await scope["state"][self.name](scope, receive, send)
 
 
-
 class NotFoundEndpoint:
     """Every path the gateway does not serve: 404 in OpenAI's error shape."""
 
@@ -66,8 +65,11 @@ async def readyz(request: Request) -> Response:
         except Exception as error:  # any failure means "not ready"; the reason is reported
             databases[name] = f"unreachable: {type(error).__name__}"
     ready = all(state == "ok" for state in databases.values())
-    body = {"status": "ready" if ready else "not ready", "databases": databases,
-            "queue_depth": writer.depth}
+    body = {
+        "status": "ready" if ready else "not ready",
+        "databases": databases,
+        "queue_depth": writer.depth,
+    }
     return _json(body, status=200 if ready else 503)
 
 
@@ -84,8 +86,10 @@ async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[st
     if not fingerprints:
         return
     now = datetime.now(UTC).replace(tzinfo=None)
-    rows = [{"fingerprint": f, "name": None, "source": "env", "created_at": now}
-            for f in sorted(fingerprints)]
+    rows = [
+        {"fingerprint": f, "name": None, "source": "env", "created_at": now}
+        for f in sorted(fingerprints)
+    ]
     async with engine.begin() as connection:
         await connection.execute(insert_ignore(connection, api_keys), rows)
 
@@ -95,12 +99,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        main_engine = create_engine(await ensure_database(settings.main_dsn),
-                                    settings.db_pool_size)
+        main_engine = create_engine(await ensure_database(settings.main_dsn), settings.db_pool_size)
         history_engine = main_engine
         if settings.history_dsn != settings.main_dsn:
-            history_engine = create_engine(await ensure_database(settings.history_dsn),
-                                           settings.db_pool_size)
+            history_engine = create_engine(
+                await ensure_database(settings.history_dsn), settings.db_pool_size
+            )
         await migrate(main_engine, "main")
         await migrate(history_engine, "history")
         authenticator = Authenticator(settings.gateway_keys, settings.managed_mode)
@@ -118,18 +122,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
         registry.gauges["queue_depth"] = lambda: writer.depth
         writer.start()
         client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout,
-                                  connect=settings.upstream_connect_timeout),
-            limits=httpx.Limits(max_connections=settings.upstream_max_connections,
-                                max_keepalive_connections=settings.upstream_max_connections),
+            timeout=httpx.Timeout(
+                settings.upstream_timeout, connect=settings.upstream_connect_timeout
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive_connections=settings.upstream_max_connections,
+            ),
             follow_redirects=False,
         )
         proxy = Proxy(settings, client, authenticator, writer.submit, registry)
         engines = {"main": main_engine}
         if history_engine is not main_engine:
             engines["history"] = history_engine
-        log.info("MES Gateway ready: upstream %s, %s mode", settings.upstream_base_url,
-                 "managed" if settings.managed_mode else "pass-through")
+        log.info(
+            "MES Gateway ready: upstream %s, %s mode",
+            settings.upstream_base_url,
+            "managed" if settings.managed_mode else "pass-through",
+        )
         try:
             yield {"proxy": proxy, "writer": writer, "metrics": registry, "engines": engines}
         finally:

@@ -57,27 +57,31 @@ class Exchange:
     def rows(self) -> RowSet:
         answer = self._answer()
         conversation_id = self._conversation_id()
-        messages = self.request.get("messages")
-        valid_messages = isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+        sent = self.request.get("messages")
+        valid_messages = isinstance(sent, list) and all(isinstance(m, dict) for m in sent)
+        messages: list[JSON] = sent if valid_messages else []  # type: ignore[assignment]
         params = {k: v for k, v in self.request.items() if k != "messages" or not valid_messages}
         message_rows: list[JSON] = []
         request_hash: str | None = None
-        if valid_messages:
+        if messages:
             for digest, parent, body in chain(messages):
-                message_rows.append(_message_row(conversation_id, digest, parent, body,
-                                                 self.started_at))
+                message_rows.append(
+                    _message_row(conversation_id, digest, parent, body, self.started_at)
+                )
                 request_hash = digest
         response_hash: str | None = None
         extra_choices = []
         for index, (message, finish_reason) in enumerate(answer.choices):
             if index == 0:
                 for digest, parent, body in chain([message], request_hash or ROOT):
-                    message_rows.append(_message_row(conversation_id, digest, parent, body,
-                                                     self.started_at))
+                    message_rows.append(
+                        _message_row(conversation_id, digest, parent, body, self.started_at)
+                    )
                     response_hash = digest
             else:
-                extra_choices.append({"index": index, "message": message,
-                                      "finish_reason": finish_reason})
+                extra_choices.append(
+                    {"index": index, "message": message, "finish_reason": finish_reason}
+                )
         usage = answer.usage or {}
         completion = {
             "id": self.id,
@@ -91,7 +95,7 @@ class Exchange:
             "params": orjson.dumps(params).decode(),
             "metadata": _json_or_none(self.request.get("metadata")),
             "request_hash": request_hash,
-            "request_message_count": len(messages) if valid_messages else 0,
+            "request_message_count": len(messages),
             "response_hash": response_hash,
             "extra_choices": orjson.dumps(extra_choices).decode() if extra_choices else None,
             "finish_reason": answer.finish_reason,
@@ -117,7 +121,7 @@ class Exchange:
             "id": conversation_id,
             "owner": self.owner,
             "client_conversation_id": _short(self.conversation_header, 255),
-            "title": _title(messages if valid_messages else []),
+            "title": _title(messages),
             "created_at": self.started_at,
             "updated_at": self.started_at,
         }
@@ -186,15 +190,18 @@ def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
     except orjson.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        return Answer(finish_reason=cut_short,
-                      error_message=body[:2000].decode(errors="replace") if status >= 400 and body
-                      else None)
+        return Answer(
+            finish_reason=cut_short,
+            error_message=body[:2000].decode(errors="replace") if status >= 400 and body else None,
+        )
     if status >= 400 or "error" in parsed:
         error = parsed.get("error")
         if isinstance(error, dict):
             kind = error.get("type") or error.get("code")
-            return Answer(error_type=str(kind) if kind else None,
-                          error_message=_str_or_none(error.get("message")))
+            return Answer(
+                error_type=str(kind) if kind else None,
+                error_message=_str_or_none(error.get("message")),
+            )
         return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
     choices = []
     for choice in parsed.get("choices") or ():
@@ -231,25 +238,28 @@ class RequestLog:
     bytes_out: int = 0
 
     def rows(self) -> RowSet:
-        return RowSet(request_log={
-            "id": self.id,
-            "owner": self.owner,
-            "key_fingerprint": self.key_fingerprint,
-            "method": self.method,
-            "path": self.path[:1024],
-            "status_code": self.status,
-            "error_type": self.error_type,
-            "latency_ms": self.latency_ms,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "client_ip": self.client_ip,
-            "user_agent": _short(self.user_agent, 512),
-            "started_at": self.started_at,
-        })
+        return RowSet(
+            request_log={
+                "id": self.id,
+                "owner": self.owner,
+                "key_fingerprint": self.key_fingerprint,
+                "method": self.method,
+                "path": self.path[:1024],
+                "status_code": self.status,
+                "error_type": self.error_type,
+                "latency_ms": self.latency_ms,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "client_ip": self.client_ip,
+                "user_agent": _short(self.user_agent, 512),
+                "started_at": self.started_at,
+            }
+        )
 
 
-def _message_row(conversation_id: str, digest: str, parent: str, body: bytes,
-                 created_at: datetime) -> JSON:
+def _message_row(
+    conversation_id: str, digest: str, parent: str, body: bytes, created_at: datetime
+) -> JSON:
     message = orjson.loads(body)
     role = message.get("role") if isinstance(message, dict) else None
     return {

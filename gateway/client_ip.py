@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from gateway.settings import IPNetwork
 
 
-def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> str | None:
+def client_ip(
+    peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]
+) -> str | None:
     if peer is None or not trusted or not forwarded_for or not _is_trusted(peer, trusted):
         return peer
     hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]

@@ -106,9 +106,9 @@ class Proxy:
             await self._relay(scope, receive, send, caller, body)
 
     def _upstream_url(self, scope: Scope) -> str:
-        path = scope.get("raw_path") or scope["path"].encode()
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
         url = self._upstream_prefix + path.decode("latin-1").removeprefix("/v1")
-        query = scope.get("query_string")
+        query: bytes = scope.get("query_string", b"")
         return url + "?" + query.decode("latin-1") if query else url
 
     def _upstream_headers(self, headers: Headers, chat: bool) -> Headers:

@@ -64,38 +64,34 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = Reader(os.environ if environ is None else environ)
         settings = cls(
-            upstream_base_url=env.str("UPSTREAM_BASE_URL", cls.upstream_base_url).rstrip("/"),
+            upstream_base_url=env.text("UPSTREAM_BASE_URL", cls.upstream_base_url).rstrip("/"),
             upstream_api_key=env.optional("UPSTREAM_API_KEY"),
-            gateway_keys=frozenset(env.list("GATEWAY_KEYS")),
+            gateway_keys=frozenset(env.names("GATEWAY_KEYS")),
             sql_dsn=env.optional("SQL_DSN"),
             mes_sql_dsn=env.optional("MES_SQL_DSN"),
-            sqlite_path=env.str("MES_SQLITE_PATH", DEFAULT_SQLITE_PATH),
-            mes_daily_partition=env.bool("MES_DAILY_PARTITION", False),
-            mes_retention_days=env.int("MES_RETENTION_DAYS", 0, minimum=0),
+            sqlite_path=env.text("MES_SQLITE_PATH", DEFAULT_SQLITE_PATH),
+            mes_daily_partition=env.flag("MES_DAILY_PARTITION", False),
+            mes_retention_days=env.integer("MES_RETENTION_DAYS", 0, minimum=0),
             gateway_admin_key=env.optional("GATEWAY_ADMIN_KEY"),
-            host=env.str("HOST", cls.host),
-            port=env.int("PORT", cls.port, minimum=0),
-            workers=env.int("GATEWAY_WORKERS", cls.workers, minimum=1),
-            max_body_bytes=env.int("GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
-            upstream_connect_timeout=env.float(
+            host=env.text("HOST", cls.host),
+            port=env.integer("PORT", cls.port, minimum=0),
+            workers=env.integer("GATEWAY_WORKERS", cls.workers, minimum=1),
+            max_body_bytes=env.integer("GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            upstream_connect_timeout=env.number(
                 "UPSTREAM_CONNECT_TIMEOUT", cls.upstream_connect_timeout
             ),
-            upstream_timeout=env.float("UPSTREAM_TIMEOUT", cls.upstream_timeout),
-            upstream_max_connections=env.int(
+            upstream_timeout=env.number("UPSTREAM_TIMEOUT", cls.upstream_timeout),
+            upstream_max_connections=env.integer(
                 "UPSTREAM_MAX_CONNECTIONS", cls.upstream_max_connections, minimum=1
             ),
-            capture_queue_size=env.int("MES_QUEUE_SIZE", cls.capture_queue_size, minimum=1),
-            capture_batch_size=env.int("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
-            capture_flush_interval=env.float(
-                "MES_FLUSH_INTERVAL", cls.capture_flush_interval
-            ),
-            capture_retry_seconds=env.float("MES_RETRY_SECONDS", cls.capture_retry_seconds),
-            shutdown_grace_seconds=env.float(
-                "GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds
-            ),
-            db_pool_size=env.int("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
+            capture_queue_size=env.integer("MES_QUEUE_SIZE", cls.capture_queue_size, minimum=1),
+            capture_batch_size=env.integer("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
+            capture_flush_interval=env.number("MES_FLUSH_INTERVAL", cls.capture_flush_interval),
+            capture_retry_seconds=env.number("MES_RETRY_SECONDS", cls.capture_retry_seconds),
+            shutdown_grace_seconds=env.number("GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds),
+            db_pool_size=env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
             trusted_proxies=env.networks("TRUSTED_PROXIES"),
-            log_level=env.str("LOG_LEVEL", cls.log_level).lower(),
+            log_level=env.text("LOG_LEVEL", cls.log_level).lower(),
         )
         if settings.managed_mode and not settings.gateway_keys:
             raise ConfigError(
@@ -120,14 +116,14 @@ class Reader:
         value = self._environ.get(name, "").strip()
         return value or None
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self.optional(name) or default
 
-    def list(self, name: str) -> list[str]:
+    def names(self, name: str) -> list[str]:
         raw = self.optional(name) or ""
         return [item.strip() for item in raw.split(",") if item.strip()]
 
-    def int(self, name: str, default: int, minimum: int | None = None) -> int:
+    def integer(self, name: str, default: int, minimum: int | None = None) -> int:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -139,7 +135,7 @@ class Reader:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float) -> float:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -151,7 +147,7 @@ class Reader:
             raise ConfigError(f"{name} must be greater than 0, got {raw!r}.")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -164,7 +160,7 @@ class Reader:
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:
         networks = []
-        for item in self.list(name):
+        for item in self.names(name):
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
@@ -172,4 +168,3 @@ class Reader:
                     f"{name} must list IP addresses or CIDR networks, got {item!r}."
                 ) from None
         return tuple(networks)
-

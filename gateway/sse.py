@@ -50,10 +50,7 @@ def _event_end(buffer: bytes, start: int) -> int:
 def event_data(event: bytes) -> bytes | None:
     """The ``data`` of one event (its data lines joined by newlines), or None if it has none."""
     lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    data = [
-        line[5:].removeprefix(b" ") if line.startswith(b"data:") else None
-        for line in lines
-    ]
+    data = [line[5:].removeprefix(b" ") if line.startswith(b"data:") else None for line in lines]
     parts = [part for part in data if part is not None]
     if not parts:
         return None

@@ -33,14 +33,10 @@ async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) ->
     new_ids = {row["id"] for row in new_completions}
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
 
-    conversation_rows = _unique(
-        (r.conversation for r in fresh if r.conversation), ("id",)
-    )
+    conversation_rows = _unique((r.conversation for r in fresh if r.conversation), ("id",))
     if conversation_rows:
         await connection.execute(insert_ignore(connection, conversations), conversation_rows)
-    message_rows = _unique(
-        (m for r in fresh for m in r.messages), ("conversation_id", "hash")
-    )
+    message_rows = _unique((m for r in fresh for m in r.messages), ("conversation_id", "hash"))
     if message_rows:
         await connection.execute(insert_ignore(connection, messages), message_rows)
     if new_completions:

@@ -57,7 +57,8 @@ async def ensure_database(dsn: str) -> DatabaseURL:
     if database.kind == "sqlite":
         name = database.database
         if name and name != ":memory:":
-            Path(name).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            # At start, before any request: a blocking mkdir harms nobody.
+            Path(name).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
         return database
     name = database.database
     if not name or not _SAFE_DATABASE_NAME.match(name):
@@ -95,8 +96,9 @@ async def _create_postgres_database(database: DatabaseURL, name: str) -> None:
 async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
     url = database.url
     # URL.set() takes database=None as "unchanged"; the server connection needs no database.
-    server_url = URL.create(url.drivername, url.username, url.password, url.host, url.port,
-                            None, url.query)
+    server_url = URL.create(
+        url.drivername, url.username, url.password, url.host, url.port, None, url.query
+    )
     server = create_async_engine(server_url, poolclass=NullPool)
     try:
         async with server.connect() as connection:

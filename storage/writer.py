@@ -23,8 +23,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_delay,
+    stop_any,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from gateway.metrics import Metrics
 from storage.batch import write_batch
@@ -140,8 +142,9 @@ class HistoryWriter:
             await self._write_with_retry([rows for _, rows in rowsets])
         except Exception as error:
             if is_unavailable(error) or len(rowsets) == 1:
-                log.error("giving up on %d records (%s): %s", len(rowsets),
-                          type(error).__name__, error)
+                log.error(
+                    "giving up on %d records (%s): %s", len(rowsets), type(error).__name__, error
+                )
                 self.metrics.inc("records_failed", len(rowsets))
                 return
             for record, rows in rowsets:
@@ -161,7 +164,9 @@ class HistoryWriter:
     async def _write_with_retry(self, rowsets: list[RowSet]) -> None:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_delay(self.retry_seconds) | _stop_after_repeated_integrity_errors,
+            stop=stop_any(
+                stop_after_delay(self.retry_seconds), _StopAfterRepeatedIntegrityErrors()
+            ),
             wait=wait_exponential_jitter(initial=0.05, max=2.0),
             reraise=True,
         ):
@@ -170,7 +175,10 @@ class HistoryWriter:
                     await write_batch(connection, rowsets)
 
 
-def _stop_after_repeated_integrity_errors(state: RetryCallState) -> bool:
+class _StopAfterRepeatedIntegrityErrors(stop_base):
     """A key race resolves on the next try; the same constraint broken thrice is for good."""
-    error = state.outcome.exception() if state.outcome else None
-    return isinstance(error, IntegrityError) and state.attempt_number >= 3
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome else None
+        return isinstance(error, IntegrityError) and retry_state.attempt_number >= 3

@@ -81,8 +81,10 @@ class DatabaseServer:
     def url(self, database: str) -> str:
         if self.kind == "postgresql":
             return f"postgresql+asyncpg://{self.user}@{self.host}:{self.port}/{database}"
-        return (f"mysql+aiomysql://{self.user}:{self.password}@{self.host}:{self.port}/"
-                f"{database}?charset=utf8mb4")
+        return (
+            f"mysql+aiomysql://{self.user}:{self.password}@{self.host}:{self.port}/"
+            f"{database}?charset=utf8mb4"
+        )
 
     def new_database_name(self, prefix: str) -> str:
         return f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -90,11 +92,33 @@ class DatabaseServer:
     def sql(self, statement: str, database: str | None = None) -> str:
         """Run one statement with the command-line client; its output."""
         if self.kind == "postgresql":
-            command = [str(self.binaries / "psql"), "-h", self.host, "-p", str(self.port),
-                       "-U", self.user, "-d", database or "postgres", "-tAc", statement]
+            command = [
+                str(self.binaries / "psql"),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database or "postgres",
+                "-tAc",
+                statement,
+            ]
         else:
-            command = ["mariadb", "-h", self.host, "-P", str(self.port), "-u", self.user,
-                       f"-p{self.password}", "-N", "-e", statement]
+            command = [
+                "mariadb",
+                "-h",
+                self.host,
+                "-P",
+                str(self.port),
+                "-u",
+                self.user,
+                f"-p{self.password}",
+                "-N",
+                "-e",
+                statement,
+            ]
             if database:
                 command.insert(1, f"--database={database}")
         return _run(command, timeout=60).stdout
@@ -116,21 +140,49 @@ class DatabaseServer:
 
     def start(self) -> None:
         if self.kind == "postgresql":
-            _run(_as_service_user(PG_USER, [
-                str(self.binaries / "pg_ctl"), "-D", str(self.base / "data"), "-l",
-                str(self.base / "server.log"), "-w", "-t", "60", "-o",
-                f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c max_connections=300", "start"]), timeout=90)
+            _run(
+                _as_service_user(
+                    PG_USER,
+                    [
+                        str(self.binaries / "pg_ctl"),
+                        "-D",
+                        str(self.base / "data"),
+                        "-l",
+                        str(self.base / "server.log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "-o",
+                        f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+                        "-c synchronous_commit=off -c max_connections=300",
+                        "start",
+                    ],
+                ),
+                timeout=90,
+            )
         else:
             log = open(self.base / "server.log", "ab")
             self.process = subprocess.Popen(
-                [str(self.binaries / "mariadbd"), "--no-defaults", "--user=mysql",
-                 f"--datadir={self.base / 'data'}", f"--socket={self.base / 'sock'}",
-                 f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
-                 f"--pid-file={self.base / 'mariadb.pid'}", "--innodb-buffer-pool-size=128M",
-                 "--innodb-flush-log-at-trx-commit=2", "--max-connections=500",
-                 "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(self.binaries / "mariadbd"),
+                    "--no-defaults",
+                    "--user=mysql",
+                    f"--datadir={self.base / 'data'}",
+                    f"--socket={self.base / 'sock'}",
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    "--skip-name-resolve",
+                    f"--pid-file={self.base / 'mariadb.pid'}",
+                    "--innodb-buffer-pool-size=128M",
+                    "--innodb-flush-log-at-trx-commit=2",
+                    "--max-connections=500",
+                    "--character-set-server=utf8mb4",
+                    "--collation-server=utf8mb4_unicode_ci",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             log.close()
         _wait_for_port(self.port, 60, self.process)
 
@@ -142,9 +194,21 @@ class DatabaseServer:
                 os.kill(pid, signal.SIGKILL)
                 self._wait_closed()
                 return
-            _run(_as_service_user(PG_USER, [
-                str(self.binaries / "pg_ctl"), "-D", str(self.base / "data"), "-w",
-                "-m", "immediate" if how == "immediate" else "fast", "stop"]), timeout=60)
+            _run(
+                _as_service_user(
+                    PG_USER,
+                    [
+                        str(self.binaries / "pg_ctl"),
+                        "-D",
+                        str(self.base / "data"),
+                        "-w",
+                        "-m",
+                        "immediate" if how == "immediate" else "fast",
+                        "stop",
+                    ],
+                ),
+                timeout=60,
+            )
             return
         if self.process is None:
             return
@@ -168,8 +232,9 @@ class DatabaseServer:
 
 
 def _postgres_binaries() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[4]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4])
+    )
     if not found:
         raise ServerUnavailable("PostgreSQL server binaries not found (apt-get install postgresql)")
     return Path(found[-1]).parent
@@ -186,8 +251,22 @@ def start_postgres(base: Path) -> DatabaseServer:
     binaries = _postgres_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, PG_USER)
-    _run(_as_service_user(PG_USER, [str(binaries / "initdb"), "-D", str(base / "data"),
-                                    "--auth=trust", "-U", PG_USER, "-E", "UTF8"]), timeout=120)
+    _run(
+        _as_service_user(
+            PG_USER,
+            [
+                str(binaries / "initdb"),
+                "-D",
+                str(base / "data"),
+                "--auth=trust",
+                "-U",
+                PG_USER,
+                "-E",
+                "UTF8",
+            ],
+        ),
+        timeout=120,
+    )
     server = DatabaseServer("postgresql", base, free_port(), PG_USER, "", binaries)
     server.start()
     atexit.register(server.shutdown)
@@ -199,12 +278,30 @@ def start_mariadb(base: Path) -> DatabaseServer:
     base.mkdir(parents=True, exist_ok=True)
     _own(base, "mysql")
     installer = shutil.which("mariadb-install-db") or str(binaries / "mariadb-install-db")
-    _run([installer, "--no-defaults", "--user=mysql", f"--datadir={base / 'data'}",
-          "--auth-root-authentication-method=normal", "--skip-test-db"], timeout=180)
+    _run(
+        [
+            installer,
+            "--no-defaults",
+            "--user=mysql",
+            f"--datadir={base / 'data'}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        timeout=180,
+    )
     server = DatabaseServer("mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries)
     server.start()
     atexit.register(server.shutdown)
-    _run(["mariadb", f"--socket={base / 'sock'}", "-u", "root", "-e",
-          f"CREATE USER '{MYSQL_USER}'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
-          f"GRANT ALL ON *.* TO '{MYSQL_USER}'@'127.0.0.1' WITH GRANT OPTION;"], timeout=60)
+    _run(
+        [
+            "mariadb",
+            f"--socket={base / 'sock'}",
+            "-u",
+            "root",
+            "-e",
+            f"CREATE USER '{MYSQL_USER}'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
+            f"GRANT ALL ON *.* TO '{MYSQL_USER}'@'127.0.0.1' WITH GRANT OPTION;",
+        ],
+        timeout=60,
+    )
     return server

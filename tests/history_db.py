@@ -62,9 +62,7 @@ class HistoryDB:
             for table in ("completions", "messages", "conversations", "request_logs"):
                 rows = await connection.execute(text(f"SELECT * FROM {table}"))
                 parts.extend(repr(tuple(row)) for row in rows)
-            tables = await connection.run_sync(
-                lambda sync: inspect(sync).get_table_names()
-            )
+            tables = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
             if "api_keys" in tables:
                 rows = await connection.execute(text("SELECT * FROM api_keys"))
                 parts.extend(repr(tuple(row)) for row in rows)
@@ -73,4 +71,3 @@ class HistoryDB:
     async def scalar(self, query: Any) -> Any:
         async with self.engine.connect() as connection:
             return await connection.scalar(query)
-

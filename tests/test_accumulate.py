@@ -26,19 +26,46 @@ def test_content_fragments_join_into_one_message_with_its_finish_reason() -> Non
 def test_tool_call_deltas_reassemble_by_index_into_complete_calls() -> None:
     accumulator = StreamAccumulator()
     accumulator.add(_chunk({"role": "assistant", "content": None}))
-    accumulator.add(_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
-                                            "function": {"name": "weather", "arguments": ""}}]}))
+    accumulator.add(
+        _chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": ""},
+                    }
+                ]
+            }
+        )
+    )
     accumulator.add(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}))
-    accumulator.add(_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
-                                            "function": {"name": "time", "arguments": "{}"}}]}))
+    accumulator.add(
+        _chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "time", "arguments": "{}"},
+                    }
+                ]
+            }
+        )
+    )
     accumulator.add(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}))
     accumulator.add(_chunk({}, finish="tool_calls"))
     message, finish = accumulator.choices()[0]
     assert finish == "tool_calls"
     assert message["content"] is None
     assert message["tool_calls"] == [
-        {"id": "call_a", "type": "function",
-         "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
+        },
         {"id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
     ]
 

@@ -16,11 +16,18 @@ from tests.history_db import HistoryDB
 TOTAL = 1000
 CONCURRENCY = 32
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                      "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
-                                                                         "properties": {}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+    },
 ]
 
 
@@ -63,8 +70,9 @@ def make_case(index: int) -> Case:
 
 async def send(client: httpx.AsyncClient, case: Case) -> None:
     if case.kind == "disconnect":
-        async with client.stream("POST", "/chat/completions", json=case.body,
-                                 headers=case.headers) as response:
+        async with client.stream(
+            "POST", "/chat/completions", json=case.body, headers=case.headers
+        ) as response:
             case.status = response.status_code
             events = 0
             async for line in response.aiter_lines():
@@ -89,16 +97,21 @@ async def run_mix(base_url: str, upstream_url: str) -> list[Case]:
     cases = [make_case(index) for index in range(TOTAL)]
     limits = httpx.Limits(max_connections=CONCURRENCY)
     semaphore = asyncio.Semaphore(CONCURRENCY)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60,
-                                 headers={"Authorization": "Bearer sk-load"}) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, limits=limits, timeout=60, headers={"Authorization": "Bearer sk-load"}
+    ) as client:
+
         async def one(case: Case) -> None:
             async with semaphore:
                 await send(client, case)
+
         await asyncio.wait_for(asyncio.gather(*(one(case) for case in cases)), timeout=240)
     async with httpx.AsyncClient(base_url=upstream_url, limits=limits, timeout=60) as upstream:
+
         async def oracle(case: Case) -> None:
             async with semaphore:
                 case.expected = await expected_answer(upstream, case)
+
         await asyncio.gather(*(oracle(case) for case in cases))
     return cases
 

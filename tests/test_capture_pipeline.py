@@ -32,8 +32,9 @@ async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_keeps_the_pa
     slow = {"X-Fake-Chunks": "200", "X-Fake-Chunk-Delay": "0.05", "Authorization": "Bearer sk-a"}
     with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path) as gateway:
         async with httpx.AsyncClient(base_url=gateway.base_url) as client:
-            async with client.stream("POST", "/chat/completions", headers=slow,
-                                     json={**CHAT, "stream": True}) as response:
+            async with client.stream(
+                "POST", "/chat/completions", headers=slow, json={**CHAT, "stream": True}
+            ) as response:
                 seen = 0
                 async for line in response.aiter_lines():
                     seen += line.startswith("data: ")
@@ -43,8 +44,11 @@ async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_keeps_the_pa
         deadline = time.monotonic() + 3
         while fake_stats(upstream)["streams_abandoned"] < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert fake_stats(upstream) == {"streams_started": 1, "streams_completed": 0,
-                                        "streams_abandoned": 1}
+        assert fake_stats(upstream) == {
+            "streams_started": 1,
+            "streams_completed": 0,
+            "streams_abandoned": 1,
+        }
         db = HistoryDB(str(tmp_path / "mes_gateway.db"))
         try:
             assert await db.wait_for("completions", 1) == 1
@@ -63,9 +67,11 @@ async def test_a_conversation_header_groups_completions_per_caller(
 ) -> None:
     with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path) as gateway:
         for key in ("sk-alice", "sk-alice", "sk-bob"):
-            response = httpx.post(gateway.base_url + "/chat/completions", json=CHAT,
-                                  headers={"Authorization": f"Bearer {key}",
-                                           "X-Conversation-Id": "trip-planning"})
+            response = httpx.post(
+                gateway.base_url + "/chat/completions",
+                json=CHAT,
+                headers={"Authorization": f"Bearer {key}", "X-Conversation-Id": "trip-planning"},
+            )
             assert response.status_code == 200
         db = HistoryDB(str(tmp_path / "mes_gateway.db"))
         try:
@@ -97,23 +103,28 @@ def own_postgres() -> Any:
 async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted(
     upstream: Any, own_postgres: DatabaseServer, tmp_path: Path
 ) -> None:
-    env = {"UPSTREAM_BASE_URL": upstream.base_url,
-           "SQL_DSN": own_postgres.url("outage"), "MES_RETRY_SECONDS": "1",
-           "MES_QUEUE_SIZE": "20"}
+    env = {
+        "UPSTREAM_BASE_URL": upstream.base_url,
+        "SQL_DSN": own_postgres.url("outage"),
+        "MES_RETRY_SECONDS": "1",
+        "MES_QUEUE_SIZE": "20",
+    }
 
     async def timed_requests(client: httpx.AsyncClient, count: int) -> list[float]:
         latencies = []
         for index in range(count):
             started = time.perf_counter()
             response = await client.post(
-                "/chat/completions", json={**CHAT, "user": f"u{index}", "stream": index % 2 == 0})
+                "/chat/completions", json={**CHAT, "user": f"u{index}", "stream": index % 2 == 0}
+            )
             assert response.status_code == 200
             latencies.append(time.perf_counter() - started)
         return latencies
 
     with GatewayProcess(env, tmp_path) as gateway:
-        async with httpx.AsyncClient(base_url=gateway.base_url,
-                                     headers={"Authorization": "Bearer sk-x"}) as client:
+        async with httpx.AsyncClient(
+            base_url=gateway.base_url, headers={"Authorization": "Bearer sk-x"}
+        ) as client:
             healthy = await timed_requests(client, 30)
             own_postgres.stop("immediate")
             down = await timed_requests(client, 60)
@@ -131,5 +142,6 @@ async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted
     assert int(values["mes_records_written_total"]) >= 1
     lost = int(values["mes_records_failed_total"]) + int(values["mes_records_dropped_total"])
     assert lost >= 1
-    assert int(values["mes_records_captured_total"]) + int(
-        values["mes_records_dropped_total"]) == 90
+    assert (
+        int(values["mes_records_captured_total"]) + int(values["mes_records_dropped_total"]) == 90
+    )

@@ -6,10 +6,16 @@ from storage.dsn import DSNError, parse_dsn
 @pytest.mark.parametrize(
     ("dsn", "kind", "expected"),
     [
-        ("root:123456@tcp(localhost:3306)/oneapi_messages", "mysql",
-         "mysql+aiomysql://root:123456@localhost:3306/oneapi_messages?charset=utf8mb4"),
-        ("postgres://user:password@localhost:5432/oneapi_messages", "postgresql",
-         "postgresql+asyncpg://user:password@localhost:5432/oneapi_messages"),
+        (
+            "root:123456@tcp(localhost:3306)/oneapi_messages",
+            "mysql",
+            "mysql+aiomysql://root:123456@localhost:3306/oneapi_messages?charset=utf8mb4",
+        ),
+        (
+            "postgres://user:password@localhost:5432/oneapi_messages",
+            "postgresql",
+            "postgresql+asyncpg://user:password@localhost:5432/oneapi_messages",
+        ),
         ("postgresql://u:p@db/x", "postgresql", "postgresql+asyncpg://u:p@db/x"),
         ("postgresql+asyncpg://u@db/x", "postgresql", "postgresql+asyncpg://u@db/x"),
         ("mysql://u:p@db:3307/x", "mysql", "mysql+aiomysql://u:p@db:3307/x?charset=utf8mb4"),
@@ -27,7 +33,9 @@ def test_every_accepted_form_becomes_an_async_sqlalchemy_url(
 
 
 def test_go_dsn_keeps_a_password_with_at_signs_and_drops_go_only_options() -> None:
-    parsed = parse_dsn("app:p@ss@word@tcp(10.0.0.5:3307)/logs?charset=utf8mb4&parseTime=True&loc=Local")
+    parsed = parse_dsn(
+        "app:p@ss@word@tcp(10.0.0.5:3307)/logs?charset=utf8mb4&parseTime=True&loc=Local"
+    )
     assert parsed.url.username == "app"
     assert parsed.url.password == "p@ss@word"
     assert (parsed.url.host, parsed.url.port, parsed.url.database) == ("10.0.0.5", 3307, "logs")

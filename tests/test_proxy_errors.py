@@ -47,16 +47,22 @@ def managed(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield process
 
 
-def post(gateway: GatewayProcess, body: bytes | dict[str, Any], key: str | None = GATEWAY_KEY,
-         headers: dict[str, str] | None = None) -> httpx.Response:
+def post(
+    gateway: GatewayProcess,
+    body: bytes | dict[str, Any],
+    key: str | None = GATEWAY_KEY,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     all_headers = {"Authorization": f"Bearer {key}"} if key else {}
     all_headers.update(headers or {})
     if isinstance(body, dict):
-        return httpx.post(gateway.base_url + "/chat/completions", json=body,
-                          headers=all_headers, timeout=30)
+        return httpx.post(
+            gateway.base_url + "/chat/completions", json=body, headers=all_headers, timeout=30
+        )
     all_headers["Content-Type"] = "application/json"
-    return httpx.post(gateway.base_url + "/chat/completions", content=body,
-                      headers=all_headers, timeout=30)
+    return httpx.post(
+        gateway.base_url + "/chat/completions", content=body, headers=all_headers, timeout=30
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -123,23 +129,34 @@ def test_managed_mode_swaps_the_gateway_key_for_the_upstream_key(
 
 def test_hop_by_hop_headers_are_not_forwarded(managed: GatewayProcess, upstream: Any) -> None:
     clear_upstream(upstream)
-    response = post(managed, CHAT, headers={
-        "Connection": "keep-alive, X-Private-Hop", "X-Private-Hop": "1", "TE": "trailers",
-        "Proxy-Authorization": "Basic abc", "X-Custom": "kept"})
+    response = post(
+        managed,
+        CHAT,
+        headers={
+            "Connection": "keep-alive, X-Private-Hop",
+            "X-Private-Hop": "1",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "X-Custom": "kept",
+        },
+    )
     assert response.status_code == 200
     (received,) = upstream_requests(upstream)
     headers = received["headers"]
     assert headers["x-custom"] == "kept"
     for name in ("x-private-hop", "te", "proxy-authorization", "keep-alive"):
         assert name not in headers
-    assert "transfer-encoding" not in response.headers or response.headers.get(
-        "content-length") is None
+    assert (
+        "transfer-encoding" not in response.headers
+        or response.headers.get("content-length") is None
+    )
 
 
 def test_upstream_errors_reach_the_client_unchanged(managed: GatewayProcess, upstream: Any) -> None:
     for status in ("400", "429", "500", "503"):
-        direct = httpx.post(upstream.base_url + "/chat/completions", json=CHAT,
-                            headers={"X-Fake-Status": status})
+        direct = httpx.post(
+            upstream.base_url + "/chat/completions", json=CHAT, headers={"X-Fake-Status": status}
+        )
         proxied = post(managed, CHAT, headers={"X-Fake-Status": status})
         assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content)
 
@@ -194,16 +211,23 @@ async def test_no_key_reaches_the_logs_or_the_database_and_errors_are_recorded(
     assert UPSTREAM_KEY not in managed.log() and GATEWAY_KEY not in managed.log()
 
 
-def test_forwarded_for_is_honoured_only_from_trusted_proxies(
-    upstream: Any, tmp_path: Path
-) -> None:
+def test_forwarded_for_is_honoured_only_from_trusted_proxies(upstream: Any, tmp_path: Path) -> None:
     env = {"UPSTREAM_BASE_URL": upstream.base_url, "TRUSTED_PROXIES": "127.0.0.0/8"}
     with GatewayProcess(env, tmp_path / "trusted") as gateway:
-        post(gateway, {**CHAT, "user": "behind-proxy"}, key="sk-x",
-             headers={"X-Forwarded-For": "203.0.113.50, 127.0.0.2"})
+        post(
+            gateway,
+            {**CHAT, "user": "behind-proxy"},
+            key="sk-x",
+            headers={"X-Forwarded-For": "203.0.113.50, 127.0.0.2"},
+        )
     with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path / "direct") as gateway:
-        post(gateway, {**CHAT, "user": "spoofer"}, key="sk-x",
-             headers={"X-Forwarded-For": "203.0.113.50"})
+        post(
+            gateway,
+            {**CHAT, "user": "spoofer"},
+            key="sk-x",
+            headers={"X-Forwarded-For": "203.0.113.50"},
+        )
+
     async def ips(folder: str) -> list[str]:
         db = HistoryDB(str(tmp_path / folder / "mes_gateway.db"))
         try:

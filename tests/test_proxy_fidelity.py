@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,31 +15,53 @@ from tests.gateway_process import GatewayProcess
 from tests.history_db import HistoryDB
 
 TOOLS: list[Any] = [
-    {"type": "function", "function": {"name": "lookup", "parameters": {
-        "type": "object", "properties": {"q": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    },
 ]
 REQUESTS: dict[str, dict[str, Any]] = {
-    "text": {"model": "gpt-4o-mini",
-             "messages": [{"role": "user", "content": "Say hello in Chinese: 你好"}]},
-    "tools": {"model": "gpt-4o-mini", "tools": TOOLS,
-              "messages": [{"role": "user", "content": "Look up the weather"}]},
-    "parts": {"model": "gpt-4o", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "What is in this image?"},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+    "text": {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello in Chinese: 你好"}],
+    },
+    "tools": {
+        "model": "gpt-4o-mini",
+        "tools": TOOLS,
+        "messages": [{"role": "user", "content": "Look up the weather"}],
+    },
+    "parts": {
+        "model": "gpt-4o",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this image?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                ],
+            }
+        ],
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def gateway(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     # Exactly the README's first command: no database settings, SQLite in the working folder.
-    with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url},
-                        tmp_path_factory.mktemp("readme")) as process:
+    with GatewayProcess(
+        {"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path_factory.mktemp("readme")
+    ) as process:
         yield process
 
 
 def clients(upstream: Any, gateway: GatewayProcess) -> tuple[openai.OpenAI, openai.OpenAI]:
-    return (openai.OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0),
-            openai.OpenAI(base_url=gateway.base_url, api_key="sk-test", max_retries=0))
+    return (
+        openai.OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0),
+        openai.OpenAI(base_url=gateway.base_url, api_key="sk-test", max_retries=0),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS))
@@ -77,10 +98,14 @@ async def test_async_sdk_gets_the_same_answers_through_the_gateway(
     proxied = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-test", max_retries=0)
     for request in REQUESTS.values():
         if stream:
-            expected = [c.model_dump() async for c in
-                        await direct.chat.completions.create(**request, stream=True)]
-            got = [c.model_dump() async for c in
-                   await proxied.chat.completions.create(**request, stream=True)]
+            expected = [
+                c.model_dump()
+                async for c in await direct.chat.completions.create(**request, stream=True)
+            ]
+            got = [
+                c.model_dump()
+                async for c in await proxied.chat.completions.create(**request, stream=True)
+            ]
         else:
             expected = (await direct.chat.completions.create(**request)).model_dump()
             got = (await proxied.chat.completions.create(**request)).model_dump()
@@ -90,8 +115,12 @@ async def test_async_sdk_gets_the_same_answers_through_the_gateway(
 
 
 def raw_stream(base_url: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    with httpx.stream("POST", base_url + "/chat/completions", json=body,
-                      headers={"Authorization": "Bearer sk-test"}) as response:
+    with httpx.stream(
+        "POST",
+        base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer sk-test"},
+    ) as response:
         return response.status_code, response.read()
 
 
@@ -108,7 +137,9 @@ def test_the_usage_event_the_gateway_asked_for_is_removed_and_nothing_else(
     body = {**REQUESTS["text"], "stream": True}
     _, direct = raw_stream(upstream.base_url, body)
     _, proxied = raw_stream(gateway.base_url, body)
-    _, with_usage = raw_stream(upstream.base_url, {**body, "stream_options": {"include_usage": True}})
+    _, with_usage = raw_stream(
+        upstream.base_url, {**body, "stream_options": {"include_usage": True}}
+    )
     events = with_usage.split(b"\n\n")
     # The only differences OpenAI's wire format allows: the extra usage event is gone, and
     # the other chunks carry "usage": null.
@@ -123,7 +154,8 @@ async def test_the_readme_default_writes_history_to_a_local_sqlite_file(
     _, proxied = clients(upstream, gateway)
     marker = "remember this sentence 42"
     completion = proxied.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": marker}], user="alice")
+        model="gpt-4o-mini", messages=[{"role": "user", "content": marker}], user="alice"
+    )
     db = HistoryDB(str(gateway.workdir / "mes_gateway.db"))
     try:
         for _ in range(100):

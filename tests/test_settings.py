@@ -20,8 +20,12 @@ def test_history_falls_back_to_the_main_database() -> None:
 
 def test_secrets_stay_out_of_repr() -> None:
     settings = Settings.from_env(
-        {"UPSTREAM_API_KEY": "sk-upstream-secret", "GATEWAY_KEYS": "gw-secret",
-         "SQL_DSN": "postgres://u:dbpass@h/db", "GATEWAY_ADMIN_KEY": "admin-secret"}
+        {
+            "UPSTREAM_API_KEY": "sk-upstream-secret",
+            "GATEWAY_KEYS": "gw-secret",
+            "SQL_DSN": "postgres://u:dbpass@h/db",
+            "GATEWAY_ADMIN_KEY": "admin-secret",
+        }
     )
     text = repr(settings)
     for secret in ("sk-upstream-secret", "gw-secret", "dbpass", "admin-secret"):

@@ -4,7 +4,7 @@ from gateway.sse import EventSplitter, event_data, iter_data
 def test_an_event_split_across_chunks_is_released_whole_once_its_end_arrives() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b'data: {"a":') == []
-    assert splitter.feed(b'1}\n\ndata: [DO') == [b'data: {"a":1}\n\n']
+    assert splitter.feed(b"1}\n\ndata: [DO") == [b'data: {"a":1}\n\n']
     assert splitter.feed(b"NE]\n\n") == [b"data: [DONE]\n\n"]
     assert splitter.rest() == b""
 

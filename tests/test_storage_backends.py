@@ -36,16 +36,24 @@ async def test_mariadb_main_and_postgres_history_from_new_api_style_dsns(
     # The forms New API documents, verbatim; neither database exists yet.
     main_dsn = f"{mariadb.user}:{mariadb.password}@tcp(127.0.0.1:{mariadb.port})/{main_name}"
     history_dsn = f"postgres://{postgres.user}@127.0.0.1:{postgres.port}/{history_name}"
-    env = {"UPSTREAM_BASE_URL": upstream.base_url, "UPSTREAM_API_KEY": "sk-up",
-           "GATEWAY_KEYS": "gw-one,gw-two", "SQL_DSN": main_dsn, "MES_SQL_DSN": history_dsn}
+    env = {
+        "UPSTREAM_BASE_URL": upstream.base_url,
+        "UPSTREAM_API_KEY": "sk-up",
+        "GATEWAY_KEYS": "gw-one,gw-two",
+        "SQL_DSN": main_dsn,
+        "MES_SQL_DSN": history_dsn,
+    }
     try:
         with GatewayProcess(env, tmp_path) as gateway:
             for index in range(5):
                 response = httpx.post(
                     gateway.base_url + "/chat/completions",
                     headers={"Authorization": "Bearer gw-one"},
-                    json={"model": "gpt-4o-mini", "stream": index % 2 == 0,
-                          "messages": [{"role": "user", "content": f"数据库 {index}"}]},
+                    json={
+                        "model": "gpt-4o-mini",
+                        "stream": index % 2 == 0,
+                        "messages": [{"role": "user", "content": f"数据库 {index}"}],
+                    },
                 )
                 assert response.status_code == 200
             history = HistoryDB(history_dsn)

@@ -85,9 +85,7 @@ def upgrade() -> None:
         sa.Column("system_fingerprint", sa.String(255), nullable=True),
     )
     op.create_index("ix_completions_owner_started", "completions", ["owner", "started_at"])
-    op.create_index(
-        "ix_completions_conversation", "completions", ["conversation_id", "started_at"]
-    )
+    op.create_index("ix_completions_conversation", "completions", ["conversation_id", "started_at"])
     op.create_index("ix_completions_response_id", "completions", ["response_id"])
     op.create_index("ix_completions_started", "completions", ["started_at"])
 
