@@ -18,7 +18,8 @@ import orjson
 
 from gateway.accumulate import StreamAccumulator
 from gateway.sse import iter_data
-from storage.chain import ROOT, chain, content_text
+from storage.chain import ROOT, chain, content_text, continuation_key
+from storage.message_rows import message_row
 from storage.rows import RowSet
 
 JSON = dict[str, Any]
@@ -56,26 +57,27 @@ class Exchange:
 
     def rows(self) -> RowSet:
         answer = self._answer()
-        conversation_id = self._conversation_id()
         sent = self.request.get("messages")
         valid_messages = isinstance(sent, list) and all(isinstance(m, dict) for m in sent)
         messages: list[JSON] = sent if valid_messages else []  # type: ignore[assignment]
+        answered = [answer.choices[0][0]] if answer.choices else []
+        conversation_id = self._conversation_id(messages + answered)
         params = {k: v for k, v in self.request.items() if k != "messages" or not valid_messages}
         message_rows: list[JSON] = []
         request_hash: str | None = None
         if messages:
-            for digest, parent, body in chain(messages):
+            for digest, parent, message in chain(messages):
                 message_rows.append(
-                    _message_row(conversation_id, digest, parent, body, self.started_at)
+                    message_row(conversation_id, digest, parent, message, self.started_at)
                 )
                 request_hash = digest
         response_hash: str | None = None
         extra_choices = []
         for index, (message, finish_reason) in enumerate(answer.choices):
             if index == 0:
-                for digest, parent, body in chain([message], request_hash or ROOT):
+                for digest, parent, same in chain([message], request_hash or ROOT):
                     message_rows.append(
-                        _message_row(conversation_id, digest, parent, body, self.started_at)
+                        message_row(conversation_id, digest, parent, same, self.started_at)
                     )
                     response_hash = digest
             else:
@@ -127,12 +129,23 @@ class Exchange:
         }
         return RowSet(completion=completion, conversation=conversation, messages=message_rows)
 
-    def _conversation_id(self) -> str:
+    def _conversation_id(self, exchange: list[JSON]) -> str:
+        """Named by the client's header, else by the conversation's first exchange.
+
+        Both are namespaced by owner: two callers naming the same conversation, or sending
+        the same words, never share one. A first request and its answer start a
+        conversation; a later request that resends them (see ``continuation_key``) lands
+        in it, whichever process writes it and in whatever order. A request with no
+        assistant message and no answer (an error, say) is a conversation of its own.
+        """
         if self.conversation_header:
-            # Namespaced by owner: two callers naming the same conversation never share it.
-            scoped = f"{self.owner}\n{self.conversation_header}".encode()
-            return hashlib.sha256(scoped).hexdigest()[:32]
-        return self.id
+            scoped = f"{self.owner}\n{self.conversation_header}"
+        else:
+            key = continuation_key(exchange)
+            if key is None:
+                return self.id
+            scoped = f"{self.owner}\nthread\n{key}"
+        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
 
     def _answer(self) -> Answer:
         if self.stream and self.chunks and 200 <= self.status < 300:
@@ -255,22 +268,6 @@ class RequestLog:
                 "started_at": self.started_at,
             }
         )
-
-
-def _message_row(
-    conversation_id: str, digest: str, parent: str, body: bytes, created_at: datetime
-) -> JSON:
-    message = orjson.loads(body)
-    role = message.get("role") if isinstance(message, dict) else None
-    return {
-        "conversation_id": conversation_id,
-        "hash": digest,
-        "parent_hash": parent or None,
-        "role": str(role)[:32] if role else "unknown",
-        "body": body.decode(),
-        "content_text": content_text(message),
-        "created_at": created_at,
-    }
 
 
 def _title(messages: list[JSON]) -> str | None:

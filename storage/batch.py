@@ -5,6 +5,9 @@ replaying the same record): completions and request logs already present are ski
 messages and conversations are inserted only where their key is new, so a replay never
 duplicates and concurrent writers storing one conversation neither collide nor lose rows.
 Rows are sorted by key before every write, so two writers lock them in the same order.
+
+Writers of one conversation take turns: each locks the conversation's row before it adds
+messages, so the message count it then takes includes what the writer before it added.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) ->
     conversation_rows = _unique((r.conversation for r in fresh if r.conversation), ("id",))
     if conversation_rows:
         await connection.execute(insert_ignore(connection, conversations), conversation_rows)
+        await _lock_conversations(connection, [row["id"] for row in conversation_rows])
     message_rows = _unique((m for r in fresh for m in r.messages), ("conversation_id", "hash"))
     if message_rows:
         await connection.execute(insert_ignore(connection, messages), message_rows)
@@ -45,6 +49,17 @@ async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) ->
         await connection.execute(insert(request_logs), new_logs)
     await _add_to_totals(connection, new_completions)
     return len(new_completions) + len(new_logs)
+
+
+async def _lock_conversations(connection: AsyncConnection, ids: list[str]) -> None:
+    if connection.dialect.name == "sqlite":
+        return  # one writer at a time holds the whole database
+    await connection.execute(
+        select(conversations.c.id)
+        .where(conversations.c.id.in_(ids))
+        .order_by(conversations.c.id)
+        .with_for_update()
+    )
 
 
 async def _new_rows(connection: AsyncConnection, table: Table, rows: list[Row]) -> list[Row]:

@@ -24,12 +24,11 @@ def link(parent_hash: str, body: bytes) -> str:
     return hashlib.sha256(parent_hash.encode() + b"\n" + body).hexdigest()
 
 
-def chain(messages: Sequence[Any], parent_hash: str = ROOT) -> Iterator[tuple[str, str, bytes]]:
-    """(hash, parent_hash, canonical body) for each message, in order."""
+def chain(messages: Sequence[Any], parent_hash: str = ROOT) -> Iterator[tuple[str, str, Any]]:
+    """(hash, parent_hash, message) for each message, in order."""
     for message in messages:
-        body = canonical(message)
-        digest = link(parent_hash, body)
-        yield digest, parent_hash, body
+        digest = link(parent_hash, canonical(message))
+        yield digest, parent_hash, message
         parent_hash = digest
 
 
@@ -49,3 +48,62 @@ def content_text(message: Any) -> str | None:
         return "\n".join(texts) if texts else None
     refusal = message.get("refusal")
     return refusal if isinstance(refusal, str) else None
+
+
+# What a client may change in an assistant message when it sends it back: SDKs and
+# frameworks drop nulls and empty lists, add or drop `refusal` and `annotations`, send
+# text parts for a string, and leave out a streamed tool call's `index`. Identity for
+# recognising a continued conversation looks only at what survives all of that.
+def match_form(message: Any) -> Any:
+    """The part of a message that says which message it is, for recognising continuations."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return _without_empties(message)
+    content = message.get("content")
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" for part in content
+    ):
+        content = "".join(str(part.get("text", "")) for part in content)
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        calls = [_call_identity(call) for call in calls]
+    form = {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": calls,
+        "function_call": message.get("function_call"),
+        "name": message.get("name"),
+    }
+    return _without_empties(form)
+
+
+def continuation_key(messages: Sequence[Any]) -> str | None:
+    """The identity of the first exchange in ``messages``: everything up to and including
+    the first assistant message, in match form. None when there is no assistant message.
+
+    A first request together with its answer, and every later request that resends them,
+    share this key, whichever gateway process sees them and in whatever order.
+    """
+    parent = ROOT
+    for message in messages:
+        parent = link(parent, canonical(match_form(message)))
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return parent
+    return None
+
+
+def _call_identity(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function")
+    if isinstance(function, dict):
+        function = {"name": function.get("name"), "arguments": function.get("arguments")}
+    return {"id": call.get("id"), "function": function}
+
+
+def _without_empties(value: Any) -> Any:
+    if isinstance(value, dict):
+        kept = {k: _without_empties(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in (None, "", [], {})}
+    if isinstance(value, list):
+        return [_without_empties(v) for v in value]
+    return value

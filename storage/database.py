@@ -39,6 +39,10 @@ def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
         "pool_pre_ping": True,
         "pool_recycle": 1800,
     }
+    if database.kind == "mysql":
+        # Each statement sees what others committed, as on PostgreSQL: a writer that waited
+        # for a conversation's lock then counts the messages the other writer added.
+        options["isolation_level"] = "READ COMMITTED"
     return create_async_engine(database.url, **options)
 
 
@@ -116,18 +120,19 @@ async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
 def alembic_config(target: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(MIGRATIONS_DIR / target / "versions"))
     config.attributes["target"] = target
     return config
 
 
-async def migrate(engine: AsyncEngine, target: str) -> None:
-    """Apply ``target``'s migrations ("main" or "history") up to the newest."""
+async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> None:
+    """Apply ``target``'s migrations ("main" or "history") up to ``revision``."""
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config(target)
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
     async with engine.begin() as connection:
         await connection.run_sync(upgrade)

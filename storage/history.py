@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from sqlalchemy import select
+from sqlalchemy import literal, select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from storage.message_rows import stored_message
 from storage.schema import completions, messages
 
 JSON = dict[str, Any]
+MAX_CHAIN = 1_000_000  # messages in one request, far beyond any context window
+STORED = (messages.c.body, messages.c.content_text, messages.c.content_in_text)
 
 
 async def completion(connection: AsyncConnection, completion_id: str) -> RowMapping | None:
@@ -22,23 +24,54 @@ async def completion(connection: AsyncConnection, completion_id: str) -> RowMapp
 async def chain_to(
     connection: AsyncConnection, conversation_id: str, tail_hash: str | None
 ) -> list[JSON]:
-    """The messages from the root of a conversation down to ``tail_hash``, in order."""
+    """The messages from the root of a conversation down to ``tail_hash``, in order.
+
+    One recursive query up the parent links, so a conversation with many branches costs
+    only the branch asked for.
+    """
     if tail_hash is None:
         return []
-    rows = await connection.execute(
-        select(messages.c.hash, messages.c.parent_hash, messages.c.body).where(
-            messages.c.conversation_id == conversation_id
-        )
+    walk = (
+        select(*STORED, messages.c.parent_hash, literal(0).label("depth"))
+        .where(messages.c.conversation_id == conversation_id, messages.c.hash == tail_hash)
+        .cte("walk", recursive=True)
     )
-    by_hash = {row.hash: (row.parent_hash, row.body) for row in rows}
-    ordered: list[JSON] = []
-    current: str | None = tail_hash
-    while current:
-        parent, body = by_hash[current]
-        ordered.append(orjson.loads(body))
-        current = parent
-    ordered.reverse()
-    return ordered
+    parent = messages.alias("parent")
+    walk = walk.union_all(
+        select(
+            parent.c.body,
+            parent.c.content_text,
+            parent.c.content_in_text,
+            parent.c.parent_hash,
+            walk.c.depth + 1,
+        ).where(parent.c.conversation_id == conversation_id, parent.c.hash == walk.c.parent_hash)
+    )
+    await _allow_deep_recursion(connection)
+    rows = list(
+        (
+            await connection.execute(
+                select(
+                    walk.c.body, walk.c.content_text, walk.c.content_in_text, walk.c.parent_hash
+                ).order_by(walk.c.depth.desc())
+            )
+        ).mappings()
+    )
+    if not rows or rows[0]["parent_hash"] is not None:
+        raise LookupError(f"conversation {conversation_id}: the chain to {tail_hash} is broken")
+    return [stored_message(row) for row in rows]
+
+
+async def _allow_deep_recursion(connection: AsyncConnection) -> None:
+    """MariaDB and MySQL stop a recursive query after 1,000 steps (MariaDB silently); an
+    agent's request can be longer than that."""
+    if connection.dialect.name != "mysql":
+        return
+    variable = (
+        "max_recursive_iterations"
+        if getattr(connection.dialect, "is_mariadb", False)
+        else "cte_max_recursion_depth"
+    )
+    await connection.execute(text(f"SET SESSION {variable} = {MAX_CHAIN}"))
 
 
 async def request_messages(connection: AsyncConnection, row: RowMapping) -> list[JSON]:
@@ -51,10 +84,10 @@ async def answer_message(connection: AsyncConnection, row: RowMapping) -> JSON |
     if row["response_hash"] is None:
         return None
     result = await connection.execute(
-        select(messages.c.body).where(
+        select(*STORED).where(
             messages.c.conversation_id == row["conversation_id"],
             messages.c.hash == row["response_hash"],
         )
     )
-    body = result.scalar_one_or_none()
-    return None if body is None else orjson.loads(body)
+    row = result.mappings().first()
+    return None if row is None else stored_message(row)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 from sqlalchemy.dialects import mysql
 
@@ -73,7 +74,9 @@ messages = Table(
     Column("role", String(32), nullable=False),
     Column("body", LongText, nullable=False),
     Column("content_text", LongText, nullable=True),
+    Column("content_in_text", Boolean, nullable=False, server_default=false()),
     Column("created_at", Timestamp, nullable=False),
+    Index("ix_messages_parent", "conversation_id", "parent_hash"),
 )
 
 completions = Table(

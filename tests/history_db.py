@@ -71,3 +71,7 @@ class HistoryDB:
     async def scalar(self, query: Any) -> Any:
         async with self.engine.connect() as connection:
             return await connection.scalar(query)
+
+    async def rows(self, query: Any) -> list[RowMapping]:
+        async with self.engine.connect() as connection:
+            return list((await connection.execute(query)).mappings())

@@ -1,0 +1,51 @@
+"""How one message is kept in the ``messages`` table, and read back exactly.
+
+A message whose ``content`` is a string (most of them) is split: the string goes to
+``content_text``, where search reads it, and ``body`` keeps the rest of the message's
+canonical JSON; ``content_in_text`` says so. The text is stored once, not once in the JSON
+and again for search. Any other message keeps its whole JSON in ``body``, and
+``content_text`` holds its searchable text (text parts joined, or a refusal), if any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from storage.chain import canonical, content_text
+
+JSON = dict[str, Any]
+
+
+def message_row(
+    conversation_id: str, digest: str, parent: str, message: Any, created_at: datetime
+) -> JSON:
+    role = message.get("role") if isinstance(message, dict) else None
+    split = isinstance(message, dict) and isinstance(message.get("content"), str)
+    if split:
+        rest = {key: value for key, value in message.items() if key != "content"}
+        body, text = canonical(rest), message["content"]
+    else:
+        body, text = canonical(message), content_text(message)
+    return {
+        "conversation_id": conversation_id,
+        "hash": digest,
+        "parent_hash": parent or None,
+        "role": str(role)[:32] if role else "unknown",
+        "body": body.decode(),
+        "content_text": text,
+        "content_in_text": split,
+        "created_at": created_at,
+    }
+
+
+def stored_message(row: Mapping[str, Any]) -> Any:
+    """The message as it was sent or answered, from a row with body, content_text and
+    content_in_text."""
+    message = orjson.loads(row["body"])
+    if row["content_in_text"]:
+        message["content"] = row["content_text"]
+    return message

@@ -1,0 +1,119 @@
+"""Upgrading a history database written by an earlier revision keeps every record readable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from storage import history
+from storage.chain import canonical, chain, content_text
+from storage.database import create_engine, ensure_database, migrate
+from storage.schema import completions, conversations, messages
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+REQUEST = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Describe"}, IMAGE]},
+    {"role": "user", "content": "and answer in 中文", "name": "kim"},
+]
+ANSWER = {"role": "assistant", "content": "一只猫。", "refusal": None, "annotations": []}
+
+
+def first_revision_rows(now: datetime) -> tuple[list[dict[str, Any]], str, str]:
+    """Message rows exactly as revision history_0001 wrote them: the whole JSON in body."""
+    rows: list[dict[str, Any]] = []
+    request_hash = tail = ""
+    for digest, parent, message in chain([*REQUEST, ANSWER]):
+        rows.append(
+            {
+                "conversation_id": "c1",
+                "hash": digest,
+                "parent_hash": parent or None,
+                "role": message["role"],
+                "body": canonical(message).decode(),
+                "content_text": content_text(message),
+                "created_at": now,
+            }
+        )
+        request_hash, tail = tail, digest
+    return rows, request_hash, tail
+
+
+async def test_history_from_the_first_revision_reads_back_the_same_after_upgrading(
+    history_dsn: str,
+) -> None:
+    engine = create_engine(await ensure_database(history_dsn), pool_size=1)
+    try:
+        await migrate(engine, "history", "history_0001")
+        now = datetime.now(UTC).replace(tzinfo=None)
+        rows, request_hash, answer_hash = first_revision_rows(now)
+        totals = {"completion_count": 1, "message_count": 4}
+        zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(conversations),
+                {"id": "c1", "owner": "alice", "created_at": now, "updated_at": now}
+                | totals
+                | zero,
+            )
+            await connection.execute(insert(messages), rows)
+            await connection.execute(
+                insert(completions),
+                {
+                    "id": "r1",
+                    "conversation_id": "c1",
+                    "owner": "alice",
+                    "request_hash": request_hash,
+                    "request_message_count": len(REQUEST),
+                    "response_hash": answer_hash,
+                    "status_code": 200,
+                    "stream": False,
+                    "started_at": now,
+                },
+            )
+
+        await migrate(engine, "history")
+
+        async with engine.connect() as connection:
+            row = (await connection.execute(select(completions))).mappings().one()
+            assert await history.request_messages(connection, row) == REQUEST
+            assert await history.answer_message(connection, row) == ANSWER
+            flags = (await connection.execute(select(messages.c.content_in_text))).scalars()
+            assert list(flags) == [False] * 4
+    finally:
+        await engine.dispose()
+
+
+async def test_a_request_of_thousands_of_messages_rebuilds_on_every_backend(
+    history_dsn: str,
+) -> None:
+    """An agent loop's request can hold thousands of messages: the walk up the chain must
+    not stop at a database's default recursion limit (MariaDB's and MySQL's are 1,000)."""
+    from gateway.capture import Exchange
+    from storage.batch import write_batch
+
+    sent = [{"role": "user", "content": f"step {i}"} for i in range(3000)]
+    record = Exchange(
+        owner="alice",
+        key_fingerprint=None,
+        client_ip=None,
+        user_agent=None,
+        conversation_header=None,
+        request={"model": "m", "messages": sent},
+        stream=False,
+        started_at=datetime.now(UTC).replace(tzinfo=None),
+        status=200,
+        response_body=b'{"choices": [{"message": {"role": "assistant", "content": "done"}}]}',
+    )
+    engine = create_engine(await ensure_database(history_dsn), pool_size=1)
+    try:
+        await migrate(engine, "history")
+        async with engine.begin() as connection:
+            await write_batch(connection, [record.rows()])
+        async with engine.connect() as connection:
+            row = (await connection.execute(select(completions))).mappings().one()
+            assert await history.request_messages(connection, row) == sent
+    finally:
+        await engine.dispose()
