@@ -89,5 +89,5 @@ async def answer_message(connection: AsyncConnection, row: RowMapping) -> JSON |
             messages.c.hash == row["response_hash"],
         )
     )
-    row = result.mappings().first()
-    return None if row is None else stored_message(row)
+    stored = result.mappings().first()
+    return None if stored is None else stored_message(stored)

@@ -42,10 +42,10 @@ def message_row(
     }
 
 
-def stored_message(row: Mapping[str, Any]) -> Any:
+def stored_message(row: Mapping[Any, Any]) -> JSON:
     """The message as it was sent or answered, from a row with body, content_text and
     content_in_text."""
-    message = orjson.loads(row["body"])
+    message: JSON = orjson.loads(row["body"])
     if row["content_in_text"]:
         message["content"] = row["content_text"]
     return message
