@@ -25,6 +25,8 @@ from gateway.errors import NotFound
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
+from storage import accounts
+from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate, ping
 from storage.schema import api_keys
@@ -87,7 +89,7 @@ async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[st
         return
     now = datetime.now(UTC).replace(tzinfo=None)
     rows = [
-        {"fingerprint": f, "name": None, "source": "env", "created_at": now}
+        {"fingerprint": f, "id": f"key_{f[:24]}", "name": None, "source": "env", "created_at": now}
         for f in sorted(fingerprints)
     ]
     async with engine.begin() as connection:
@@ -107,7 +109,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         await migrate(main_engine, "main")
         await migrate(history_engine, "history")
-        authenticator = Authenticator(settings.gateway_keys, settings.managed_mode)
+
+        async def lookup(digest: str) -> KeyGrant | None:
+            async with main_engine.connect() as connection:
+                return await accounts.key_grant(connection, digest)
+
+        authenticator = Authenticator(settings.gateway_keys, settings.managed_mode, lookup)
         await _register_gateway_keys(main_engine, authenticator.fingerprints)
 
         registry = Metrics()

@@ -7,7 +7,9 @@ upstream sent it. These are for what goes wrong before or instead of an upstream
     ├── InvalidRequest       400  the body is not a JSON object, or a field has a wrong type
     ├── PayloadTooLarge      413  the body is over GATEWAY_MAX_BODY_BYTES; nothing went upstream
     ├── InvalidGatewayKey    401  managed mode, and the key is missing or not a gateway key
-    ├── NotFound             404  a route the gateway does not serve
+    ├── Forbidden            403  an admin route without GATEWAY_ADMIN_KEY
+    ├── NotFound             404  a route the gateway does not serve, or history not the caller's
+    ├── KeyStoreUnavailable  503  managed mode, an unknown key, and the main database is down
     ├── UpstreamUnreachable  502  the upstream refused or dropped the connection
     └── UpstreamTimeout      504  the upstream did not answer within UPSTREAM_TIMEOUT
 """
@@ -61,6 +63,18 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class KeyStoreUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "key_store_unavailable"
 
 
 class UpstreamUnreachable(GatewayError):

@@ -83,7 +83,7 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
         try:
-            caller = self.authenticator.identify(
+            caller = await self.authenticator.identify(
                 header(headers, b"authorization"), header(headers, b"api-key")
             )
             length = header(headers, b"content-length")

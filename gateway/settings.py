@@ -93,10 +93,11 @@ class Settings:
             trusted_proxies=env.networks("TRUSTED_PROXIES"),
             log_level=env.text("LOG_LEVEL", cls.log_level).lower(),
         )
-        if settings.managed_mode and not settings.gateway_keys:
+        if settings.managed_mode and not (settings.gateway_keys or settings.gateway_admin_key):
             raise ConfigError(
-                "UPSTREAM_API_KEY is set (managed mode) but GATEWAY_KEYS is empty: "
-                "set GATEWAY_KEYS to the comma-separated keys clients may use."
+                "UPSTREAM_API_KEY is set (managed mode) but neither GATEWAY_KEYS nor "
+                "GATEWAY_ADMIN_KEY is: set GATEWAY_KEYS to the comma-separated keys clients "
+                "may use, or GATEWAY_ADMIN_KEY to issue keys through the admin API."
             )
         if not settings.upstream_base_url.startswith(("http://", "https://")):
             raise ConfigError(

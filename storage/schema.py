@@ -36,14 +36,44 @@ ID = 64  # record ids, hashes and fingerprints are at most 64 characters
 main_metadata = MetaData()
 history_metadata = MetaData()
 
+Serial = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+users = Table(
+    "users",
+    main_metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("email", String(255), nullable=True),
+    Column("metadata", LongText, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("disabled_at", Timestamp, nullable=True),
+)
+
 api_keys = Table(
     "api_keys",
     main_metadata,
     Column("fingerprint", String(ID), primary_key=True),
     Column("name", String(255), nullable=True),
-    Column("source", String(32), nullable=False),
+    Column("source", String(32), nullable=False),  # "env" (GATEWAY_KEYS) or "admin"
     Column("created_at", Timestamp, nullable=False),
     Column("revoked_at", Timestamp, nullable=True),
+    Column("id", String(ID), nullable=True),
+    Column("user_id", String(ID), nullable=True),
+    Column("prefix", String(16), nullable=True),
+    Index("ix_api_keys_id", "id", unique=True),
+    Index("ix_api_keys_user", "user_id"),
+)
+
+audit_log = Table(
+    "audit_log",
+    main_metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("at", Timestamp, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=True),
+    Column("details", LongText, nullable=True),
+    Index("ix_audit_log_at", "at"),
 )
 
 conversations = Table(
