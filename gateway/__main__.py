@@ -20,6 +20,8 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs each upstream request at INFO: a line per request on the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

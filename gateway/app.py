@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -17,14 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from gateway.admin import create_admin_app
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.auth import Authenticator
 from gateway.errors import NotFound
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
+from gateway.stored_completions import StoredCompletions
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
@@ -43,6 +45,16 @@ class FromState:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await scope["state"][self.name](scope, receive, send)
+
+
+def _stored(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that calls method ``name`` of the lifespan's ``StoredCompletions``."""
+
+    async def endpoint(request: Request) -> Response:
+        handler: Callable[[Request], Awaitable[Response]] = getattr(request.state.stored, name)
+        return await handler(request)
+
+    return endpoint
 
 
 class NotFoundEndpoint:
@@ -139,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             follow_redirects=False,
         )
         proxy = Proxy(settings, client, authenticator, writer.submit, registry)
+        stored = StoredCompletions(history_engine, main_engine, authenticator)
         engines = {"main": main_engine}
         if history_engine is not main_engine:
             engines["history"] = history_engine
@@ -148,7 +161,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "managed" if settings.managed_mode else "pass-through",
         )
         try:
-            yield {"proxy": proxy, "writer": writer, "metrics": registry, "engines": engines}
+            yield {
+                "settings": settings,
+                "proxy": proxy,
+                "stored": stored,
+                "authenticator": authenticator,
+                "writer": writer,
+                "metrics": registry,
+                "engines": engines,
+                "history_engine": history_engine,
+            }
         finally:
             await writer.close(settings.shutdown_grace_seconds)
             await client.aclose()
@@ -157,7 +179,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=[
+            # OpenAI's stored-completions API is served here; POST /v1/chat/completions and
+            # every other /v1 route go to the proxy.
+            Route("/v1/chat/completions", _stored("list"), methods=["GET"]),
+            Route("/v1/chat/completions/{completion_id}", _stored("retrieve"), methods=["GET"]),
+            Route("/v1/chat/completions/{completion_id}", _stored("update"), methods=["POST"]),
+            Route("/v1/chat/completions/{completion_id}", _stored("delete"), methods=["DELETE"]),
+            Route(
+                "/v1/chat/completions/{completion_id}/messages",
+                _stored("messages"),
+                methods=["GET"],
+            ),
             Route("/v1/{path:path}", FromState("proxy")),
+            Mount("/admin", create_admin_app()),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

@@ -1,0 +1,570 @@
+"""The admin API under ``/admin``: users and keys, everyone's history, search, statistics,
+export, deletion and the audit log. Every route needs ``GATEWAY_ADMIN_KEY`` (as a Bearer
+token); with it unset the API answers 403. Its OpenAPI schema is ``/admin/openapi.json``.
+
+Routes that read one user's history build that user's scope (``Scope.of``); only the
+routes that are about everyone (statistics and search without a user, export without a
+user, prune) build ``Scope.everyone()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hmac
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway import admin_models as m
+from gateway.auth import Authenticator, presented_key
+from gateway.completion_objects import fine_tuning_example
+from gateway.settings import Settings
+from storage import accounts, browse, deletion, search, stats
+from storage.browse import CompletionFilter
+from storage.schema import conversations
+from storage.scope import Scope
+
+MAX_LIMIT = 1000
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _error_response(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, AdminError)
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    body = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    return JSONResponse({"error": body}, status_code=error.status)
+
+
+async def admin_actor(request: Request) -> str:
+    settings: Settings = request.state.settings
+    if not settings.gateway_admin_key:
+        raise AdminError(403, "The admin API is off: set GATEWAY_ADMIN_KEY.", "admin_disabled")
+    key = presented_key(request.headers.get("authorization"), request.headers.get("api-key"))
+    if key is None or not hmac.compare_digest(key.encode(), settings.gateway_admin_key.encode()):
+        raise AdminError(401, "Incorrect or missing admin key.", "invalid_api_key")
+    return "admin"
+
+
+Actor = Annotated[str, Depends(admin_actor)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": m.ErrorResponse} for status in (400, 401, 403, 404)
+}
+router = APIRouter(responses=ERRORS)
+
+
+def _main(request: Request) -> AsyncEngine:
+    engine: AsyncEngine = request.state.engines["main"]
+    return engine
+
+
+def _history(request: Request) -> AsyncEngine:
+    engine: AsyncEngine = request.state.history_engine
+    return engine
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _loads(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _page(items: list[Any], has_more: bool, key: str = "id") -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": str(items[0][key]) if items else None,
+        "last_id": str(items[-1][key]) if items else None,
+        "has_more": has_more,
+    }
+
+
+# -- users and keys -----------------------------------------------------------------------
+
+
+def _user(row: RowMapping) -> dict[str, Any]:
+    return {**row, "metadata": _loads(row["metadata"])}
+
+
+@router.post("/users", response_model=m.User, status_code=201)
+async def create_user(body: m.UserCreate, request: Request, actor: Actor) -> dict[str, Any]:
+    async with _main(request).begin() as connection:
+        row = await accounts.create_user(connection, body.name, body.email, body.metadata)
+        await accounts.audit(connection, actor, "user.created", row["id"], {"name": body.name})
+    return _user(row)
+
+
+@router.get("/users", response_model=m.ListOf[m.User])
+async def list_users(
+    request: Request, actor: Actor, limit: Limit = 100, after: str | None = None
+) -> dict[str, Any]:
+    async with _main(request).connect() as connection:
+        rows = await accounts.list_users(connection, limit + 1, after)
+    return _page([_user(r) for r in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/users/{user_id}", response_model=m.User)
+async def get_user(user_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    async with _main(request).connect() as connection:
+        row = await accounts.user(connection, user_id)
+    if row is None:
+        raise AdminError(404, f"No user '{user_id}'.", "not_found")
+    return _user(row)
+
+
+async def _set_disabled(request: Request, actor: str, user_id: str, disabled: bool) -> Any:
+    async with _main(request).begin() as connection:
+        if not await accounts.set_disabled(connection, user_id, disabled):
+            raise AdminError(404, f"No user '{user_id}'.", "not_found")
+        action = "user.disabled" if disabled else "user.enabled"
+        await accounts.audit(connection, actor, action, user_id)
+        row = await accounts.user(connection, user_id)
+    authenticator: Authenticator = request.state.authenticator
+    authenticator.forget_all()
+    assert row is not None
+    return _user(row)
+
+
+@router.post("/users/{user_id}/disable", response_model=m.User)
+async def disable_user(user_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    """Disable a user: every key of theirs stops working (in other gateway processes within
+    seconds)."""
+    result: dict[str, Any] = await _set_disabled(request, actor, user_id, True)
+    return result
+
+
+@router.post("/users/{user_id}/enable", response_model=m.User)
+async def enable_user(user_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    result: dict[str, Any] = await _set_disabled(request, actor, user_id, False)
+    return result
+
+
+@router.post("/users/{user_id}/keys", response_model=m.IssuedKey, status_code=201)
+async def issue_key(
+    user_id: str, body: m.KeyCreate, request: Request, actor: Actor
+) -> dict[str, Any]:
+    async with _main(request).begin() as connection:
+        if await accounts.user(connection, user_id) is None:
+            raise AdminError(404, f"No user '{user_id}'.", "not_found")
+        key, row = await accounts.issue_key(connection, user_id, body.name)
+        await accounts.audit(connection, actor, "key.issued", row["id"], {"user_id": user_id})
+    return {**row, "key": key}
+
+
+@router.get("/users/{user_id}/keys", response_model=m.ListOf[m.Key])
+async def list_keys(user_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    async with _main(request).connect() as connection:
+        rows = await accounts.list_keys(connection, user_id)
+    return _page([dict(r) for r in rows], False)
+
+
+@router.post("/keys/{key_id}/revoke", response_model=m.Key)
+async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    async with _main(request).begin() as connection:
+        row = await accounts.revoke_key(connection, key_id)
+        if row is None:
+            raise AdminError(404, f"No key '{key_id}'.", "not_found")
+        await accounts.audit(connection, actor, "key.revoked", key_id)
+    authenticator: Authenticator = request.state.authenticator
+    authenticator.forget(row["fingerprint"])
+    return dict(row)
+
+
+# -- history ------------------------------------------------------------------------------
+
+
+def _completion(row: RowMapping) -> dict[str, Any]:
+    record = {**row, "user_id": row["owner"], "params": _loads(row["params"])}
+    record["metadata"] = _loads(row["metadata"])
+    return record
+
+
+def _conversation(row: RowMapping) -> dict[str, Any]:
+    return {
+        **row,
+        "user_id": row["owner"],
+        "metadata": _loads(row["metadata"]),
+        "tags": _loads(row["tags"]),
+    }
+
+
+def _filters(
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    status: int | None,
+    errors_only: bool,
+    tool: str | None,
+) -> CompletionFilter:
+    return CompletionFilter(
+        model=model,
+        since=_utc(since),
+        until=_utc(until),
+        status=status,
+        errors_only=errors_only,
+        tool=tool,
+    )
+
+
+Model = Annotated[str | None, Query(description="Requested or returned model.")]
+Since = Annotated[datetime | None, Query(description="From this time (ISO 8601, UTC if naive).")]
+Until = Annotated[datetime | None, Query(description="Before this time.")]
+Status = Annotated[int | None, Query(ge=100, le=599, description="HTTP status.")]
+ErrorsOnly = Annotated[bool, Query(description="Only completions with status >= 400.")]
+Tool = Annotated[str | None, Query(description="Only answers that called this tool.")]
+Order = Annotated[Literal["asc", "desc"], Query()]
+
+
+@router.get("/users/{user_id}/completions", response_model=m.ListOf[m.Completion])
+async def user_completions(
+    user_id: str,
+    request: Request,
+    actor: Actor,
+    model: Model = None,
+    since: Since = None,
+    until: Until = None,
+    status: Status = None,
+    errors_only: ErrorsOnly = False,
+    tool: Tool = None,
+    limit: Limit = 50,
+    after: str | None = None,
+    order: Order = "desc",
+) -> dict[str, Any]:
+    scope = Scope.of(user_id)
+    async with _history(request).connect() as connection:
+        cursor = None
+        if after:
+            cursor = await browse.find_completion(connection, scope, after)
+            if cursor is None:
+                raise AdminError(404, f"No completion '{after}'.", "not_found", "after")
+        page = await browse.list_completions(
+            connection,
+            scope,
+            _filters(model, since, until, status, errors_only, tool),
+            limit=limit,
+            after=cursor,
+            descending=order == "desc",
+        )
+    return _page([_completion(r) for r in page.rows], page.has_more)
+
+
+@router.get("/users/{user_id}/conversations", response_model=m.ListOf[m.Conversation])
+async def user_conversations(
+    user_id: str,
+    request: Request,
+    actor: Actor,
+    model: Model = None,
+    since: Since = None,
+    until: Until = None,
+    status: Status = None,
+    errors_only: ErrorsOnly = False,
+    tool: Tool = None,
+    limit: Limit = 50,
+    after: str | None = None,
+    order: Order = "desc",
+) -> dict[str, Any]:
+    scope = Scope.of(user_id)
+    async with _history(request).connect() as connection:
+        cursor = None
+        if after:
+            cursor = await browse.find_conversation(connection, scope, after)
+            if cursor is None:
+                raise AdminError(404, f"No conversation '{after}'.", "not_found", "after")
+        page = await browse.list_conversations(
+            connection,
+            scope,
+            _filters(model, since, until, status, errors_only, tool),
+            limit=limit,
+            after=cursor,
+            descending=order == "desc",
+        )
+    return _page([_conversation(r) for r in page.rows], page.has_more)
+
+
+@router.delete("/users/{user_id}/history", response_model=m.Deleted)
+async def delete_user_history(user_id: str, request: Request, actor: Actor) -> Any:
+    async with _history(request).begin() as connection:
+        deleted = await deletion.delete_owner_history(connection, Scope.of(user_id))
+    await _audit(request, actor, "history.user_deleted", user_id, _counts(deleted))
+    return deleted
+
+
+@router.get("/completions/{completion_id}", response_model=m.CompletionDetail)
+async def get_completion(completion_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    async with _history(request).connect() as connection:
+        row = await browse.find_completion(connection, Scope.everyone(), completion_id)
+        if row is None:
+            raise AdminError(404, f"No completion '{completion_id}'.", "not_found")
+        rebuilder = browse.Rebuilder(connection)
+        await rebuilder.load([row["conversation_id"]])
+    return {
+        **_completion(row),
+        "request": rebuilder.request(row),
+        "answer": rebuilder.answer(row),
+        "extra_choices": _loads(row["extra_choices"]),
+    }
+
+
+@router.get("/conversations/{conversation_id}", response_model=m.ConversationDetail)
+async def get_conversation(conversation_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    scope = Scope.everyone()
+    async with _history(request).connect() as connection:
+        row = await browse.find_conversation(connection, scope, conversation_id)
+        if row is None:
+            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+        tree = await browse.conversation_messages(connection, conversation_id)
+        page = await browse.list_completions(
+            connection,
+            scope,
+            CompletionFilter(conversation_id=conversation_id),
+            limit=10_000,
+            descending=False,
+        )
+    by_id = {item["id"]: item for item in tree}
+    thread: list[Any] = []
+    if page.rows:
+        latest = page.rows[-1]
+        tail = latest["response_hash"] or latest["request_hash"]
+        while tail in by_id:
+            thread.append(by_id[tail]["message"])
+            tail = by_id[tail]["parent_id"]
+        thread.reverse()
+    return {
+        **_conversation(row),
+        "messages": tree,
+        "completions": [_completion(r) for r in page.rows],
+        "thread": thread,
+    }
+
+
+@router.patch("/conversations/{conversation_id}", response_model=m.Conversation)
+async def update_conversation(
+    conversation_id: str, body: m.ConversationUpdate, request: Request, actor: Actor
+) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    sent = body.model_fields_set
+    if "title" in sent:
+        changes["title"] = body.title
+    if "metadata" in sent:
+        changes["metadata"] = (
+            None if body.metadata is None else orjson.dumps(body.metadata).decode()
+        )
+    if "tags" in sent:
+        changes["tags"] = None if body.tags is None else orjson.dumps(body.tags).decode()
+    scope = Scope.everyone()
+    async with _history(request).begin() as connection:
+        if await browse.find_conversation(connection, scope, conversation_id) is None:
+            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+        if changes:
+            await connection.execute(
+                update(conversations).where(conversations.c.id == conversation_id).values(**changes)
+            )
+        row = await browse.find_conversation(connection, scope, conversation_id)
+    await _audit(
+        request, actor, "conversation.updated", conversation_id, {"fields": sorted(changes)}
+    )
+    assert row is not None
+    return _conversation(row)
+
+
+@router.delete("/conversations/{conversation_id}", response_model=m.Deleted)
+async def delete_conversation(conversation_id: str, request: Request, actor: Actor) -> Any:
+    async with _history(request).begin() as connection:
+        if await browse.find_conversation(connection, Scope.everyone(), conversation_id) is None:
+            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+        deleted = await deletion.delete_conversation(connection, Scope.everyone(), conversation_id)
+    await _audit(request, actor, "conversation.deleted", conversation_id, _counts(deleted))
+    return deleted
+
+
+@router.post("/prune", response_model=m.Deleted)
+async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
+    """Delete every completion and request log older than ``older_than_days``, and the
+    messages and conversations only they used."""
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
+    async with _history(request).begin() as connection:
+        deleted = await deletion.prune_older_than(connection, Scope.everyone(), cutoff)
+    details = {"older_than_days": body.older_than_days, **_counts(deleted)}
+    await _audit(request, actor, "history.pruned", None, details)
+    return deleted
+
+
+# -- search, statistics, export -----------------------------------------------------------
+
+
+def _cursor(position: search.Position) -> str:
+    raw = orjson.dumps(
+        [position.created_at.isoformat(), position.conversation_id, position.message_id]
+    )
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _position(cursor: str) -> search.Position:
+    try:
+        moment, conversation_id, message_id = orjson.loads(base64.urlsafe_b64decode(cursor))
+        return search.Position(
+            datetime.fromisoformat(moment), str(conversation_id), str(message_id)
+        )
+    except (ValueError, TypeError) as error:
+        raise AdminError(400, "Malformed cursor.", "invalid_cursor", "cursor") from error
+
+
+@router.get("/search", response_model=m.SearchResults)
+async def search_messages(
+    request: Request,
+    actor: Actor,
+    q: Annotated[str, Query(min_length=1, max_length=1000, description="Phrase to find.")],
+    user_id: str | None = None,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Messages whose text contains ``q`` (any script, case ignored where it has case),
+    newest first; a user's only when ``user_id`` is given."""
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    after = _position(cursor) if cursor else None
+    async with _history(request).connect() as connection:
+        hits, has_more = await search.search(connection, scope, q, limit=limit, after=after)
+    next_cursor = None
+    if has_more and hits:
+        last = hits[-1]
+        next_cursor = _cursor(
+            search.Position(last.created_at, last.conversation_id, last.message_id)
+        )
+    return {
+        "object": "list",
+        "data": [search.as_dict(hit) for hit in hits],
+        "next_cursor": next_cursor,
+        "has_more": has_more,
+    }
+
+
+@router.get("/stats", response_model=m.Stats)
+async def usage_stats(
+    request: Request,
+    actor: Actor,
+    by: Literal["user", "model", "day"] = "day",
+    user_id: str | None = None,
+    since: Since = None,
+    until: Until = None,
+) -> dict[str, Any]:
+    """Requests, errors, tokens and latency percentiles per user, model or day (UTC)."""
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    async with _history(request).connect() as connection:
+        rows = await stats.usage_stats(connection, scope, by, _utc(since), _utc(until))
+    return {"by": by, "since": since, "until": until, "data": rows}
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "A JSON array of completions, or JSON lines",
+            "content": {"application/json": {}, "application/x-ndjson": {}},
+        }
+    },
+)
+async def export(
+    request: Request,
+    actor: Actor,
+    format: Literal["json", "jsonl", "fine-tuning"] = "jsonl",
+    user_id: str | None = None,
+    model: Model = None,
+    since: Since = None,
+    until: Until = None,
+) -> StreamingResponse:
+    """Completions with their requests and answers, oldest first, streamed: ``json`` (an
+    array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
+    fine-tuning format, a line per answered completion)."""
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    filters = CompletionFilter(
+        model=model,
+        since=_utc(since),
+        until=_utc(until),
+        answered_only=format == "fine-tuning",
+    )
+    await _audit(request, actor, "history.exported", user_id, {"format": format})
+    lines = _export_lines(_history(request), scope, filters, format)
+    media = "application/json" if format == "json" else "application/x-ndjson"
+    return StreamingResponse(lines, media_type=media)
+
+
+async def _export_lines(
+    engine: AsyncEngine, scope: Scope, filters: CompletionFilter, format: str
+) -> AsyncIterator[bytes]:
+    first = True
+    if format == "json":
+        yield b"["
+    async for row, request, answer in browse.iter_completions(engine, scope, filters):
+        if format == "fine-tuning":
+            example = fine_tuning_example(row, request, answer)
+            if example is not None:
+                yield orjson.dumps(example) + b"\n"
+            continue
+        record = {**_completion(row), "request": request, "answer": answer}
+        record["extra_choices"] = _loads(row["extra_choices"])
+        line = orjson.dumps(record, option=orjson.OPT_NAIVE_UTC)
+        if format == "json":
+            yield (b"" if first else b",") + b"\n" + line
+        else:
+            yield line + b"\n"
+        first = False
+    if format == "json":
+        yield b"\n]\n"
+
+
+@router.get("/audit", response_model=m.ListOf[m.AuditEntry])
+async def audit_log(
+    request: Request, actor: Actor, limit: Limit = 100, after: int | None = None
+) -> dict[str, Any]:
+    """Admin actions and history changes, newest first; page with ``after=<last id>``."""
+    async with _main(request).connect() as connection:
+        rows = await accounts.list_audit(connection, limit + 1, after)
+    items = [{**r, "details": _loads(r["details"])} for r in rows[:limit]]
+    return _page(items, len(rows) > limit)
+
+
+def _counts(deleted: deletion.Deleted) -> dict[str, Any]:
+    return dataclasses.asdict(deleted)
+
+
+async def _audit(
+    request: Request, actor: str, action: str, target: str | None, details: dict[str, Any]
+) -> None:
+    async with _main(request).begin() as connection:
+        await accounts.audit(connection, actor, action, target, details)
+
+
+def create_admin_app() -> FastAPI:
+    app = FastAPI(
+        title="MES Gateway admin API",
+        version="1",
+        openapi_url="/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(router)
+    app.add_exception_handler(AdminError, _error_response)
+    return app

@@ -1,0 +1,199 @@
+"""The admin API's request and response bodies; its OpenAPI schema is generated from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+JSONObject = dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ListOf(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=255)
+    email: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, str] | None = None
+
+
+class User(BaseModel):
+    id: str
+    name: str
+    email: str | None
+    metadata: dict[str, str] | None
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, max_length=255)
+
+
+class Key(BaseModel):
+    id: str
+    user_id: str | None
+    name: str | None
+    prefix: str | None
+    source: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class IssuedKey(Key):
+    key: str = Field(description="The key itself. Shown this once; only its hash is stored.")
+
+
+class Completion(BaseModel):
+    """A captured chat completion, as the gateway recorded it."""
+
+    id: str = Field(description="The gateway's record id.")
+    response_id: str | None = Field(description="The upstream's chatcmpl-... id.")
+    conversation_id: str
+    user_id: str = Field(description="The owner: a user id, or a key fingerprint.")
+    key_fingerprint: str | None
+    end_user: str | None
+    requested_model: str | None
+    response_model: str | None
+    params: JSONObject | None
+    metadata: Any
+    request_message_count: int
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    status_code: int
+    error_type: str | None
+    error_message: str | None
+    client_ip: str | None
+    user_agent: str | None
+    stream: bool
+    started_at: datetime
+    ttft_ms: float | None
+    latency_ms: float | None
+
+
+class CompletionDetail(Completion):
+    request: list[Any] = Field(description="The request's messages, exactly as sent.")
+    answer: JSONObject | None = Field(description="The assistant message (first choice).")
+    extra_choices: list[Any] | None
+
+
+class Conversation(BaseModel):
+    id: str
+    user_id: str
+    client_conversation_id: str | None
+    title: str | None
+    metadata: Any
+    tags: list[str] | None
+    created_at: datetime
+    updated_at: datetime
+    completion_count: int
+    message_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ConversationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, Any] | None = None
+    tags: list[str] | None = None
+
+
+class TreeMessage(BaseModel):
+    id: str = Field(description="The message's chain hash.")
+    parent_id: str | None
+    role: str
+    created_at: datetime
+    message: Any = Field(description="The message in OpenAI's format, as sent or answered.")
+
+
+class ConversationDetail(Conversation):
+    messages: list[TreeMessage] = Field(description="Every message of the tree, oldest first.")
+    completions: list[Completion]
+    thread: list[Any] = Field(
+        description="The latest completion's request and answer: the conversation as it "
+        "stands, in OpenAI's message format."
+    )
+
+
+class SearchHit(BaseModel):
+    conversation_id: str
+    message_id: str
+    role: str
+    created_at: datetime
+    title: str | None
+    user_id: str
+    snippet: str
+
+
+class SearchResults(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SearchHit]
+    next_cursor: str | None
+    has_more: bool
+
+
+class StatsRow(BaseModel):
+    key: str | None
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+
+
+class Stats(BaseModel):
+    by: Literal["user", "model", "day"]
+    since: datetime | None
+    until: datetime | None
+    data: list[StatsRow]
+
+
+class Deleted(BaseModel):
+    completions: int
+    conversations: int
+    messages: int
+    request_logs: int
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    older_than_days: int = Field(ge=0, le=100_000)
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: Any

@@ -1,0 +1,274 @@
+"""Finding completions and conversations: filters, keyset pages, and whole requests rebuilt.
+
+Every function takes a ``Scope`` (see ``storage/scope.py``). Pages are keyset pages on
+(time, id): stable while rows are added, and ``has_more`` is exact (one row more is read
+than is returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, and_, cast, exists, func, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Select
+
+from storage.message_rows import stored_message
+from storage.schema import completions, conversations, messages
+from storage.scope import Scope
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionFilter:
+    model: str | None = None  # requested or returned
+    since: datetime | None = None
+    until: datetime | None = None
+    status: int | None = None
+    errors_only: bool = False
+    answered_only: bool = False  # a 2xx answer: what OpenAI's stored-completions API lists
+    conversation_id: str | None = None
+    tool: str | None = None  # a tool the answer called
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[RowMapping]
+    has_more: bool
+
+
+def public_id(row: RowMapping) -> str:
+    """The id a client knows a completion by: the upstream's ``chatcmpl-...`` id."""
+    return str(row["response_id"] or row["id"])
+
+
+async def find_completion(
+    connection: AsyncConnection, scope: Scope, completion_id: str
+) -> RowMapping | None:
+    """One of the scope's completions, by the upstream's id or the gateway's record id."""
+    query = (
+        select(completions)
+        .where(
+            scope.where(completions),
+            or_(completions.c.response_id == completion_id, completions.c.id == completion_id),
+        )
+        .order_by(completions.c.started_at.desc(), completions.c.id.desc())
+        .limit(1)
+    )
+    return (await connection.execute(query)).mappings().first()
+
+
+async def list_completions(
+    connection: AsyncConnection,
+    scope: Scope,
+    filters: CompletionFilter,
+    *,
+    limit: int,
+    after: RowMapping | None = None,
+    descending: bool = True,
+) -> Page:
+    query = select(completions).where(
+        scope.where(completions), *_completion_conditions(connection, filters)
+    )
+    return await _page(connection, query, completions, "started_at", limit, after, descending)
+
+
+async def find_conversation(
+    connection: AsyncConnection, scope: Scope, conversation_id: str
+) -> RowMapping | None:
+    query = select(conversations).where(
+        scope.where(conversations), conversations.c.id == conversation_id
+    )
+    return (await connection.execute(query)).mappings().first()
+
+
+async def list_conversations(
+    connection: AsyncConnection,
+    scope: Scope,
+    filters: CompletionFilter,
+    *,
+    limit: int,
+    after: RowMapping | None = None,
+    descending: bool = True,
+) -> Page:
+    """Conversations, latest activity first, that hold a completion matching ``filters``."""
+    query = select(conversations).where(scope.where(conversations))
+    if filters.since is not None:
+        query = query.where(conversations.c.updated_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(conversations.c.created_at < filters.until)
+    conditions = _completion_conditions(connection, filters, time=False)
+    if conditions:
+        query = query.where(
+            exists().where(completions.c.conversation_id == conversations.c.id, *conditions)
+        )
+    return await _page(connection, query, conversations, "updated_at", limit, after, descending)
+
+
+async def conversation_messages(connection: AsyncConnection, conversation_id: str) -> list[JSON]:
+    """Every message of a conversation's tree, oldest first: hash, parent, role, message.
+
+    Callers check the conversation is in scope first (``find_conversation``).
+    """
+    query = (
+        select(messages)
+        .where(messages.c.conversation_id == conversation_id)
+        .order_by(messages.c.created_at, messages.c.hash)
+    )
+    return [
+        {
+            "id": row["hash"],
+            "parent_id": row["parent_hash"],
+            "role": row["role"],
+            "created_at": row["created_at"],
+            "message": stored_message(row),
+        }
+        for row in (await connection.execute(query)).mappings()
+    ]
+
+
+class Rebuilder:
+    """Rebuilds many requests at once: each conversation's messages are read once, so a page
+    of a thousand completions costs a query per conversation, not one per completion."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+        self._trees: dict[str, dict[str, tuple[str | None, Any]]] = {}
+
+    async def load(self, conversation_ids: Iterable[str]) -> None:
+        wanted = sorted(set(conversation_ids) - set(self._trees))
+        for start in range(0, len(wanted), 200):
+            chunk = wanted[start : start + 200]
+            for conversation_id in chunk:
+                self._trees[conversation_id] = {}
+            query = select(messages).where(messages.c.conversation_id.in_(chunk))
+            for row in (await self._connection.execute(query)).mappings():
+                tree = self._trees[row["conversation_id"]]
+                tree[row["hash"]] = (row["parent_hash"], stored_message(row))
+
+    def forget(self) -> None:
+        self._trees.clear()
+
+    def chain(self, conversation_id: str, tail: str | None) -> list[Any]:
+        tree = self._trees[conversation_id]
+        ordered = []
+        while tail:
+            if tail not in tree:
+                raise LookupError(f"conversation {conversation_id}: message {tail} is missing")
+            parent, message = tree[tail]
+            ordered.append(message)
+            tail = parent
+        ordered.reverse()
+        return ordered
+
+    def request(self, row: RowMapping) -> list[Any]:
+        return self.chain(row["conversation_id"], row["request_hash"])
+
+    def answer(self, row: RowMapping) -> Any:
+        found = self._trees[row["conversation_id"]].get(row["response_hash"] or "")
+        return None if found is None else found[1]
+
+
+async def iter_completions(
+    engine: AsyncEngine, scope: Scope, filters: CompletionFilter, page_size: int = 500
+) -> AsyncIterator[tuple[RowMapping, list[Any], Any]]:
+    """Every matching completion, oldest first, with its request and answer rebuilt: a page
+    at a time, each page read on a connection of its own, so that exporting a million rows
+    holds one page in memory and no transaction open for long."""
+    after: RowMapping | None = None
+    while True:
+        async with engine.connect() as connection:
+            page = await list_completions(
+                connection, scope, filters, limit=page_size, after=after, descending=False
+            )
+            rebuilder = Rebuilder(connection)
+            await rebuilder.load(row["conversation_id"] for row in page.rows)
+            items = [(row, rebuilder.request(row), rebuilder.answer(row)) for row in page.rows]
+        for item in items:
+            yield item
+        if not page.has_more:
+            return
+        after = page.rows[-1]
+
+
+def _completion_conditions(
+    connection: AsyncConnection, filters: CompletionFilter, time: bool = True
+) -> list[ColumnElement[bool]]:
+    c = completions.c
+    conditions: list[ColumnElement[bool]] = []
+    if filters.model is not None:
+        conditions.append(
+            or_(c.requested_model == filters.model, c.response_model == filters.model)
+        )
+    if time and filters.since is not None:
+        conditions.append(c.started_at >= filters.since)
+    if time and filters.until is not None:
+        conditions.append(c.started_at < filters.until)
+    if filters.status is not None:
+        conditions.append(c.status_code == filters.status)
+    if filters.errors_only:
+        conditions.append(c.status_code >= 400)
+    if filters.answered_only:
+        conditions.append(and_(c.status_code >= 200, c.status_code < 300))
+    if filters.conversation_id is not None:
+        conditions.append(c.conversation_id == filters.conversation_id)
+    if filters.tool is not None:
+        needle = '"name":' + _json_string(filters.tool)
+        conditions.append(
+            exists().where(
+                messages.c.conversation_id == c.conversation_id,
+                messages.c.hash == c.response_hash,
+                messages.c.body.contains(needle, autoescape=True),
+            )
+        )
+    for key, value in sorted(filters.metadata.items()):
+        conditions.append(json_text(connection, c.metadata, key) == value)
+    return conditions
+
+
+def json_text(connection: AsyncConnection, column: Any, key: str) -> ColumnElement[Any]:
+    """The string at ``key`` of a JSON object stored as text, in each dialect's words."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return cast(column, JSONB).op("->>")(key)
+    path = "$." + _json_string(key)
+    if dialect == "sqlite":
+        return func.json_extract(column, path)
+    return func.json_unquote(func.json_extract(column, path))
+
+
+def _json_string(value: str) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _page(
+    connection: AsyncConnection,
+    query: Select[Any],
+    table: Any,
+    time_column: str,
+    limit: int,
+    after: RowMapping | None,
+    descending: bool,
+) -> Page:
+    moment, key = table.c[time_column], table.c.id
+    if after is not None:
+        position = (after[time_column], after["id"])
+        if descending:
+            query = query.where(
+                or_(moment < position[0], and_(moment == position[0], key < position[1]))
+            )
+        else:
+            query = query.where(
+                or_(moment > position[0], and_(moment == position[0], key > position[1]))
+            )
+    order = (moment.desc(), key.desc()) if descending else (moment.asc(), key.asc())
+    rows = list((await connection.execute(query.order_by(*order).limit(limit + 1))).mappings())
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)

@@ -1,0 +1,171 @@
+"""Deleting history without breaking what remains.
+
+Messages are shared: a conversation's later requests resend its earlier messages, stored
+once. Deleting a completion therefore deletes only the messages no remaining completion of
+its conversation reaches (its own answer and the tail of its request, typically), recounts
+the conversation's totals, and deletes the conversation with its last completion. Each
+conversation is locked while this happens, as the writer locks it, so a completion being
+written at the same moment never points at a message just deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from storage.schema import completions, conversations, messages, request_logs
+from storage.scope import Scope
+
+CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    completions: int = 0
+    conversations: int = 0
+    messages: int = 0
+    request_logs: int = 0
+
+    def __add__(self, other: Deleted) -> Deleted:
+        return Deleted(
+            self.completions + other.completions,
+            self.conversations + other.conversations,
+            self.messages + other.messages,
+            self.request_logs + other.request_logs,
+        )
+
+
+async def delete_completion(connection: AsyncConnection, scope: Scope, record_id: str) -> Deleted:
+    return await _delete_where(connection, scope, completions.c.id == record_id)
+
+
+async def delete_conversation(
+    connection: AsyncConnection, scope: Scope, conversation_id: str
+) -> Deleted:
+    return await _delete_where(connection, scope, completions.c.conversation_id == conversation_id)
+
+
+async def delete_owner_history(connection: AsyncConnection, scope: Scope) -> Deleted:
+    """Everything of the scope's owner: completions, conversations, messages, request logs."""
+    deleted = await _delete_where(connection, scope, completions.c.id.isnot(None))
+    result = await connection.execute(delete(request_logs).where(scope.where(request_logs)))
+    return deleted + Deleted(request_logs=result.rowcount or 0)
+
+
+async def prune_older_than(connection: AsyncConnection, scope: Scope, cutoff: datetime) -> Deleted:
+    """Completions and request logs started before ``cutoff``; messages that only they used."""
+    deleted = await _delete_where(connection, scope, completions.c.started_at < cutoff)
+    result = await connection.execute(
+        delete(request_logs).where(scope.where(request_logs), request_logs.c.started_at < cutoff)
+    )
+    return deleted + Deleted(request_logs=result.rowcount or 0)
+
+
+async def _delete_where(
+    connection: AsyncConnection, scope: Scope, condition: ColumnElement[bool]
+) -> Deleted:
+    """Delete the scope's completions matching ``condition``, a chunk of conversations at a
+    time, and tidy each conversation they leave behind."""
+    total = Deleted()
+    while True:
+        ids = list(
+            (
+                await connection.execute(
+                    select(completions.c.conversation_id)
+                    .where(scope.where(completions), condition)
+                    .distinct()
+                    .order_by(completions.c.conversation_id)
+                    .limit(CHUNK)
+                )
+            ).scalars()
+        )
+        if not ids:
+            return total
+        await _lock(connection, ids)
+        result = await connection.execute(
+            delete(completions).where(
+                scope.where(completions), condition, completions.c.conversation_id.in_(ids)
+            )
+        )
+        total += Deleted(completions=result.rowcount or 0)
+        for conversation_id in ids:
+            total += await _tidy(connection, conversation_id)
+
+
+async def _lock(connection: AsyncConnection, ids: Sequence[str]) -> None:
+    if connection.dialect.name == "sqlite":
+        return
+    await connection.execute(
+        select(conversations.c.id)
+        .where(conversations.c.id.in_(ids))
+        .order_by(conversations.c.id)
+        .with_for_update()
+    )
+
+
+async def _tidy(connection: AsyncConnection, conversation_id: str) -> Deleted:
+    """Drop the messages of a conversation that no remaining completion reaches, and the
+    conversation itself when none remains; recount its totals otherwise."""
+    remaining = (
+        await connection.execute(
+            select(completions.c.request_hash, completions.c.response_hash).where(
+                completions.c.conversation_id == conversation_id
+            )
+        )
+    ).all()
+    tree = dict(
+        (
+            await connection.execute(
+                select(messages.c.hash, messages.c.parent_hash).where(
+                    messages.c.conversation_id == conversation_id
+                )
+            )
+        ).all()
+    )
+    reached: set[str] = set()
+    for tails in remaining:
+        for tail in tails:
+            while tail and tail not in reached and tail in tree:
+                reached.add(tail)
+                tail = tree[tail]
+    unused = sorted(set(tree) - reached)
+    removed = 0
+    for start in range(0, len(unused), CHUNK):
+        result = await connection.execute(
+            delete(messages).where(
+                messages.c.conversation_id == conversation_id,
+                messages.c.hash.in_(unused[start : start + CHUNK]),
+            )
+        )
+        removed += result.rowcount or 0
+    if not remaining:
+        result = await connection.execute(
+            delete(conversations).where(conversations.c.id == conversation_id)
+        )
+        return Deleted(conversations=result.rowcount or 0, messages=removed)
+    sums = (
+        await connection.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(completions.c.prompt_tokens), 0),
+                func.coalesce(func.sum(completions.c.completion_tokens), 0),
+                func.coalesce(func.sum(completions.c.total_tokens), 0),
+            ).where(completions.c.conversation_id == conversation_id)
+        )
+    ).one()
+    await connection.execute(
+        update(conversations)
+        .where(conversations.c.id == conversation_id)
+        .values(
+            completion_count=sums[0],
+            prompt_tokens=sums[1],
+            completion_tokens=sums[2],
+            total_tokens=sums[3],
+            message_count=len(tree) - removed,
+        )
+    )
+    return Deleted(messages=removed)
