@@ -4,56 +4,19 @@ published OpenAPI schemas, and the SDK reads them as it reads OpenAI's."""
 from __future__ import annotations
 
 import json
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema
 import openai
 import pytest
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from gateway.sse import iter_data
-from tests.conftest import unavailable
+from tests.openai_schema import validate
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.json"
 TOOLS = [
     {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
     {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}},
 ]
-
-
-def nullable_as_json_schema(node: Any) -> Any:
-    """OpenAI's document still marks nullable fields the OpenAPI 3.0 way (``nullable: true``);
-    in JSON Schema 2020-12 that is ``null`` added to the allowed types."""
-    if isinstance(node, list):
-        return [nullable_as_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: nullable_as_json_schema(value) for key, value in node.items()}
-    if node.pop("nullable", False) is True:
-        if isinstance(node.get("type"), str):
-            node["type"] = [node["type"], "null"]
-            if "enum" in node:
-                node["enum"] = [*node["enum"], None]
-        else:
-            node = {"anyOf": [node, {"type": "null"}]}
-    return node
-
-
-@cache
-def registry() -> Registry:
-    document = nullable_as_json_schema(json.loads(SPEC.read_text()))
-    return Registry().with_resource("urn:openai", Resource(document, DRAFT202012))
-
-
-def validate(instance: Any, schema_name: str) -> None:
-    if not SPEC.exists():
-        unavailable(f"OpenAI's OpenAPI description is not at {SPEC}")
-    schema = {"$ref": f"urn:openai#/components/schemas/{schema_name}"}
-    jsonschema.Draft202012Validator(schema, registry=registry()).validate(instance)
 
 
 @pytest.mark.parametrize("tools", [False, True])
