@@ -27,6 +27,7 @@ from gateway import admin_models as m
 from gateway.auth import Authenticator, presented_key
 from gateway.completion_objects import fine_tuning_example
 from gateway.settings import Settings
+from gateway.stored_completions import has_nul
 from storage import accounts, browse, deletion, search, stats
 from storage.browse import CompletionFilter
 from storage.schema import conversations
@@ -55,6 +56,8 @@ async def admin_actor(request: Request) -> str:
     key = presented_key(request.headers.get("authorization"), request.headers.get("api-key"))
     if key is None or not hmac.compare_digest(key.encode(), settings.gateway_admin_key.encode()):
         raise AdminError(401, "Incorrect or missing admin key.", "invalid_api_key")
+    if has_nul(request):
+        raise AdminError(400, "NUL characters are not allowed in paths or queries.", "invalid")
     return "admin"
 
 

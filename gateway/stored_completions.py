@@ -128,6 +128,8 @@ class StoredCompletions:
         )
 
     async def _scope(self, request: Request) -> Scope:
+        if has_nul(request):
+            raise InvalidRequest("NUL characters are not allowed in paths or queries.")
         caller = await self.authenticator.identify(
             request.headers.get("authorization"), request.headers.get("api-key")
         )
@@ -150,6 +152,12 @@ class StoredCompletions:
     async def _audit(self, scope: Scope, action: str, target: str) -> None:
         async with self.main.begin() as connection:
             await accounts.audit(connection, scope.owner, action, target)
+
+
+def has_nul(request: Request) -> bool:
+    """NUL in a path or query can match nothing stored, and PostgreSQL refuses to be asked."""
+    params = request.query_params.multi_items()
+    return "\x00" in request.url.path or any("\x00" in k + v for k, v in params)
 
 
 async def _found(connection: AsyncConnection, scope: Scope, completion_id: str) -> RowMapping:

@@ -27,6 +27,7 @@ from storage.schema import completions, conversations, messages, request_logs
 
 async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) -> int:
     """Write what is new in ``rowsets``; returns how many records were new."""
+    rowsets = [_without_nul(rowset) for rowset in rowsets]
     new_completions = await _new_rows(
         connection, completions, [r.completion for r in rowsets if r.completion]
     )
@@ -49,6 +50,26 @@ async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) ->
         await connection.execute(insert(request_logs), new_logs)
     await _add_to_totals(connection, new_completions)
     return len(new_completions) + len(new_logs)
+
+
+def _without_nul(rowset: RowSet) -> RowSet:
+    """PostgreSQL's text cannot hold NUL (a client may send one in any field): it is dropped
+    from plain text columns on every backend alike. JSON columns hold it escaped."""
+    rows = [rowset.completion, rowset.conversation, rowset.request_log, *rowset.messages]
+    if not any(isinstance(v, str) and "\x00" in v for row in rows if row for v in row.values()):
+        return rowset
+
+    def clean(row: Row | None) -> Row | None:
+        if row is None:
+            return None
+        return {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in row.items()}
+
+    return RowSet(
+        completion=clean(rowset.completion),
+        conversation=clean(rowset.conversation),
+        messages=[m for m in map(clean, rowset.messages) if m is not None],
+        request_log=clean(rowset.request_log),
+    )
 
 
 async def _lock_conversations(connection: AsyncConnection, ids: list[str]) -> None:

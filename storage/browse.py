@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, and_, cast, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, cast, exists, false, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -21,7 +21,7 @@ from sqlalchemy.sql import Select
 
 from storage.message_rows import stored_message
 from storage.schema import completions, conversations, messages
-from storage.scope import Scope
+from storage.scope import Scope, storable
 
 JSON = dict[str, Any]
 
@@ -54,6 +54,8 @@ async def find_completion(
     connection: AsyncConnection, scope: Scope, completion_id: str
 ) -> RowMapping | None:
     """One of the scope's completions, by the upstream's id or the gateway's record id."""
+    if not storable(completion_id):
+        return None
     query = (
         select(completions)
         .where(
@@ -84,6 +86,8 @@ async def list_completions(
 async def find_conversation(
     connection: AsyncConnection, scope: Scope, conversation_id: str
 ) -> RowMapping | None:
+    if not storable(conversation_id):
+        return None
     query = select(conversations).where(
         scope.where(conversations), conversations.c.id == conversation_id
     )
@@ -203,6 +207,11 @@ def _completion_conditions(
     connection: AsyncConnection, filters: CompletionFilter, time: bool = True
 ) -> list[ColumnElement[bool]]:
     c = completions.c
+    texts = [filters.model, filters.conversation_id, filters.tool, *filters.metadata.items()]
+    if not all(
+        storable(t) for item in texts for t in (item if isinstance(item, tuple) else [item])
+    ):
+        return [false()]  # nothing stored holds NUL, and PostgreSQL refuses to be asked
     conditions: list[ColumnElement[bool]] = []
     if filters.model is not None:
         conditions.append(

@@ -24,7 +24,12 @@ def message_row(
     conversation_id: str, digest: str, parent: str, message: Any, created_at: datetime
 ) -> JSON:
     role = message.get("role") if isinstance(message, dict) else None
-    split = isinstance(message, dict) and isinstance(message.get("content"), str)
+    # PostgreSQL's text cannot hold NUL: such content stays in the JSON, where it is escaped.
+    split = (
+        isinstance(message, dict)
+        and isinstance(message.get("content"), str)
+        and "\x00" not in message["content"]
+    )
     if split:
         rest = {key: value for key, value in message.items() if key != "content"}
         body, text = canonical(rest), message["content"]

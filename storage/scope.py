@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Table, true
+from sqlalchemy import ColumnElement, Table, false, true
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +34,12 @@ class Scope:
         """The condition that keeps ``table``'s rows (it has an ``owner`` column) in scope."""
         if self.all_owners:
             return true()
+        if not storable(self.owner):
+            return false()
         return table.c.owner == self.owner
+
+
+def storable(text: str | None) -> bool:
+    """Whether a string can be compared with stored text: no stored id, name or text holds
+    NUL (PostgreSQL's text cannot), and a query that sends one is refused by PostgreSQL."""
+    return text is None or "\x00" not in text

@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.schema import conversations, messages
-from storage.scope import Scope
+from storage.scope import Scope, storable
 
 SNIPPET = 80
 
@@ -49,6 +49,8 @@ async def search(
     limit: int,
     after: Position | None = None,
 ) -> tuple[list[Hit], bool]:
+    if not storable(phrase):
+        return [], False
     m, c = messages.c, conversations.c
     query = (
         select(m.conversation_id, m.hash, m.role, m.created_at, m.content_text, c.title, c.owner)

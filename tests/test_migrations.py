@@ -84,36 +84,3 @@ async def test_history_from_the_first_revision_reads_back_the_same_after_upgradi
             assert list(flags) == [False] * 4
     finally:
         await engine.dispose()
-
-
-async def test_a_request_of_thousands_of_messages_rebuilds_on_every_backend(
-    history_dsn: str,
-) -> None:
-    """An agent loop's request can hold thousands of messages: the walk up the chain must
-    not stop at a database's default recursion limit (MariaDB's and MySQL's are 1,000)."""
-    from gateway.capture import Exchange
-    from storage.batch import write_batch
-
-    sent = [{"role": "user", "content": f"step {i}"} for i in range(3000)]
-    record = Exchange(
-        owner="alice",
-        key_fingerprint=None,
-        client_ip=None,
-        user_agent=None,
-        conversation_header=None,
-        request={"model": "m", "messages": sent},
-        stream=False,
-        started_at=datetime.now(UTC).replace(tzinfo=None),
-        status=200,
-        response_body=b'{"choices": [{"message": {"role": "assistant", "content": "done"}}]}',
-    )
-    engine = create_engine(await ensure_database(history_dsn), pool_size=1)
-    try:
-        await migrate(engine, "history")
-        async with engine.begin() as connection:
-            await write_batch(connection, [record.rows()])
-        async with engine.connect() as connection:
-            row = (await connection.execute(select(completions))).mappings().one()
-            assert await history.request_messages(connection, row) == sent
-    finally:
-        await engine.dispose()

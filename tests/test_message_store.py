@@ -1,0 +1,65 @@
+"""The message store on every backend: whatever a client sends comes back exactly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from gateway.capture import Exchange
+from storage import history
+from storage.batch import write_batch
+from storage.database import create_engine, ensure_database, migrate
+from storage.schema import completions
+
+
+def exchange(sent: list[Any], **extra: Any) -> Exchange:
+    return Exchange(
+        owner="alice",
+        key_fingerprint=None,
+        client_ip=None,
+        user_agent=None,
+        conversation_header=None,
+        request={"model": "m", "messages": sent, **extra},
+        stream=False,
+        started_at=datetime.now(UTC).replace(tzinfo=None),
+        status=200,
+        response_body=b'{"choices": [{"message": {"role": "assistant", "content": "done"}}]}',
+    )
+
+
+async def store_and_rebuild(history_dsn: str, record: Exchange) -> list[Any]:
+    engine = create_engine(await ensure_database(history_dsn), pool_size=1)
+    try:
+        await migrate(engine, "history")
+        async with engine.begin() as connection:
+            await write_batch(connection, [record.rows()])
+        async with engine.connect() as connection:
+            row = (await connection.execute(select(completions))).mappings().one()
+            return await history.request_messages(connection, row)
+    finally:
+        await engine.dispose()
+
+
+async def test_nul_and_odd_characters_in_any_field_are_stored_and_rebuilt_exactly(
+    history_dsn: str,
+) -> None:
+    """PostgreSQL's text cannot hold NUL; a client may send one anyway."""
+    sent = [
+        {"role": "system", "content": "nul \x00 here", "name": "a\x00b"},
+        {"role": "user", "content": [{"type": "text", "text": "parts \x00 too 🎉 \u2028"}]},
+        {"role": "user", "content": "emoji 🎉, RTL \u202e, lone surrogate-free 𝄞"},
+    ]
+    record = exchange(sent, user="end\x00user")
+    record.user_agent = "agent\x00x"
+    assert await store_and_rebuild(history_dsn, record) == sent
+
+
+async def test_a_request_of_thousands_of_messages_rebuilds_on_every_backend(
+    history_dsn: str,
+) -> None:
+    """An agent loop's request can hold thousands of messages: the walk up the chain must
+    not stop at a database's default recursion limit (MariaDB's and MySQL's are 1,000)."""
+    sent = [{"role": "user", "content": f"step {i}"} for i in range(3000)]
+    assert await store_and_rebuild(history_dsn, exchange(sent)) == sent
