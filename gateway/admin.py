@@ -107,8 +107,13 @@ def _page(items: list[Any], has_more: bool, key: str = "id") -> dict[str, Any]:
 # -- users and keys -----------------------------------------------------------------------
 
 
+def _plain(row: RowMapping) -> dict[str, Any]:
+    """A row as a dict with plain ``str`` keys (SQLAlchemy's are a subclass orjson refuses)."""
+    return {str(key): value for key, value in row.items()}
+
+
 def _user(row: RowMapping) -> dict[str, Any]:
-    return {**row, "metadata": _loads(row["metadata"])}
+    return {**_plain(row), "metadata": _loads(row["metadata"])}
 
 
 @router.post("/users", response_model=m.User, status_code=201)
@@ -199,14 +204,14 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 
 
 def _completion(row: RowMapping) -> dict[str, Any]:
-    record = {**row, "user_id": row["owner"], "params": _loads(row["params"])}
+    record = {**_plain(row), "user_id": row["owner"], "params": _loads(row["params"])}
     record["metadata"] = _loads(row["metadata"])
     return record
 
 
 def _conversation(row: RowMapping) -> dict[str, Any]:
     return {
-        **row,
+        **_plain(row),
         "user_id": row["owner"],
         "metadata": _loads(row["metadata"]),
         "tags": _loads(row["tags"]),

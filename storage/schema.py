@@ -92,7 +92,7 @@ conversations = Table(
     Column("prompt_tokens", BigInteger, nullable=False, default=0),
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     Column("total_tokens", BigInteger, nullable=False, default=0),
-    Index("ix_conversations_owner_updated", "owner", "updated_at"),
+    Index("ix_conversations_owner_updated_id", "owner", "updated_at", "id"),
 )
 
 messages = Table(
@@ -144,7 +144,7 @@ completions = Table(
     Column("latency_ms", Float, nullable=True),
     Column("upstream_created", BigInteger, nullable=True),
     Column("system_fingerprint", String(255), nullable=True),
-    Index("ix_completions_owner_started", "owner", "started_at"),
+    Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),
     Index("ix_completions_started", "started_at"),

@@ -2,14 +2,13 @@
 model or day, in a scope and a time range.
 
 Counts and sums are computed by the database. Percentiles are too on PostgreSQL
-(``percentile_cont``); SQLite and MySQL have no such aggregate, so there the latencies of
-each group are read in order and the percentile is taken by linear interpolation, the same
-definition as PostgreSQL's.
+(``percentile_cont``); SQLite and MySQL have no such aggregate, so there the database ranks
+each group's latencies and returns the two values around each percentile, which are then
+interpolated linearly: the same definition as PostgreSQL's.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from typing import Any, Literal
 
@@ -44,6 +43,7 @@ async def usage_stats(
         func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(c.total_tokens), 0).label("total_tokens"),
+        func.count(c.latency_ms).label("timed"),
     ]
     postgres = connection.dialect.name == "postgresql"
     if postgres:
@@ -52,19 +52,9 @@ async def usage_stats(
     query = select(*columns).where(*conditions).group_by(key).order_by(key)
     groups = [dict(row) for row in (await connection.execute(query)).mappings()]
     if not postgres:
-        latencies: dict[Any, list[float]] = defaultdict(list)
-        ordered = (
-            select(key.label("key"), c.latency_ms)
-            .where(*conditions, c.latency_ms.isnot(None))
-            .order_by(key, c.latency_ms)
-        )
-        async for row in await connection.stream(ordered):
-            latencies[row.key].append(row.latency_ms)
-        for group in groups:
-            values = latencies.get(group["key"], [])
-            for p in PERCENTILES:
-                group[_name(p)] = percentile(values, p)
+        await _percentiles_by_rank(connection, key, conditions, groups)
     for group in groups:
+        del group["timed"]
         group["key"] = None if group["key"] is None else str(group["key"])
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"):
             group[name] = int(group[name] or 0)
@@ -72,6 +62,55 @@ async def usage_stats(
             value = group[_name(p)]
             group[_name(p)] = None if value is None else round(float(value), 3)
     return groups
+
+
+async def _percentiles_by_rank(
+    connection: AsyncConnection,
+    key: ColumnElement[Any],
+    conditions: list[ColumnElement[bool]],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Percentiles without a percentile aggregate: the database ranks each group's latencies
+    (a window function) and returns only the rows at the ranks the interpolation needs."""
+    c = completions.c
+    wanted: set[int] = set()
+    for group in groups:
+        for p in PERCENTILES:
+            wanted |= set(_ranks(group["timed"], p))
+    found: dict[tuple[Any, int], float] = {}
+    if wanted:
+        ranked = (
+            select(
+                key.label("key"),
+                c.latency_ms.label("value"),
+                func.row_number().over(partition_by=key, order_by=c.latency_ms).label("rank"),
+            )
+            .where(*conditions, c.latency_ms.isnot(None))
+            .subquery()
+        )
+        query = select(ranked.c.key, ranked.c.rank, ranked.c.value).where(
+            ranked.c.rank.in_(sorted(wanted))
+        )
+        for row in (await connection.execute(query)).all():
+            found[(row.key, row.rank)] = row.value
+    for group in groups:
+        for p in PERCENTILES:
+            ranks = _ranks(group["timed"], p)
+            values = [found.get((group["key"], rank)) for rank in ranks]
+            if not ranks or any(v is None for v in values):
+                group[_name(p)] = None
+                continue
+            low, high = values
+            position = p * (group["timed"] - 1)
+            group[_name(p)] = low + (high - low) * (position - int(position))  # type: ignore[operator]
+
+
+def _ranks(count: int, p: float) -> list[int]:
+    """The 1-based ranks whose values ``percentile`` interpolates between."""
+    if count <= 0:
+        return []
+    low = int(p * (count - 1))
+    return [low + 1, min(low + 1, count - 1) + 1]
 
 
 def percentile(ordered: list[float], p: float) -> float | None:

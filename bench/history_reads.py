@@ -1,0 +1,132 @@
+"""How fast history is read back at scale, through the gateway's HTTP APIs.
+
+Fills a history database with N completions (default 100,000: 200,000 messages) written as
+the gateway writes them, starts the gateway on it, and times, as medians of several runs:
+a full-text search for an English, a Chinese and a Japanese phrase (a user's messages, and
+everyone's), a user's latest 50 completions (admin API and OpenAI's list endpoint), a day's
+statistics, and a streamed fine-tuning export of everything (with the gateway's RSS growth).
+
+    python bench/history_reads.py [--backend sqlite|postgresql|mysql] [--total 100000] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fake_upstream.testing import serve  # noqa: E402
+from storage.database import create_engine, ensure_database, migrate  # noqa: E402
+from tests import bulk  # noqa: E402
+from tests.dbservers import start_mariadb, start_postgres  # noqa: E402
+from tests.managed import ADMIN, managed_gateway, new_member  # noqa: E402
+from tests.test_history_at_scale import PeakRSS  # noqa: E402
+
+
+async def fill(dsn: str, total: int) -> float:
+    engine = create_engine(await ensure_database(dsn), pool_size=1)
+    try:
+        await migrate(engine, "history")
+        started = time.perf_counter()
+        await bulk.fill(engine, total)
+        return time.perf_counter() - started
+    finally:
+        await engine.dispose()
+
+
+def median_ms(runs: int, call: Callable[[], httpx.Response]) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = call()
+        times.append((time.perf_counter() - started) * 1000)
+        response.raise_for_status()
+    return statistics.median(times)
+
+
+def measure(dsn: str, total: int, runs: int, backend: str) -> None:
+    filled = asyncio.run(fill(dsn, total))
+    print(
+        f"backend {backend}: {total:,} completions ({2 * total:,} messages) written in "
+        f"{filled:.1f} s\n"
+    )
+    rows: list[tuple[str, str]] = []
+    with serve() as upstream, managed_gateway(upstream, dsn, Path(tempfile.mkdtemp())) as gateway:
+        admin = httpx.Client(base_url=gateway.url + "/admin", headers=ADMIN, timeout=300)
+        for name, phrase in bulk.PHRASES.items():
+            for scope, extra in (("one user", {"user_id": bulk.OWNER}), ("everyone", {})):
+                params: dict[str, Any] = {"q": phrase, "limit": 20, **extra}
+                ms = median_ms(runs, lambda p=params: admin.get("/search", params=p))
+                rows.append((f"search {name} ({scope})", f"{ms:8.1f} ms"))
+        latest = median_ms(
+            runs, lambda: admin.get(f"/users/{bulk.OWNER}/completions", params={"limit": 50})
+        )
+        rows.append(("a user's latest 50 completions (admin)", f"{latest:8.1f} ms"))
+        day = median_ms(runs, lambda: admin.get("/stats", params={"by": "day"}))
+        rows.append(("statistics by day, all history", f"{day:8.1f} ms"))
+        member = new_member(gateway, "reader")
+        sdk_list = median_ms(
+            runs,
+            lambda: httpx.get(
+                gateway.base_url + "/chat/completions",
+                params={"limit": 50, "order": "desc"},
+                headers={"Authorization": f"Bearer {member.key}"},
+            ),
+        )
+        rows.append(("GET /v1/chat/completions, 50 (empty user)", f"{sdk_list:8.1f} ms"))
+        assert gateway.process is not None
+        sampler = PeakRSS(gateway.process.pid)
+        baseline = sampler.peak
+        sampler.start()
+        started = time.perf_counter()
+        lines = 0
+        params = {"format": "fine-tuning", "user_id": bulk.OWNER}
+        with admin.stream("GET", "/export", params=params) as response:
+            for line in response.iter_lines():
+                lines += bool(line)
+        seconds = time.perf_counter() - started
+        growth = (sampler.stop() - baseline) / 2**20
+        rows.append(
+            (
+                f"export {lines:,} lines (fine-tuning JSONL)",
+                f"{seconds:8.1f} s  ({lines / seconds:,.0f} lines/s, RSS +{growth:.1f} MiB)",
+            )
+        )
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "mysql"), default="sqlite")
+    parser.add_argument("--total", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mes-bench-"))
+    server = None
+    if args.backend == "sqlite":
+        dsn = str(workdir / "history.db")
+    else:
+        starter = start_postgres if args.backend == "postgresql" else start_mariadb
+        server = starter(Path(tempfile.mkdtemp(prefix=f"mes-bench-{args.backend}-")))
+        dsn = server.url("bench_reads")
+    try:
+        measure(dsn, args.total, args.runs, args.backend)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
