@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import admin_models as m
 from gateway.auth import Authenticator, presented_key
@@ -47,6 +48,13 @@ def _error_response(request: Request, error: Exception) -> JSONResponse:
     kind = "invalid_request_error" if error.status < 500 else "server_error"
     body = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
     return JSONResponse({"error": body}, status_code=error.status)
+
+
+def _http_error_response(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, method not allowed) in the same shape."""
+    assert isinstance(error, StarletteHTTPException)
+    code = "not_found" if error.status_code == 404 else "method_not_allowed"
+    return _error_response(request, AdminError(error.status_code, str(error.detail), code))
 
 
 async def admin_actor(request: Request) -> str:
@@ -545,7 +553,10 @@ async def _export_lines(
 
 @router.get("/audit", response_model=m.ListOf[m.AuditEntry])
 async def audit_log(
-    request: Request, actor: Actor, limit: Limit = 100, after: int | None = None
+    request: Request,
+    actor: Actor,
+    limit: Limit = 100,
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> dict[str, Any]:
     """Admin actions and history changes, newest first; page with ``after=<last id>``."""
     async with _main(request).connect() as connection:
@@ -575,4 +586,5 @@ def create_admin_app() -> FastAPI:
     )
     app.include_router(router)
     app.add_exception_handler(AdminError, _error_response)
+    app.add_exception_handler(StarletteHTTPException, _http_error_response)
     return app

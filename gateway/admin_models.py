@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """Stored times are naive UTC; on the wire they say so (RFC 3339 needs an offset)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
 JSONObject = dict[str, Any]
 
 
@@ -42,8 +50,8 @@ class User(BaseModel):
     name: str
     email: str | None
     metadata: dict[str, str] | None
-    created_at: datetime
-    disabled_at: datetime | None
+    created_at: Timestamp
+    disabled_at: Timestamp | None
 
 
 class KeyCreate(BaseModel):
@@ -57,8 +65,8 @@ class Key(BaseModel):
     name: str | None
     prefix: str | None
     source: str
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
 
 
 class IssuedKey(Key):
@@ -91,7 +99,7 @@ class Completion(BaseModel):
     client_ip: str | None
     user_agent: str | None
     stream: bool
-    started_at: datetime
+    started_at: Timestamp
     ttft_ms: float | None
     latency_ms: float | None
 
@@ -109,8 +117,8 @@ class Conversation(BaseModel):
     title: str | None
     metadata: Any
     tags: list[str] | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     completion_count: int
     message_count: int
     prompt_tokens: int
@@ -129,7 +137,7 @@ class TreeMessage(BaseModel):
     id: str = Field(description="The message's chain hash.")
     parent_id: str | None
     role: str
-    created_at: datetime
+    created_at: Timestamp
     message: Any = Field(description="The message in OpenAI's format, as sent or answered.")
 
 
@@ -146,7 +154,7 @@ class SearchHit(BaseModel):
     conversation_id: str
     message_id: str
     role: str
-    created_at: datetime
+    created_at: Timestamp
     title: str | None
     user_id: str
     snippet: str
@@ -173,8 +181,8 @@ class StatsRow(BaseModel):
 
 class Stats(BaseModel):
     by: Literal["user", "model", "day"]
-    since: datetime | None
-    until: datetime | None
+    since: Timestamp | None
+    until: Timestamp | None
     data: list[StatsRow]
 
 
@@ -192,7 +200,7 @@ class PruneRequest(BaseModel):
 
 class AuditEntry(BaseModel):
     id: int
-    at: datetime
+    at: Timestamp
     actor: str
     action: str
     target: str | None

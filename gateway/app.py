@@ -15,6 +15,7 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -45,6 +46,21 @@ class FromState:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await scope["state"][self.name](scope, receive, send)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """What Starlette itself refuses (a path no route can match, a method not allowed), in
+    OpenAI's error shape like every other error of the gateway."""
+    assert isinstance(error, HTTPException)
+    body = {
+        "error": {
+            "message": f"{error.detail}: {request.method} {request.url.path}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "not_found" if error.status_code == 404 else None,
+        }
+    }
+    return _json(body, status=error.status_code)
 
 
 def _stored(name: str) -> Callable[[Request], Awaitable[Response]]:
@@ -198,4 +214,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/{path:path}", NotFoundEndpoint()),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
     )
