@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 T = TypeVar("T")
 
@@ -16,6 +17,20 @@ def _as_utc(moment: datetime) -> datetime:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+def _storable(text: str) -> str:
+    """Refuse what no database column can hold: NUL, and lone surrogates (not UTF-8)."""
+    if "\x00" in text:
+        raise ValueError("NUL characters are not allowed")
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise ValueError("not valid Unicode (a lone surrogate)") from error
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 JSONObject = dict[str, Any]
 
 
@@ -40,9 +55,9 @@ class ListOf(BaseModel, Generic[T]):
 
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=255)
-    email: str | None = Field(default=None, max_length=255)
-    metadata: dict[str, str] | None = None
+    name: Text = Field(min_length=1, max_length=255)
+    email: Text | None = Field(default=None, max_length=255)
+    metadata: dict[Text, Text] | None = None
 
 
 class User(BaseModel):
@@ -56,7 +71,7 @@ class User(BaseModel):
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=255)
+    name: Text | None = Field(default=None, max_length=255)
 
 
 class Key(BaseModel):
@@ -128,9 +143,20 @@ class Conversation(BaseModel):
 
 class ConversationUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    title: str | None = Field(default=None, max_length=255)
-    metadata: dict[str, Any] | None = None
-    tags: list[str] | None = None
+    title: Text | None = Field(default=None, max_length=255)
+    metadata: dict[Text, Any] | None = None
+    tags: list[Text] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def storable_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Stored as JSON text: what cannot be written so (an integer beyond 64 bits) is
+        refused here, not at the database."""
+        try:
+            orjson.dumps(value)
+        except TypeError as error:
+            raise ValueError(str(error)) from error
+        return value
 
 
 class TreeMessage(BaseModel):
