@@ -1,0 +1,88 @@
+"""The spool on its own: records appended survive a reopen, a checkpoint moves past what
+was written, a half-written record is cut off, and slots belong to one process each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from storage.spool import Position, Spool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def entries(count: int, size: int = 10) -> list[bytes]:
+    return [b'{"id":"%d","pad":"%s"}' % (n, b"x" * size) for n in range(count)]
+
+
+def test_records_are_read_back_in_order_across_segments_and_reopens(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10**9, segment_bytes=300)
+    spool.open()
+    written = entries(50)
+    for entry in written:
+        assert spool.append(entry) is not None
+    assert len(list(spool.slot.glob("segment-*.log"))) > 3  # type: ignore[union-attr]
+    first = spool.read(spool.checkpoint, 20)
+    assert [e for e, _ in first] == written[:20]
+    spool.commit(first[-1][1])
+    spool.close()
+
+    again = Spool(tmp_path, max_bytes=10**9, segment_bytes=300)
+    again.open()
+    assert again.slot == spool.slot
+    rest = again.read(again.checkpoint, 1000)
+    assert [e for e, _ in rest] == written[20:]
+    again.commit(rest[-1][1])
+    assert again.pending_bytes == 0
+    assert len(list(again.slot.glob("segment-*.log"))) == 1  # type: ignore[union-attr]
+    again.close()
+
+
+def test_a_record_cut_short_by_a_crash_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10**9)
+    spool.open()
+    for entry in entries(3):
+        spool.append(entry)
+    spool.close()
+    (segment,) = spool.slot.glob("segment-*.log")  # type: ignore[union-attr]
+    with open(segment, "ab") as file:
+        file.write(b'{"id":"half-writ')  # what a kill -9 mid-write leaves
+    again = Spool(tmp_path, max_bytes=10**9)
+    again.open()
+    again.append(b'{"id":"after"}')
+    assert [e for e, _ in again.read(again.checkpoint, 10)] == [*entries(3), b'{"id":"after"}']
+
+
+def test_the_spool_refuses_records_beyond_its_bound(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=100)
+    spool.open()
+    accepted = [spool.append(entry) is not None for entry in entries(10)]
+    assert accepted[:3] == [True, True, True] and accepted[-1] is False
+    spool.commit(spool.end)
+    assert spool.append(entries(1)[0]) is not None  # room again once written
+
+
+def test_a_slot_belongs_to_one_live_process_and_a_dead_ones_is_an_orphan(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from storage.spool import Spool\n"
+            f"s = Spool(Path({str(tmp_path)!r}), 10**6); s.open(); s.append(b'{{}}')\n"
+            "print(s.slot.name, flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    taken = holder.stdout.readline().strip()
+    mine = Spool(tmp_path, 10**6)
+    mine.open()
+    assert mine.slot is not None and mine.slot.name != taken
+    assert mine.orphans() == []  # the other slot's process is alive
+    holder.kill()
+    holder.wait()
+    assert [slot.name for slot in mine.orphans()] == [taken]
+    assert Position(1, 0) <= mine.checkpoint
