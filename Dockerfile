@@ -2,7 +2,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MES_SQLITE_PATH=/data/mes_gateway.db
+    MES_SQLITE_PATH=/data/mes_gateway.db \
+    MES_SPOOL_DIR=/data/spool
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from starlette.routing import Mount, Route
 from gateway.admin import create_admin_app
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.auth import Authenticator
+from gateway.capture import from_entry, to_entry
 from gateway.errors import NotFound
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -32,8 +34,10 @@ from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate, ping
+from storage.dsn import parse_dsn
 from storage.schema import api_keys
-from storage.writer import HistoryWriter
+from storage.spool import Spool
+from storage.writer import HistoryWriter, adopt
 
 log = logging.getLogger("mes.app")
 
@@ -99,6 +103,7 @@ async def readyz(request: Request) -> Response:
         "status": "ready" if ready else "not ready",
         "databases": databases,
         "queue_depth": writer.depth,
+        "spool_bytes": writer.spool.pending_bytes,
     }
     return _json(body, status=200 if ready else 503)
 
@@ -110,6 +115,31 @@ async def metrics(request: Request) -> Response:
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _until_done(step: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``step`` (create and migrate a database) until it succeeds, backing off."""
+    delay = 0.5
+    while True:
+        try:
+            await step()
+            return
+        except Exception as error:  # down, unreachable or refusing: log, wait, try again
+            log.warning(
+                "%s database not ready (%s: %s): retrying", name, type(error).__name__, error
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _first_try(done: asyncio.Task[None] | asyncio.Event, seconds: float = 15.0) -> None:
+    """Give a database setup the time a healthy database needs, and no more: the gateway
+    starts serving either way."""
+    waiter = done.wait() if isinstance(done, asyncio.Event) else asyncio.shield(done)
+    try:
+        await asyncio.wait_for(waiter, seconds)
+    except TimeoutError:
+        log.warning("a database is not ready yet: serving, and spooling history meanwhile")
 
 
 async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[str]) -> None:
@@ -129,33 +159,51 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        main_engine = create_engine(await ensure_database(settings.main_dsn), settings.db_pool_size)
+        main_engine = create_engine(parse_dsn(settings.main_dsn), settings.db_pool_size)
         history_engine = main_engine
         if settings.history_dsn != settings.main_dsn:
-            history_engine = create_engine(
-                await ensure_database(settings.history_dsn), settings.db_pool_size
-            )
-        await migrate(main_engine, "main")
-        await migrate(history_engine, "history")
+            history_engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
 
         async def lookup(digest: str) -> KeyGrant | None:
             async with main_engine.connect() as connection:
                 return await accounts.key_grant(connection, digest)
 
         authenticator = Authenticator(settings.gateway_keys, settings.managed_mode, lookup)
-        await _register_gateway_keys(main_engine, authenticator.fingerprints)
+
+        async def prepare_main() -> None:
+            await ensure_database(settings.main_dsn)
+            await migrate(main_engine, "main")
+            await _register_gateway_keys(main_engine, authenticator.fingerprints)
+
+        async def prepare_history() -> None:
+            await ensure_database(settings.history_dsn)
+            await migrate(history_engine, "history")
 
         registry = Metrics()
+        spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+        spool.open()
         writer = HistoryWriter(
             history_engine,
             registry,
-            queue_size=settings.capture_queue_size,
+            spool,
+            encode=to_entry,
+            decode=from_entry,
+            cache_size=settings.capture_queue_size,
             batch_size=settings.capture_batch_size,
             flush_interval=settings.capture_flush_interval,
             retry_seconds=settings.capture_retry_seconds,
+            prepare=prepare_history,
         )
         registry.gauges["queue_depth"] = lambda: writer.depth
+        registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
+        # A database that is down at start does not stop the gateway: requests are served
+        # and spooled, and the databases are set up as soon as they answer.
+        background = [asyncio.create_task(_until_done(prepare_main, "main"))]
+        await _first_try(background[0])
         writer.start()
+        await _first_try(writer.ready_event)
+        for orphan in spool.orphans():
+            background.append(asyncio.create_task(adopt(orphan, writer, registry)))
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 settings.upstream_timeout, connect=settings.upstream_connect_timeout
@@ -188,6 +236,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "history_engine": history_engine,
             }
         finally:
+            for task in background:
+                task.cancel()
             await writer.close(settings.shutdown_grace_seconds)
             await client.aclose()
             for engine in engines.values():

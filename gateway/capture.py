@@ -20,7 +20,7 @@ from gateway.accumulate import StreamAccumulator
 from gateway.sse import iter_data
 from storage.chain import ROOT, chain, content_text, continuation_key
 from storage.message_rows import message_row
-from storage.rows import RowSet
+from storage.rows import Record, RowSet
 
 JSON = dict[str, Any]
 TITLE_LENGTH = 80
@@ -128,6 +128,38 @@ class Exchange:
             "updated_at": self.started_at,
         }
         return RowSet(completion=completion, conversation=conversation, messages=message_rows)
+
+    def journal(self) -> JSON:
+        """Everything ``rows()`` needs, as JSON, for the spool (bytes kept as latin-1 text,
+        which maps each byte to one character and back)."""
+        return {
+            "kind": "chat",
+            "id": self.id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "client_ip": self.client_ip,
+            "user_agent": self.user_agent,
+            "conversation_header": self.conversation_header,
+            "request": self.request,
+            "stream": self.stream,
+            "started_at": self.started_at.isoformat(),
+            "status": self.status,
+            "response_body": self.response_body.decode("latin-1"),
+            "chunks": [[at, raw.decode("latin-1")] for at, raw in self.chunks],
+            "first_byte_ms": self.first_byte_ms,
+            "latency_ms": self.latency_ms,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "cut_short": self.cut_short,
+        }
+
+    @classmethod
+    def from_journal(cls, entry: JSON) -> Exchange:
+        fields = {k: v for k, v in entry.items() if k != "kind"}
+        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
+        fields["response_body"] = entry["response_body"].encode("latin-1")
+        fields["chunks"] = [(at, raw.encode("latin-1")) for at, raw in entry["chunks"]]
+        return cls(**fields)
 
     def _conversation_id(self, exchange: list[JSON]) -> str:
         """Named by the client's header, else by the conversation's first exchange.
@@ -250,6 +282,19 @@ class RequestLog:
     bytes_in: int = 0
     bytes_out: int = 0
 
+    def journal(self) -> JSON:
+        return {
+            "kind": "log",
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            "started_at": self.started_at.isoformat(),
+        }
+
+    @classmethod
+    def from_journal(cls, entry: JSON) -> RequestLog:
+        fields = {k: v for k, v in entry.items() if k != "kind"}
+        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
+        return cls(**fields)
+
     def rows(self) -> RowSet:
         return RowSet(
             request_log={
@@ -268,6 +313,22 @@ class RequestLog:
                 "started_at": self.started_at,
             }
         )
+
+
+def to_entry(record: Record) -> bytes:
+    """A captured record as one line of the spool."""
+    assert isinstance(record, (Exchange, RequestLog))
+    return orjson.dumps(record.journal())
+
+
+def from_entry(entry: bytes) -> Record:
+    """A spooled record back as the record it was."""
+    data = orjson.loads(entry)
+    if data.get("kind") == "chat":
+        return Exchange.from_journal(data)
+    if data.get("kind") == "log":
+        return RequestLog.from_journal(data)
+    raise ValueError(f"unknown record kind {data.get('kind')!r}")
 
 
 def _title(messages: list[JSON]) -> str | None:

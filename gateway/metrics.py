@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 _HELP = {
     "requests": "Proxied /v1 requests.",
     "requests_rejected": "Requests the gateway refused itself (bad key, JSON or size).",
-    "records_captured": "Records handed to the capture queue.",
+    "records_captured": "Records accepted: appended to the durable spool.",
     "records_written": "Records written to the history database.",
-    "records_failed": "Records the writer gave up on (logged with the reason).",
-    "records_dropped": "Records not queued because the capture queue was full.",
+    "records_replayed": "Records the writer read back from the spool's disk (after a restart, "
+    "or while the in-memory cache was full).",
+    "records_adopted": "Records taken over from the spool slot of a process that is gone.",
+    "records_dead_lettered": "Records the database refused for good, kept in dead-letter.jsonl.",
+    "records_failed": "Records the writer could not handle (a bug; logged with the reason).",
+    "records_dropped": "Records not accepted because the spool was full (should stay 0).",
+    "write_retries": "Batch writes retried because the database was unavailable.",
     "upstream_errors": "Requests the upstream could not answer (unreachable, timeout, reset).",
     "client_disconnects": "Streams the client left before the end.",
 }

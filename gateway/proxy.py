@@ -52,6 +52,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 _CONSUMED = frozenset({b"host", b"content-length", b"x-conversation-id"})
 _CREDENTIALS = frozenset({b"authorization", b"api-key"})
 _EVENT_STREAM = "text/event-stream"
+_DONE = b"data: [DONE]"
 _STREAM_ERROR = (
     b'data: {"error":{"message":"The upstream connection was lost before the answer was '
     b'complete.","type":"upstream_error","param":null,"code":"upstream_disconnected"}}\n\n'
@@ -167,24 +168,15 @@ class Proxy:
         started = time.perf_counter()
         response: httpx.Response | None = None
         watch = DisconnectWatch(receive)
-        try:
-            async with watch:
-                response = await self._send_upstream(upstream_request)
-                exchange.status = response.status_code
-                exchange.first_byte_ms = _since(started)
-                content_type = response.headers.get("content-type", "")
-                if exchange.stream and response.is_success and _EVENT_STREAM in content_type:
-                    await self._relay_events(send, response, exchange, started, strip_usage)
-                else:
-                    exchange.response_body = await self._relay_whole(send, response)
-        except GatewayError as error:
-            exchange.status = error.status
-            exchange.error_type = error.code
-            exchange.error_message = error.message
-            await send_error(send, error)
-        finally:
-            if response is not None:
-                await response.aclose()
+        captured = False
+
+        def finish() -> None:
+            """Hand the record to the spool: before the client gets the end of its answer,
+            so that an answer a client has whole is never one the gateway has lost."""
+            nonlocal captured
+            if captured:
+                return
+            captured = True
             if watch.disconnected:
                 exchange.cut_short = CLIENT_DISCONNECTED
                 exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
@@ -193,6 +185,27 @@ class Proxy:
             exchange.latency_ms = _since(started)
             self.metrics.inc("requests")
             self.capture(exchange)
+
+        try:
+            async with watch:
+                response = await self._send_upstream(upstream_request)
+                exchange.status = response.status_code
+                exchange.first_byte_ms = _since(started)
+                content_type = response.headers.get("content-type", "")
+                if exchange.stream and response.is_success and _EVENT_STREAM in content_type:
+                    await self._relay_events(send, response, exchange, started, strip_usage, finish)
+                else:
+                    await self._relay_whole(send, response, exchange, finish)
+        except GatewayError as error:
+            exchange.status = error.status
+            exchange.error_type = error.code
+            exchange.error_message = error.message
+            finish()
+            await send_error(send, error)
+        finally:
+            if response is not None:
+                await response.aclose()
+            finish()
 
     async def _send_upstream(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -212,6 +225,7 @@ class Proxy:
         exchange: Exchange,
         started: float,
         strip_usage: bool,
+        finish: Callable[[], None],
     ) -> None:
         await send(
             {
@@ -222,25 +236,36 @@ class Proxy:
         )
         splitter = EventSplitter()
         chunks = exchange.chunks
+        held = b""  # the closing "data: [DONE]" waits until the record is spooled
         try:
             async for raw in response.aiter_raw():
                 events = splitter.feed(raw)
                 if not events:
                     continue
                 whole = events[0] if len(events) == 1 else b"".join(events)
-                out = _without_usage_event(events, whole) if strip_usage else whole
+                chunks.append((_since(started), whole))
+                if events[-1].startswith(_DONE):
+                    held, events = events[-1], events[:-1]
+                    whole = b"".join(events)
+                out = _without_usage_event(events, whole) if strip_usage and events else whole
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-                chunks.append((_since(started), whole))
         except httpx.HTTPError as error:
             self.metrics.inc("upstream_errors")
             exchange.cut_short = UPSTREAM_DISCONNECTED
             exchange.error_type = UPSTREAM_DISCONNECTED
             exchange.error_message = f"upstream stream broke: {type(error).__name__}"
-            await send({"type": "http.response.body", "body": _STREAM_ERROR, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            held = _STREAM_ERROR
+        finish()
+        await send({"type": "http.response.body", "body": held, "more_body": False})
 
-    async def _relay_whole(self, send: Send, response: httpx.Response) -> bytes:
+    async def _relay_whole(
+        self,
+        send: Send,
+        response: httpx.Response,
+        exchange: Exchange,
+        finish: Callable[[], None],
+    ) -> None:
         try:
             parts = [raw async for raw in response.aiter_raw()]
         except httpx.TimeoutException:
@@ -248,6 +273,8 @@ class Proxy:
         except httpx.HTTPError:
             raise UpstreamUnreachable("The upstream connection broke during the answer.") from None
         body = parts[0] if len(parts) == 1 else b"".join(parts)
+        exchange.response_body = body
+        finish()
         await send(
             {
                 "type": "http.response.start",
@@ -257,7 +284,6 @@ class Proxy:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        return body
 
     async def _relay(
         self, scope: Scope, receive: Receive, send: Send, caller: Caller, body: bytes

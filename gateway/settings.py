@@ -41,7 +41,9 @@ class Settings:
     capture_queue_size: int = 10_000
     capture_batch_size: int = 200
     capture_flush_interval: float = 0.2
-    capture_retry_seconds: float = 30.0
+    capture_retry_seconds: float = 5.0
+    spool_dir: str = "mes_spool"
+    spool_max_bytes: int = 2**30
     shutdown_grace_seconds: float = 10.0
     db_pool_size: int = 5
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -88,6 +90,8 @@ class Settings:
             capture_batch_size=env.integer("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
             capture_flush_interval=env.number("MES_FLUSH_INTERVAL", cls.capture_flush_interval),
             capture_retry_seconds=env.number("MES_RETRY_SECONDS", cls.capture_retry_seconds),
+            spool_dir=env.text("MES_SPOOL_DIR", cls.spool_dir),
+            spool_max_bytes=env.integer("MES_SPOOL_MAX_BYTES", cls.spool_max_bytes, minimum=1024),
             shutdown_grace_seconds=env.number("GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds),
             db_pool_size=env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
             trusted_proxies=env.networks("TRUSTED_PROXIES"),

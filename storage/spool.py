@@ -70,18 +70,20 @@ class Spool:
         """Take a free slot, repair a record cut short by a crash, and find the checkpoint."""
         self.root.mkdir(parents=True, exist_ok=True)
         for number in range(MAX_SLOTS):
-            slot = self.root / f"slot-{number}"
-            slot.mkdir(exist_ok=True)
-            fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.slot, self._lock_fd = slot, fd
-            break
-        else:
-            raise SpoolBusy(f"all {MAX_SLOTS} spool slots under {self.root} are in use")
+            if self.take(self.root / f"slot-{number}"):
+                return
+        raise SpoolBusy(f"all {MAX_SLOTS} spool slots under {self.root} are in use")
+
+    def take(self, slot: Path) -> bool:
+        """Open ``slot`` if no live process holds it."""
+        slot.mkdir(parents=True, exist_ok=True)
+        fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.slot, self._lock_fd = slot, fd
         self.checkpoint = self._read_checkpoint()
         segments = self._segments()
         self._segment = max([self.checkpoint.segment, *segments])
@@ -95,12 +97,21 @@ class Spool:
         )
         if self._bytes:
             log.info("spool %s: %d bytes of records to write", self.slot, self._bytes)
+        return True
+
+    def clear(self) -> None:
+        """Delete every record of this slot (after they were moved elsewhere)."""
+        assert self.slot is not None
+        for number in self._segments():
+            self._path(number).unlink(missing_ok=True)
+        (self.slot / "checkpoint").unlink(missing_ok=True)
+        self._bytes = 0
 
     def orphans(self) -> list[Path]:
         """Other slots whose process is gone and which still hold records."""
         found = []
         for slot in sorted(self.root.glob("slot-*")):
-            if slot == self.slot or not any(slot.glob("segment-*.log")):
+            if slot == self.slot or not any(p.stat().st_size for p in slot.glob("segment-*.log")):
                 continue
             fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:

@@ -1,20 +1,29 @@
-"""The history writer: one task per database, fed by a bounded queue, writing in batches.
+"""The history writer: one per process, fed by the durable spool, writing in batches.
 
-The request path calls ``submit()``, which never waits: a full queue counts the record as
-dropped and logs it. The writer takes what is queued (up to ``batch_size``, waiting at most
-``flush_interval`` for a batch to fill), builds the rows, and writes them in one transaction.
+The request path calls ``submit()``, which never waits on the database: it appends the
+record to the spool (``storage/spool.py``) and keeps it in a bounded in-memory cache so
+that the writer need not read it back from disk. The writer takes records in spool order
+(from the cache when it holds them, from disk otherwise: after a restart, or when the cache
+was full), up to ``batch_size`` or whatever arrived within ``flush_interval``, builds their
+rows and writes them in one transaction; then it moves the spool's checkpoint past them.
 
-Retry policy: a transient failure (the connection refused, dropped or timed out, a deadlock,
-a unique key raced by another writer) is retried with jittered exponential backoff for up to
-``retry_seconds``; then the batch is counted as failed and logged. A permanent failure (a row
-the database refuses) is retried record by record, so one bad record does not sink the others.
+Retry policy: while the database is unreachable, down or timing out, the same batch is
+retried with jittered exponential backoff (at most ``retry_seconds`` between attempts),
+for as long as it takes: nothing is dropped, the spool holds what arrives meanwhile. A
+batch the database refuses for another reason (a constraint broken, a value too long) is
+written record by record; a record refused on its own goes to the dead-letter file and the
+writer moves on. Writes are idempotent on the record id, so a record written twice (after
+a crash between commit and checkpoint) is stored once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,31 +31,72 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_delay,
-    stop_any,
+    stop_after_attempt,
     wait_exponential_jitter,
 )
-from tenacity.stop import stop_base
 
 from gateway.metrics import Metrics
 from storage.batch import write_batch
 from storage.rows import Record, RowSet
+from storage.spool import Position, Spool
 
 log = logging.getLogger("mes.writer")
 
+Decode = Callable[[bytes], Record]
+Encode = Callable[[Record], bytes]
+SYNC_SECONDS = 1.0
+
+
+# SQLSTATE classes and codes that say "not now" rather than "never": connection trouble,
+# the server shutting down or starting up, out of resources, a serialization failure or a
+# deadlock. MySQL/MariaDB client and server error numbers that say the same.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")
+_TRANSIENT_MYSQL_ERRORS = frozenset(
+    {
+        1040,
+        1053,
+        1077,
+        1078,
+        1079,
+        1080,
+        1152,
+        1153,
+        1154,
+        1155,
+        1156,
+        1157,
+        1158,
+        1159,
+        1160,
+        1161,
+        1205,
+        1213,
+        1927,
+        2002,
+        2003,
+        2005,
+        2006,
+        2013,
+        2055,
+    }
+)
+
 
 def is_unavailable(error: BaseException) -> bool:
-    """The database is down, unreachable or busy: the same batch may go through later."""
-    if isinstance(error, (OperationalError, InterfaceError, OSError)):
+    """The database is down, unreachable, shutting down or busy: the same batch may go
+    through later. Anything else (a constraint, a value too long) would fail again."""
+    if isinstance(error, (OperationalError, InterfaceError, OSError, TimeoutError)):
         return True
-    if isinstance(error, DBAPIError):
-        return error.connection_invalidated or "deadlock" in str(error).lower()
-    return False
-
-
-def is_transient(error: BaseException) -> bool:
-    """Worth retrying; a unique key raced by another writer is, a few times."""
-    return is_unavailable(error) or isinstance(error, IntegrityError)
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    original = error.orig
+    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    if isinstance(state, str) and state[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+        return True
+    code = original.args[0] if original is not None and original.args else None
+    return isinstance(code, int) and code in _TRANSIENT_MYSQL_ERRORS
 
 
 class HistoryWriter:
@@ -54,99 +104,183 @@ class HistoryWriter:
         self,
         engine: AsyncEngine,
         metrics: Metrics,
+        spool: Spool,
         *,
-        queue_size: int,
+        encode: Encode,
+        decode: Decode,
+        cache_size: int,
         batch_size: int,
         flush_interval: float,
         retry_seconds: float,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.queue: asyncio.Queue[Record] = asyncio.Queue(queue_size)
+        self.spool = spool
+        self.encode, self.decode = encode, decode
+        self.cache: deque[tuple[Position, Position, Record]] = deque()  # start, end, record
+        self.cache_size = cache_size
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_seconds = retry_seconds
+        self.prepare = prepare
+        self.ready = prepare is None
+        self._cursor = spool.checkpoint
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self.ready_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._last_sync = time.monotonic()
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Records waiting in memory (the spool may hold more: see ``spool.pending_bytes``)."""
+        return len(self.cache)
 
     def submit(self, record: Record) -> bool:
-        """Queue ``record`` without waiting; False (counted and logged) when the queue is full."""
+        """Spool ``record``; False (counted and logged) only when the spool is full."""
         try:
-            self.queue.put_nowait(record)
-        except asyncio.QueueFull:
+            entry = self.encode(record)
+        except Exception:  # a record that cannot be journaled is a bug: say which, go on
+            log.exception("could not spool record %s", record.id)
             self.metrics.inc("records_dropped")
-            log.error("capture queue full (%d): record %s not captured", self.depth, record.id)
             return False
+        start = self.spool.end
+        end = self.spool.append(entry)
+        if end is None:
+            self.metrics.inc("records_dropped")
+            log.error(
+                "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
+            )
+            return False
+        if len(self.cache) < self.cache_size:
+            self.cache.append((start, end, record))
         self.metrics.inc("records_captured")
+        self.wake()
         return True
+
+    def wake(self) -> None:
+        """There are records to write."""
+        self._idle.clear()
+        self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mes-history-writer")
 
     async def close(self, grace: float) -> None:
-        """Write what is queued, waiting at most ``grace`` seconds; then stop."""
+        """Write what is spooled, for at most ``grace`` seconds; what is left stays spooled."""
         if self._task is None:
             return
-        try:
-            await asyncio.wait_for(self.queue.join(), grace)
-        except TimeoutError:
-            log.error("shutdown grace over: %d records left unwritten", self.depth)
-            self.metrics.inc("records_failed", self.depth)
+        if self._cursor < self.spool.end:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "shutdown grace over: %d bytes of records stay in the spool for next start",
+                    self.spool.pending_bytes,
+                )
         self._task.cancel()
         try:
             await self._task
         except asyncio.CancelledError:
             pass
+        self.spool.close()
 
     async def _run(self) -> None:
+        if self.prepare is not None:
+            await self._until_ready()
+        self.ready_event.set()
         while True:
             batch = await self._next_batch()
+            if not batch:
+                self._idle.set()
+                await self._sync_now()
+                self._wake.clear()
+                if self._cursor >= self.spool.end:
+                    await self._wait_for_records()
+                continue
             try:
                 await self._write(batch)
-            except Exception:  # the writer must outlive any one batch; counted and logged
+            except Exception:  # the writer must outlive any one batch: counted and logged
                 log.exception("history writer failed on a batch of %d", len(batch))
                 self.metrics.inc("records_failed", len(batch))
-            finally:
-                for _ in batch:
-                    self.queue.task_done()
+            self._cursor = batch[-1][0]
+            self.spool.commit(self._cursor)
+            if time.monotonic() - self._last_sync > SYNC_SECONDS:
+                await self._sync_now()
 
-    async def _next_batch(self) -> list[Record]:
-        batch = [await self.queue.get()]
-        self._drain_into(batch)
-        if len(batch) < self.batch_size:
-            await asyncio.sleep(self.flush_interval)
-            self._drain_into(batch)
+    async def _until_ready(self) -> None:
+        """Create and migrate the database before the first write, as long as it takes."""
+        assert self.prepare is not None
+        delay = 0.5
+        while True:
+            try:
+                await self.prepare()
+                self.ready = True
+                return
+            except Exception as error:  # down, unreachable, or refusing: wait and retry
+                log.warning("history database not ready (%s): retrying", type(error).__name__)
+                await asyncio.sleep(delay)
+                delay = min(self.retry_seconds, delay * 2)
+
+    async def _wait_for_records(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), SYNC_SECONDS)
+        except TimeoutError:
+            pass
+        if self._wake.is_set() and self.flush_interval > 0:
+            await asyncio.sleep(self.flush_interval)  # let a batch gather
+
+    async def _sync_now(self) -> None:
+        self._last_sync = time.monotonic()
+        await asyncio.to_thread(self.spool.sync)
+
+    async def _next_batch(self) -> list[tuple[Position, Record]]:
+        """The next records in spool order: from the cache while it follows on, from disk
+        where it does not (records spooled before a restart, or while the cache was full)."""
+        batch: list[tuple[Position, Record]] = []
+        while len(batch) < self.batch_size:
+            position = batch[-1][0] if batch else self._cursor
+            while self.cache and self.cache[0][1] <= position:
+                self.cache.popleft()  # read from disk already
+            if self.cache and self.spool.follows(position, self.cache[0][0]):
+                _, end, record = self.cache.popleft()
+                batch.append((end, record))
+                continue
+            from_disk = self.spool.read(position, self.batch_size - len(batch))
+            if not from_disk:
+                break
+            for entry, end in from_disk:
+                if self.cache and self.cache[0][1] == end:
+                    batch.append((end, self.cache.popleft()[2]))
+                    continue
+                try:
+                    batch.append((end, self.decode(entry)))
+                except Exception as error:  # unreadable: keep it where an admin can see it
+                    log.error("unreadable spooled record (%s): dead-lettered", error)
+                    self.spool.dead_letter(entry, f"unreadable: {error}")
+                    self.metrics.inc("records_dead_lettered")
+                    if batch:
+                        return batch  # the next batch starts at the unreadable one
+                    self._cursor = end
+                    self.spool.commit(end)
+                    break
+                self.metrics.inc("records_replayed")
         return batch
 
-    def _drain_into(self, batch: list[Record]) -> None:
-        while len(batch) < self.batch_size:
-            try:
-                batch.append(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return
-
-    async def _write(self, batch: Sequence[Record]) -> None:
+    async def _write(self, batch: list[tuple[Position, Record]]) -> None:
         rowsets: list[tuple[Record, RowSet]] = []
-        for record in batch:
+        for _, record in batch:
             try:
                 rowsets.append((record, record.rows()))
-            except Exception:  # a record we cannot shape is a bug: keep the rest, say which
+            except Exception as error:  # a record we cannot shape is a bug: keep it aside
                 log.exception("could not build rows for record %s", record.id)
-                self.metrics.inc("records_failed")
+                self._dead_letter(record, f"rows: {type(error).__name__}: {error}")
         if not rowsets:
             return
         try:
-            await self._write_with_retry([rows for _, rows in rowsets])
-        except Exception as error:
-            if is_unavailable(error) or len(rowsets) == 1:
-                log.error(
-                    "giving up on %d records (%s): %s", len(rowsets), type(error).__name__, error
-                )
-                self.metrics.inc("records_failed", len(rowsets))
-                return
+            await self._write_until_through([rows for _, rows in rowsets])
+        except Exception:  # refused for good: find which record, write the others
             for record, rows in rowsets:
                 await self._write_one(record, rows)
             return
@@ -154,31 +288,78 @@ class HistoryWriter:
 
     async def _write_one(self, record: Record, rows: RowSet) -> None:
         try:
-            await self._write_with_retry([rows])
+            await self._write_until_through([rows])
         except Exception as error:
             log.error("record %s refused (%s): %s", record.id, type(error).__name__, error)
-            self.metrics.inc("records_failed")
+            self._dead_letter(record, f"{type(error).__name__}: {error}")
             return
         self.metrics.inc("records_written")
 
-    async def _write_with_retry(self, rowsets: list[RowSet]) -> None:
+    def _dead_letter(self, record: Record, reason: str) -> None:
+        try:
+            self.spool.dead_letter(self.encode(record), reason[:2000])
+        except Exception:
+            log.exception("could not dead-letter record %s", record.id)
+        self.metrics.inc("records_dead_lettered")
+
+    async def _write_until_through(self, rowsets: list[RowSet]) -> None:
+        """Retry while the database is unavailable (forever); a refusal three times over
+        (an integrity error that is not a race) is raised."""
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_any(
-                stop_after_delay(self.retry_seconds), _StopAfterRepeatedIntegrityErrors()
-            ),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            retry=retry_if_exception(lambda e: is_unavailable(e) or isinstance(e, IntegrityError)),
+            stop=_StopOnRepeatedRefusal(),
+            wait=wait_exponential_jitter(initial=0.05, max=self.retry_seconds),
+            before_sleep=self._count_retry,
             reraise=True,
         ):
             with attempt:
                 async with self.engine.begin() as connection:
                     await write_batch(connection, rowsets)
 
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.metrics.inc("write_retries")
+        if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0:
+            outcome = state.outcome
+            error = outcome.exception() if outcome else None
+            log.warning(
+                "history database write failed (%s), attempt %d: retrying",
+                type(error).__name__,
+                state.attempt_number,
+            )
 
-class _StopAfterRepeatedIntegrityErrors(stop_base):
-    """A key race resolves on the next try; the same constraint broken thrice is for good."""
+
+class _StopOnRepeatedRefusal(stop_after_attempt):
+    """Never stop while the database is unavailable; stop after three integrity errors."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome else None
-        return isinstance(error, IntegrityError) and retry_state.attempt_number >= 3
+        return isinstance(error, IntegrityError) and super().__call__(retry_state)
+
+
+async def adopt(slot: Path, writer: HistoryWriter, metrics: Metrics) -> None:
+    """Move the records of a dead process's spool slot into this process's spool, where the
+    writer takes them (a process that is gone, or a slot left over from more workers)."""
+    other = Spool(writer.spool.root, max_bytes=2**62)
+    if not await asyncio.to_thread(other.take, slot):
+        return  # another process got there first
+    moved = 0
+    try:
+        while entries := other.read(other.checkpoint, 500):
+            for entry, _ in entries:
+                if writer.spool.append(entry) is None:
+                    log.error("spool full: %s keeps its remaining records for later", slot)
+                    return
+                moved += 1
+            other.commit(entries[-1][1])
+            writer.wake()
+            await asyncio.sleep(0)
+        other.clear()
+    finally:
+        other.close()
+        if moved:
+            log.info("took over %d spooled records from %s", moved, slot)
+            metrics.inc("records_adopted", moved)

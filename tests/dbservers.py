@@ -74,6 +74,9 @@ class DatabaseServer:
     user: str
     password: str
     binaries: Path
+    # Durable: a commit acknowledged is a commit kept through a crash (the servers' defaults).
+    # Not durable (the default here): faster tests, at the cost of the last commits on a crash.
+    durable: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     host = "127.0.0.1"
@@ -153,8 +156,9 @@ class DatabaseServer:
                         "-t",
                         "60",
                         "-o",
-                        f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                        "-c synchronous_commit=off -c max_connections=300",
+                        f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+                        + ("" if self.durable else "-c fsync=off -c synchronous_commit=off ")
+                        + "-c max_connections=300",
                         "start",
                     ],
                 ),
@@ -174,7 +178,7 @@ class DatabaseServer:
                     "--skip-name-resolve",
                     f"--pid-file={self.base / 'mariadb.pid'}",
                     "--innodb-buffer-pool-size=128M",
-                    "--innodb-flush-log-at-trx-commit=2",
+                    f"--innodb-flush-log-at-trx-commit={1 if self.durable else 2}",
                     "--max-connections=500",
                     "--character-set-server=utf8mb4",
                     "--collation-server=utf8mb4_unicode_ci",
@@ -247,7 +251,7 @@ def _mariadb_binaries() -> Path:
     raise ServerUnavailable("MariaDB server binaries not found (apt-get install mariadb-server)")
 
 
-def start_postgres(base: Path) -> DatabaseServer:
+def start_postgres(base: Path, durable: bool = False) -> DatabaseServer:
     binaries = _postgres_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, PG_USER)
@@ -267,13 +271,13 @@ def start_postgres(base: Path) -> DatabaseServer:
         ),
         timeout=120,
     )
-    server = DatabaseServer("postgresql", base, free_port(), PG_USER, "", binaries)
+    server = DatabaseServer("postgresql", base, free_port(), PG_USER, "", binaries, durable)
     server.start()
     atexit.register(server.shutdown)
     return server
 
 
-def start_mariadb(base: Path) -> DatabaseServer:
+def start_mariadb(base: Path, durable: bool = False) -> DatabaseServer:
     binaries = _mariadb_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, "mysql")
@@ -289,7 +293,9 @@ def start_mariadb(base: Path) -> DatabaseServer:
         ],
         timeout=180,
     )
-    server = DatabaseServer("mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries)
+    server = DatabaseServer(
+        "mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries, durable
+    )
     server.start()
     atexit.register(server.shutdown)
     _run(

@@ -100,7 +100,7 @@ def own_postgres() -> Any:
     server.shutdown()
 
 
-async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted(
+async def test_a_database_outage_neither_fails_nor_slows_requests(
     upstream: Any, own_postgres: DatabaseServer, tmp_path: Path
 ) -> None:
     env = {
@@ -126,10 +126,14 @@ async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted
             base_url=gateway.base_url, headers={"Authorization": "Bearer sk-x"}
         ) as client:
             healthy = await timed_requests(client, 30)
+            deadline = time.monotonic() + 10
+            while "mes_records_written_total 30" not in httpx.get(gateway.url + "/metrics").text:
+                assert time.monotonic() < deadline, "the healthy phase was not written"
+                await asyncio.sleep(0.05)
             own_postgres.stop("immediate")
             down = await timed_requests(client, 60)
             ready = httpx.get(gateway.url + "/readyz")
-            await asyncio.sleep(3)  # the writer gives up after MES_RETRY_SECONDS
+            await asyncio.sleep(2)  # the writer retries, at most MES_RETRY_SECONDS apart
             metrics = httpx.get(gateway.url + "/metrics").text
     assert ready.status_code == 503
     assert ready.json()["databases"]["main"].startswith("unreachable")
@@ -139,9 +143,11 @@ async def test_a_database_outage_neither_fails_nor_slows_requests_and_is_counted
     assert statistics.median(down) < 0.25
     assert max(down) < 1.0
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("mes_"))
-    assert int(values["mes_records_written_total"]) >= 1
-    lost = int(values["mes_records_failed_total"]) + int(values["mes_records_dropped_total"])
-    assert lost >= 1
-    assert (
-        int(values["mes_records_captured_total"]) + int(values["mes_records_dropped_total"]) == 90
-    )
+    assert int(values["mes_records_written_total"]) == 30
+    # Nothing given up: the records wait in the spool (tests/test_durability.py shows them
+    # written once the database is back).
+    assert int(values["mes_write_retries_total"]) >= 1
+    assert values["mes_records_dropped_total"] == "0"
+    assert values["mes_records_failed_total"] == "0"
+    assert int(values["mes_records_captured_total"]) == 90
+    assert int(values["mes_spool_bytes"]) > 0
