@@ -35,9 +35,7 @@ async def timed_load(base_url: str, seconds: float, prefix: str) -> list[float]:
             latencies.append(time.monotonic() - due)
 
         start = time.monotonic()
-        await asyncio.gather(
-            *(one(n, start + n / RATE) for n in range(int(seconds * RATE)))
-        )
+        await asyncio.gather(*(one(n, start + n / RATE) for n in range(int(seconds * RATE))))
     return latencies
 
 
