@@ -9,11 +9,13 @@ user, prune) build ``Scope.everyone()``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hmac
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -549,6 +551,37 @@ async def _export_lines(
         first = False
     if format == "json":
         yield b"\n]\n"
+
+
+@router.get("/dead-letters", response_model=m.ListOf[m.DeadLetter])
+async def dead_letters(
+    request: Request,
+    actor: Actor,
+    limit: Limit = 100,
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+) -> dict[str, Any]:
+    """Records a history database refused for good (with the reason), oldest first; they
+    are kept in ``MES_SPOOL_DIR/dead-letter.jsonl`` and nothing else is done with them."""
+    settings: Settings = request.state.settings
+    path = Path(settings.spool_dir) / "dead-letter.jsonl"
+    items = await asyncio.to_thread(_read_dead_letters, path, after or 0, limit + 1)
+    return _page(items[:limit], len(items) > limit)
+
+
+def _read_dead_letters(path: Path, skip: int, count: int) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if not path.exists():
+        return items
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if number <= skip:
+                continue
+            if len(items) >= count:
+                break
+            record = _loads(line.decode(errors="replace"))
+            reason = record.pop("dead_letter_reason", None) if isinstance(record, dict) else None
+            items.append({"id": str(number), "reason": reason, "record": record})
+    return items
 
 
 @router.get("/audit", response_model=m.ListOf[m.AuditEntry])

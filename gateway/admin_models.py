@@ -231,3 +231,9 @@ class AuditEntry(BaseModel):
     action: str
     target: str | None
     details: Any
+
+
+class DeadLetter(BaseModel):
+    id: str = Field(description="Its line in the dead-letter file; page with after=<id>.")
+    reason: str | None
+    record: Any = Field(description="The record as spooled (see gateway/capture.py).")
