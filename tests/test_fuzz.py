@@ -4,6 +4,7 @@ requests never get a 5xx that is the gateway's own fault."""
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.proxy import _parse_chat_request
 from gateway.sse import EventSplitter, iter_data
 from tests.gateway_process import GatewayProcess
+from tests.history_db import HistoryDB
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 json_values = st.recursive(
@@ -165,3 +167,40 @@ def test_fuzzed_http_requests_never_get_a_5xx_of_the_gateways_own(
 
         probe()
         assert client.get("/healthz").status_code == 200
+
+
+async def test_thousands_of_messages_and_raw_header_tricks_are_handled(
+    upstream: Any, tmp_path: Path
+) -> None:
+    messages = [{"role": "user" if n % 2 else "assistant", "content": f"m{n}"} for n in range(5000)]
+    with GatewayProcess({"UPSTREAM_BASE_URL": upstream.base_url}, tmp_path) as gateway:
+        reply = httpx.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": messages},
+            headers={"X-Conversation-Id": "x" * 5000},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+        raw_requests = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: a\nb\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Bad\x00Name: 1\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+        ]
+        for raw in raw_requests:
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+                sock.sendall(raw)
+                status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+            assert not status_line.startswith(b"HTTP/1.1 5"), (raw, status_line)
+        assert httpx.get(gateway.url + "/healthz").status_code == 200
+        db = HistoryDB(str(tmp_path / "mes_gateway.db"))
+        try:
+            assert await db.wait_for("completions", 1) >= 1
+            rows = [r for r in await db.completions() if r["request_message_count"] == 5000]
+            (row,) = rows
+            request, _ = await db.request_and_answer(row)
+        finally:
+            await db.close()
+        assert request == messages

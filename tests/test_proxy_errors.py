@@ -81,6 +81,15 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
         (b"[1, 2, 3]", None),
         (b'{"model": "x", "messages": "hello"}', "messages"),
         (b'{"model": "x", "messages": [], "stream": "yes"}', "stream"),
+        (b'{"model": "x", "messages": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", None),
+    ],
+    ids=[
+        "truncated",
+        "not-utf8",
+        "not-an-object",
+        "messages-a-string",
+        "stream-a-string",
+        "nested-5000-deep",
     ],
 )
 def test_malformed_requests_get_a_400_and_never_reach_the_upstream(
