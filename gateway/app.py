@@ -35,6 +35,7 @@ from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate, ping
 from storage.dsn import parse_dsn
+from storage.redaction import Redactor
 from storage.schema import api_keys
 from storage.spool import Spool
 from storage.writer import HistoryWriter, adopt
@@ -193,6 +194,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             flush_interval=settings.capture_flush_interval,
             retry_seconds=settings.capture_retry_seconds,
             prepare=prepare_history,
+            redactor=Redactor(settings.redact_patterns),
         )
         registry.gauges["queue_depth"] = lambda: writer.depth
         registry.gauges["spool_bytes"] = lambda: spool.pending_bytes

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import orjson
 
 DEFAULT_SQLITE_PATH = "mes_gateway.db"
 
@@ -44,6 +47,7 @@ class Settings:
     capture_retry_seconds: float = 5.0
     spool_dir: str = "mes_spool"
     spool_max_bytes: int = 2**30
+    redact_patterns: tuple[str, ...] = ()
     shutdown_grace_seconds: float = 10.0
     db_pool_size: int = 5
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -92,6 +96,7 @@ class Settings:
             capture_retry_seconds=env.number("MES_RETRY_SECONDS", cls.capture_retry_seconds),
             spool_dir=env.text("MES_SPOOL_DIR", cls.spool_dir),
             spool_max_bytes=env.integer("MES_SPOOL_MAX_BYTES", cls.spool_max_bytes, minimum=1024),
+            redact_patterns=env.patterns("MES_REDACT_PATTERNS"),
             shutdown_grace_seconds=env.number("GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds),
             db_pool_size=env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
             trusted_proxies=env.networks("TRUSTED_PROXIES"),
@@ -123,6 +128,24 @@ class Reader:
 
     def text(self, name: str, default: str) -> str:
         return self.optional(name) or default
+
+    def patterns(self, name: str) -> tuple[str, ...]:
+        """A JSON array of regular expressions (commas are common in patterns)."""
+        raw = self.optional(name)
+        if raw is None:
+            return ()
+        try:
+            patterns = orjson.loads(raw)
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError("not a JSON array of strings")
+            for pattern in patterns:
+                re.compile(pattern)
+        except (ValueError, re.error) as error:
+            raise ConfigError(
+                f'{name} must be a JSON array of regular expressions, like ["sk-[A-Za-z0-9]+"]: '
+                f"{error}"
+            ) from None
+        return tuple(patterns)
 
     def names(self, name: str) -> list[str]:
         raw = self.optional(name) or ""

@@ -37,6 +37,7 @@ from tenacity import (
 
 from gateway.metrics import Metrics
 from storage.batch import write_batch
+from storage.redaction import Redactor
 from storage.rows import Record, RowSet
 from storage.spool import Position, Spool
 
@@ -113,6 +114,7 @@ class HistoryWriter:
         flush_interval: float,
         retry_seconds: float,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -124,6 +126,7 @@ class HistoryWriter:
         self.flush_interval = flush_interval
         self.retry_seconds = retry_seconds
         self.prepare = prepare
+        self.redactor = redactor or Redactor(())
         self.ready = prepare is None
         self._cursor = spool.checkpoint
         self._wake = asyncio.Event()
@@ -272,7 +275,7 @@ class HistoryWriter:
         rowsets: list[tuple[Record, RowSet]] = []
         for _, record in batch:
             try:
-                rowsets.append((record, record.rows()))
+                rowsets.append((record, self.redactor.rows(record.rows())))
             except Exception as error:  # a record we cannot shape is a bug: keep it aside
                 log.exception("could not build rows for record %s", record.id)
                 self._dead_letter(record, f"rows: {type(error).__name__}: {error}")
