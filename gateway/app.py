@@ -213,6 +213,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             limits=httpx.Limits(
                 max_connections=settings.upstream_max_connections,
                 max_keepalive_connections=settings.upstream_max_connections,
+                # Idle connections are let go before the usual server-side idle timeouts
+                # (uvicorn's and Node's 5 s): reusing one the upstream is closing at that
+                # instant fails the request with a read error.
+                keepalive_expiry=4.0,
             ),
             follow_redirects=False,
         )
