@@ -255,68 +255,68 @@ Tool = Annotated[str | None, Query(description="Only answers that called this to
 Order = Annotated[Literal["asc", "desc"], Query()]
 
 
+class HistoryQuery:
+    """The filters and the page of a user's completions or conversations (query string)."""
+
+    def __init__(
+        self,
+        model: Model = None,
+        since: Since = None,
+        until: Until = None,
+        status: Status = None,
+        errors_only: ErrorsOnly = False,
+        tool: Tool = None,
+        limit: Limit = 50,
+        after: str | None = None,
+        order: Order = "desc",
+    ) -> None:
+        self.filters = _filters(model, since, until, status, errors_only, tool)
+        self.limit, self.after, self.descending = limit, after, order == "desc"
+
+
+Query_ = Annotated[HistoryQuery, Depends()]
+
+
 @router.get("/users/{user_id}/completions", response_model=m.ListOf[m.Completion])
 async def user_completions(
-    user_id: str,
-    request: Request,
-    actor: Actor,
-    model: Model = None,
-    since: Since = None,
-    until: Until = None,
-    status: Status = None,
-    errors_only: ErrorsOnly = False,
-    tool: Tool = None,
-    limit: Limit = 50,
-    after: str | None = None,
-    order: Order = "desc",
+    user_id: str, request: Request, actor: Actor, query: Query_
 ) -> dict[str, Any]:
     scope = Scope.of(user_id)
     async with _history(request).connect() as connection:
         cursor = None
-        if after:
-            cursor = await browse.find_completion(connection, scope, after)
+        if query.after:
+            cursor = await browse.find_completion(connection, scope, query.after)
             if cursor is None:
-                raise AdminError(404, f"No completion '{after}'.", "not_found", "after")
+                raise AdminError(404, f"No completion '{query.after}'.", "not_found", "after")
         page = await browse.list_completions(
             connection,
             scope,
-            _filters(model, since, until, status, errors_only, tool),
-            limit=limit,
+            query.filters,
+            limit=query.limit,
             after=cursor,
-            descending=order == "desc",
+            descending=query.descending,
         )
     return _page([_completion(r) for r in page.rows], page.has_more)
 
 
 @router.get("/users/{user_id}/conversations", response_model=m.ListOf[m.Conversation])
 async def user_conversations(
-    user_id: str,
-    request: Request,
-    actor: Actor,
-    model: Model = None,
-    since: Since = None,
-    until: Until = None,
-    status: Status = None,
-    errors_only: ErrorsOnly = False,
-    tool: Tool = None,
-    limit: Limit = 50,
-    after: str | None = None,
-    order: Order = "desc",
+    user_id: str, request: Request, actor: Actor, query: Query_
 ) -> dict[str, Any]:
     scope = Scope.of(user_id)
     async with _history(request).connect() as connection:
         cursor = None
-        if after:
-            cursor = await browse.find_conversation(connection, scope, after)
+        if query.after:
+            cursor = await browse.find_conversation(connection, scope, query.after)
             if cursor is None:
-                raise AdminError(404, f"No conversation '{after}'.", "not_found", "after")
+                raise AdminError(404, f"No conversation '{query.after}'.", "not_found", "after")
         page = await browse.list_conversations(
             connection,
             scope,
-            _filters(model, since, until, status, errors_only, tool),
-            limit=limit,
+            query.filters,
+            limit=query.limit,
             after=cursor,
-            descending=order == "desc",
+            descending=query.descending,
         )
     return _page([_conversation(r) for r in page.rows], page.has_more)
 
