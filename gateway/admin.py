@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import admin_models as m
 from gateway.auth import Authenticator, presented_key
-from gateway.completion_objects import fine_tuning_example
+from gateway.completion_objects import fine_tuning_example, stored_json
 from gateway.settings import Settings
 from gateway.stored_completions import has_nul
 from storage import accounts, browse, deletion, search, stats
@@ -95,15 +95,6 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment.astimezone(UTC).replace(tzinfo=None)
 
 
-def _loads(raw: str | None) -> Any:
-    if raw is None:
-        return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw
-
-
 def _page(items: list[Any], has_more: bool, key: str = "id") -> dict[str, Any]:
     return {
         "object": "list",
@@ -123,7 +114,7 @@ def _plain(row: RowMapping) -> dict[str, Any]:
 
 
 def _user(row: RowMapping) -> dict[str, Any]:
-    return {**_plain(row), "metadata": _loads(row["metadata"])}
+    return {**_plain(row), "metadata": stored_json(row["metadata"])}
 
 
 @router.post("/users", response_model=m.User, status_code=201)
@@ -214,8 +205,8 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 
 
 def _completion(row: RowMapping) -> dict[str, Any]:
-    record = {**_plain(row), "user_id": row["owner"], "params": _loads(row["params"])}
-    record["metadata"] = _loads(row["metadata"])
+    record = {**_plain(row), "user_id": row["owner"], "params": stored_json(row["params"])}
+    record["metadata"] = stored_json(row["metadata"])
     return record
 
 
@@ -223,8 +214,8 @@ def _conversation(row: RowMapping) -> dict[str, Any]:
     return {
         **_plain(row),
         "user_id": row["owner"],
-        "metadata": _loads(row["metadata"]),
-        "tags": _loads(row["tags"]),
+        "metadata": stored_json(row["metadata"]),
+        "tags": stored_json(row["tags"]),
     }
 
 
@@ -341,7 +332,7 @@ async def get_completion(completion_id: str, request: Request, actor: Actor) -> 
         **_completion(row),
         "request": rebuilder.request(row),
         "answer": rebuilder.answer(row),
-        "extra_choices": _loads(row["extra_choices"]),
+        "extra_choices": stored_json(row["extra_choices"]),
     }
 
 
@@ -542,7 +533,7 @@ async def _export_lines(
                 yield orjson.dumps(example) + b"\n"
             continue
         record = {**_completion(row), "request": request, "answer": answer}
-        record["extra_choices"] = _loads(row["extra_choices"])
+        record["extra_choices"] = stored_json(row["extra_choices"])
         line = orjson.dumps(record, option=orjson.OPT_NAIVE_UTC)
         if format == "json":
             yield (b"" if first else b",") + b"\n" + line
@@ -578,7 +569,7 @@ def _read_dead_letters(path: Path, skip: int, count: int) -> list[dict[str, Any]
                 continue
             if len(items) >= count:
                 break
-            record = _loads(line.decode(errors="replace"))
+            record = stored_json(line.decode(errors="replace"))
             reason = record.pop("dead_letter_reason", None) if isinstance(record, dict) else None
             items.append({"id": str(number), "reason": reason, "record": record})
     return items
@@ -594,7 +585,7 @@ async def audit_log(
     """Admin actions and history changes, newest first; page with ``after=<last id>``."""
     async with _main(request).connect() as connection:
         rows = await accounts.list_audit(connection, limit + 1, after)
-    items = [{**r, "details": _loads(r["details"])} for r in rows[:limit]]
+    items = [{**r, "details": stored_json(r["details"])} for r in rows[:limit]]
     return _page(items, len(rows) > limit)
 
 

@@ -134,23 +134,10 @@ class Exchange:
         which maps each byte to one character and back)."""
         return {
             "kind": "chat",
-            "id": self.id,
-            "owner": self.owner,
-            "key_fingerprint": self.key_fingerprint,
-            "client_ip": self.client_ip,
-            "user_agent": self.user_agent,
-            "conversation_header": self.conversation_header,
-            "request": self.request,
-            "stream": self.stream,
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
             "started_at": self.started_at.isoformat(),
-            "status": self.status,
             "response_body": self.response_body.decode("latin-1"),
             "chunks": [[at, raw.decode("latin-1")] for at, raw in self.chunks],
-            "first_byte_ms": self.first_byte_ms,
-            "latency_ms": self.latency_ms,
-            "error_type": self.error_type,
-            "error_message": self.error_message,
-            "cut_short": self.cut_short,
         }
 
     @classmethod

@@ -28,7 +28,7 @@ def completion_object(row: RowMapping, answer: Any) -> JSON:
     choices = []
     if isinstance(answer, dict):
         choices.append(_choice(0, answer, row["finish_reason"]))
-    for extra in _loads(row["extra_choices"]) or ():
+    for extra in stored_json(row["extra_choices"]) or ():
         if isinstance(extra, dict) and isinstance(extra.get("message"), dict):
             choices.append(_choice(extra.get("index", 0), extra["message"], extra["finish_reason"]))
     body: JSON = {
@@ -91,7 +91,7 @@ def fine_tuning_example(row: RowMapping, request: list[Any], answer: Any) -> JSO
     if any(not isinstance(m, dict) or m.get("role") not in FINE_TUNING_ROLES for m in turns):
         return None
     example: JSON = {"messages": turns}
-    params = _loads(row["params"]) or {}
+    params = stored_json(row["params"]) or {}
     if isinstance(params.get("tools"), list):
         example["tools"] = params["tools"]
     if isinstance(params.get("parallel_tool_calls"), bool):
@@ -100,7 +100,7 @@ def fine_tuning_example(row: RowMapping, request: list[Any], answer: Any) -> JSO
 
 
 def metadata(raw: str | None) -> dict[str, str] | None:
-    value = _loads(raw)
+    value = stored_json(raw)
     if not isinstance(value, dict):
         return None
     return {str(k): v for k, v in value.items() if isinstance(v, str)}
@@ -137,7 +137,7 @@ def _trimmed(message: Any) -> Any:
 
 
 def _usage(row: RowMapping) -> JSON | None:
-    stored = _loads(row["usage"])
+    stored = stored_json(row["usage"])
     if isinstance(stored, dict) and all(
         isinstance(stored.get(k), int) for k in ("prompt_tokens", "completion_tokens")
     ):
@@ -151,7 +151,8 @@ def _usage(row: RowMapping) -> JSON | None:
     }
 
 
-def _loads(raw: str | None) -> Any:
+def stored_json(raw: str | None) -> Any:
+    """A JSON column's value (written by orjson), or None."""
     if raw is None:
         return None
     try:
