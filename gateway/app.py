@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -30,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
+from gateway.upstream import Upstream
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
@@ -155,6 +155,11 @@ async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[st
         await connection.execute(insert_ignore(connection, api_keys), rows)
 
 
+def _not_captured(record: object) -> bool:
+    """``MES_CAPTURE=false``: the gateway proxies and records nothing."""
+    return False
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -206,21 +211,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await _first_try(writer.ready_event)
         for orphan in spool.orphans():
             background.append(asyncio.create_task(adopt(orphan, writer, registry)))
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                settings.upstream_timeout, connect=settings.upstream_connect_timeout
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.upstream_max_connections,
-                max_keepalive_connections=settings.upstream_max_connections,
-                # Idle connections are let go before the usual server-side idle timeouts
-                # (uvicorn's and Node's 5 s): reusing one the upstream is closing at that
-                # instant fails the request with a read error.
-                keepalive_expiry=4.0,
-            ),
-            follow_redirects=False,
+        upstream = Upstream(settings)
+        proxy = Proxy(
+            settings,
+            upstream,
+            authenticator,
+            writer.submit if settings.capture else _not_captured,
+            registry,
         )
-        proxy = Proxy(settings, client, authenticator, writer.submit, registry)
         stored = StoredCompletions(history_engine, main_engine, authenticator)
         engines = {"main": main_engine}
         if history_engine is not main_engine:
@@ -245,7 +243,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for task in background:
                 task.cancel()
             await writer.close(settings.shutdown_grace_seconds)
-            await client.aclose()
+            await upstream.close()
             for engine in engines.values():
                 await engine.dispose()
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import httpx
 import orjson
 
 from gateway.asgi import (
@@ -33,15 +32,11 @@ from gateway.asgi import (
 from gateway.auth import Authenticator, Caller
 from gateway.capture import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
 from gateway.client_ip import client_ip
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.sse import EventSplitter, event_data
+from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
 from storage.rows import Record
 
 log = logging.getLogger("mes.proxy")
@@ -63,13 +58,13 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         authenticator: Authenticator,
         capture: Callable[[Record], bool],
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.client = client
+        self.upstream = upstream
         self.authenticator = authenticator
         self.capture = capture
         self.metrics = metrics
@@ -159,14 +154,10 @@ class Proxy:
     ) -> None:
         exchange = self._exchange(scope, caller, request)
         upstream_body, strip_usage = _ask_for_usage(request, body)
-        upstream_request = httpx.Request(
-            "POST",
-            self._upstream_url(scope),
-            headers=self._upstream_headers(scope["headers"], chat=True),
-            content=upstream_body,
-        )
+        url = self._upstream_url(scope)
+        upstream_headers = self._upstream_headers(scope["headers"], chat=True)
         started = time.perf_counter()
-        response: httpx.Response | None = None
+        response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
         captured = False
 
@@ -188,11 +179,11 @@ class Proxy:
 
         try:
             async with watch:
-                response = await self._send_upstream(upstream_request)
-                exchange.status = response.status_code
+                response = await self._send_upstream("POST", url, upstream_headers, upstream_body)
+                exchange.status = response.status
                 exchange.first_byte_ms = _since(started)
-                content_type = response.headers.get("content-type", "")
-                if exchange.stream and response.is_success and _EVENT_STREAM in content_type:
+                events = _EVENT_STREAM in response.content_type
+                if exchange.stream and response.is_success and events:
                     await self._relay_events(send, response, exchange, started, strip_usage, finish)
                 else:
                     await self._relay_whole(send, response, exchange, finish)
@@ -204,24 +195,22 @@ class Proxy:
             await send_error(send, error)
         finally:
             if response is not None:
-                await response.aclose()
+                response.close()
             finish()
 
-    async def _send_upstream(self, request: httpx.Request) -> httpx.Response:
+    async def _send_upstream(
+        self, method: str, url: str, headers: Headers, body: bytes
+    ) -> UpstreamResponse:
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.TimeoutException:
+            return await self.upstream.send(method, url, headers, body)
+        except GatewayError:
             self.metrics.inc("upstream_errors")
-            raise UpstreamTimeout("The upstream did not answer in time.") from None
-        except httpx.TransportError as error:
-            self.metrics.inc("upstream_errors")
-            log.warning("upstream unreachable: %s", type(error).__name__)
-            raise UpstreamUnreachable("The upstream could not be reached.") from None
+            raise
 
     async def _relay_events(
         self,
         send: Send,
-        response: httpx.Response,
+        response: UpstreamResponse,
         exchange: Exchange,
         started: float,
         strip_usage: bool,
@@ -230,7 +219,7 @@ class Proxy:
         await send(
             {
                 "type": "http.response.start",
-                "status": response.status_code,
+                "status": response.status,
                 "headers": _response_headers(response, keep_length=False),
             }
         )
@@ -238,7 +227,7 @@ class Proxy:
         chunks = exchange.chunks
         held = b""  # the closing "data: [DONE]" waits until the record is spooled
         try:
-            async for raw in response.aiter_raw():
+            async for raw in response.chunks():
                 events = splitter.feed(raw)
                 if not events:
                     continue
@@ -250,11 +239,11 @@ class Proxy:
                 out = _without_usage_event(events, whole) if strip_usage and events else whole
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-        except httpx.HTTPError as error:
+        except UpstreamBroke as error:
             self.metrics.inc("upstream_errors")
             exchange.cut_short = UPSTREAM_DISCONNECTED
             exchange.error_type = UPSTREAM_DISCONNECTED
-            exchange.error_message = f"upstream stream broke: {type(error).__name__}"
+            exchange.error_message = f"upstream stream broke: {error}"
             held = _STREAM_ERROR
         finish()
         await send({"type": "http.response.body", "body": held, "more_body": False})
@@ -262,15 +251,15 @@ class Proxy:
     async def _relay_whole(
         self,
         send: Send,
-        response: httpx.Response,
+        response: UpstreamResponse,
         exchange: Exchange,
         finish: Callable[[], None],
     ) -> None:
         try:
-            parts = [raw async for raw in response.aiter_raw()]
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("The upstream did not finish its answer in time.") from None
-        except httpx.HTTPError:
+            parts = [raw async for raw in response.chunks()]
+        except UpstreamBroke as error:
+            if error.timed_out:
+                raise UpstreamTimeout("The upstream did not finish its answer in time.") from None
             raise UpstreamUnreachable("The upstream connection broke during the answer.") from None
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         exchange.response_body = body
@@ -278,7 +267,7 @@ class Proxy:
         await send(
             {
                 "type": "http.response.start",
-                "status": response.status_code,
+                "status": response.status,
                 "headers": _response_headers(response, keep_length=False)
                 + [(b"content-length", str(len(body)).encode())],
             }
@@ -298,33 +287,29 @@ class Proxy:
             started_at=datetime.now(UTC).replace(tzinfo=None),
             bytes_in=len(body),
         )
-        upstream_request = httpx.Request(
-            scope["method"],
-            self._upstream_url(scope),
-            headers=self._upstream_headers(scope["headers"], chat=False),
-            content=body,
-        )
+        url = self._upstream_url(scope)
+        upstream_headers = self._upstream_headers(scope["headers"], chat=False)
         started = time.perf_counter()
-        response: httpx.Response | None = None
+        response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
         try:
             async with watch:
-                response = await self._send_upstream(upstream_request)
-                log_row.status = response.status_code
+                response = await self._send_upstream(scope["method"], url, upstream_headers, body)
+                log_row.status = response.status
                 await send(
                     {
                         "type": "http.response.start",
-                        "status": response.status_code,
+                        "status": response.status,
                         "headers": _response_headers(response, keep_length=True),
                     }
                 )
                 try:
-                    async for raw in response.aiter_raw():
+                    async for raw in response.chunks():
                         log_row.bytes_out += len(raw)
                         await send({"type": "http.response.body", "body": raw, "more_body": True})
-                except httpx.HTTPError as error:
+                except UpstreamBroke as error:
                     log_row.error_type = UPSTREAM_DISCONNECTED
-                    log.warning("upstream broke mid-response: %s", type(error).__name__)
+                    log.warning("upstream broke mid-response: %s", error)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except GatewayError as error:
             log_row.status = error.status
@@ -332,7 +317,7 @@ class Proxy:
             await send_error(send, error)
         finally:
             if response is not None:
-                await response.aclose()
+                response.close()
             if watch.disconnected:
                 log_row.status = log_row.status or CLIENT_CLOSED_REQUEST
                 log_row.error_type = CLIENT_DISCONNECTED
@@ -391,8 +376,8 @@ def _is_usage_event(event: bytes) -> bool:
     return isinstance(chunk, dict) and chunk.get("choices") == [] and bool(chunk.get("usage"))
 
 
-def _response_headers(response: httpx.Response, keep_length: bool) -> Headers:
-    raw = response.headers.raw
+def _response_headers(response: UpstreamResponse, keep_length: bool) -> Headers:
+    raw = response.headers
     dropped = HOP_BY_HOP | connection_listed(raw)
     if not keep_length:
         dropped = dropped | {b"content-length"}

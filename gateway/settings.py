@@ -41,6 +41,7 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
     upstream_max_connections: int = 512
+    capture: bool = True
     capture_queue_size: int = 10_000
     capture_batch_size: int = 200
     capture_flush_interval: float = 0.2
@@ -90,6 +91,7 @@ class Settings:
             upstream_max_connections=env.integer(
                 "UPSTREAM_MAX_CONNECTIONS", cls.upstream_max_connections, minimum=1
             ),
+            capture=env.flag("MES_CAPTURE", True),
             capture_queue_size=env.integer("MES_QUEUE_SIZE", cls.capture_queue_size, minimum=1),
             capture_batch_size=env.integer("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
             capture_flush_interval=env.number("MES_FLUSH_INTERVAL", cls.capture_flush_interval),
