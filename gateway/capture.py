@@ -9,7 +9,7 @@ message chain and shaping rows happen in ``rows()``, called by the writer off th
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,7 +30,7 @@ UPSTREAM_DISCONNECTED = "upstream_disconnected"
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
 
 
 @dataclass(slots=True)

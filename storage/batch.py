@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, case, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
@@ -125,26 +125,48 @@ async def _add_to_totals(connection: AsyncConnection, new_completions: list[Row]
         entry["total"] += row["total_tokens"] or 0
         if entry["last"] is None or row["started_at"] > entry["last"]:
             entry["last"] = row["started_at"]
-    message_count = (
-        select(func.count())
+    if totals:
+        await connection.execute(
+            _ADD_TO_TOTALS,
+            [
+                {
+                    "b_id": conversation_id,
+                    "b_count": entry["count"],
+                    "b_prompt": entry["prompt"],
+                    "b_completion": entry["completion"],
+                    "b_total": entry["total"],
+                    "b_last": entry["last"],
+                }
+                for conversation_id, entry in sorted(totals.items())
+            ],
+        )
+
+
+# One statement for every conversation of a batch, run as an executemany: built and
+# compiled once, not once per conversation.
+_ADD_TO_TOTALS = (
+    update(conversations)
+    .where(conversations.c.id == bindparam("b_id"))
+    .values(
+        completion_count=conversations.c.completion_count
+        + bindparam("b_count", type_=conversations.c.completion_count.type),
+        prompt_tokens=conversations.c.prompt_tokens
+        + bindparam("b_prompt", type_=conversations.c.prompt_tokens.type),
+        completion_tokens=conversations.c.completion_tokens
+        + bindparam("b_completion", type_=conversations.c.completion_tokens.type),
+        total_tokens=conversations.c.total_tokens
+        + bindparam("b_total", type_=conversations.c.total_tokens.type),
+        message_count=select(func.count())
         .select_from(messages)
         .where(messages.c.conversation_id == conversations.c.id)
-        .scalar_subquery()
+        .scalar_subquery(),
+        updated_at=case(
+            (
+                conversations.c.updated_at
+                < bindparam("b_last", type_=conversations.c.updated_at.type),
+                bindparam("b_last", type_=conversations.c.updated_at.type),
+            ),
+            else_=conversations.c.updated_at,
+        ),
     )
-    for conversation_id in sorted(totals):
-        entry = totals[conversation_id]
-        await connection.execute(
-            update(conversations)
-            .where(conversations.c.id == conversation_id)
-            .values(
-                completion_count=conversations.c.completion_count + entry["count"],
-                prompt_tokens=conversations.c.prompt_tokens + entry["prompt"],
-                completion_tokens=conversations.c.completion_tokens + entry["completion"],
-                total_tokens=conversations.c.total_tokens + entry["total"],
-                message_count=message_count,
-                updated_at=case(
-                    (conversations.c.updated_at < entry["last"], entry["last"]),
-                    else_=conversations.c.updated_at,
-                ),
-            )
-        )
+)

@@ -1,7 +1,8 @@
 """The history writer: one per process, fed by the durable spool, writing in batches.
 
 The request path calls ``submit()``, which never waits on the database: it appends the
-record to the spool (``storage/spool.py``) and keeps it in a bounded in-memory cache so
+record to the spool (``storage/spool.py``) and keeps it in an in-memory cache, bounded in
+records and in bytes, so
 that the writer need not read it back from disk. The writer takes records in spool order
 (from the cache when it holds them, from disk otherwise: after a restart, or when the cache
 was full), up to ``batch_size`` or whatever arrived within ``flush_interval``, builds their
@@ -110,6 +111,7 @@ class HistoryWriter:
         encode: Encode,
         decode: Decode,
         cache_size: int,
+        cache_bytes: int = 32 * 2**20,
         batch_size: int,
         flush_interval: float,
         retry_seconds: float,
@@ -120,8 +122,11 @@ class HistoryWriter:
         self.metrics = metrics
         self.spool = spool
         self.encode, self.decode = encode, decode
-        self.cache: deque[tuple[Position, Position, Record]] = deque()  # start, end, record
+        # start, end, record, size of its spool entry
+        self.cache: deque[tuple[Position, Position, Record, int]] = deque()
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_seconds = retry_seconds
@@ -156,8 +161,9 @@ class HistoryWriter:
                 "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
             )
             return False
-        if len(self.cache) < self.cache_size:
-            self.cache.append((start, end, record))
+        if len(self.cache) < self.cache_size and self._cached_bytes < self.cache_bytes:
+            self.cache.append((start, end, record, len(entry)))
+            self._cached_bytes += len(entry)
         self.metrics.inc("records_captured")
         self.wake()
         return True
@@ -245,9 +251,9 @@ class HistoryWriter:
         while len(batch) < self.batch_size:
             position = batch[-1][0] if batch else self._cursor
             while self.cache and self.cache[0][1] <= position:
-                self.cache.popleft()  # read from disk already
+                self._uncache()  # read from disk already
             if self.cache and self.spool.follows(position, self.cache[0][0]):
-                _, end, record = self.cache.popleft()
+                _, end, record = self._uncache()
                 batch.append((end, record))
                 continue
             from_disk = self.spool.read(position, self.batch_size - len(batch))
@@ -255,7 +261,7 @@ class HistoryWriter:
                 break
             for entry, end in from_disk:
                 if self.cache and self.cache[0][1] == end:
-                    batch.append((end, self.cache.popleft()[2]))
+                    batch.append((end, self._uncache()[2]))
                     continue
                 try:
                     batch.append((end, self.decode(entry)))
@@ -270,6 +276,11 @@ class HistoryWriter:
                     break
                 self.metrics.inc("records_replayed")
         return batch
+
+    def _uncache(self) -> tuple[Position, Position, Record]:
+        start, end, record, size = self.cache.popleft()
+        self._cached_bytes -= size
+        return start, end, record
 
     async def _write(self, batch: list[tuple[Position, Record]]) -> None:
         rowsets: list[tuple[Record, RowSet]] = []

@@ -151,3 +151,37 @@ async def test_a_database_outage_neither_fails_nor_slows_requests(
     assert values["mes_records_failed_total"] == "0"
     assert int(values["mes_records_captured_total"]) == 90
     assert int(values["mes_spool_bytes"]) > 0
+
+
+async def test_large_requests_beyond_the_memory_bound_are_read_back_from_the_spool(
+    upstream: Any, tmp_path: Path
+) -> None:
+    """MES_QUEUE_BYTES bounds what the writer keeps in memory: 40 requests of ~20 KB against
+    a 64 KB bound are all written, most of them read back from the spool's disk."""
+    dsn = str(tmp_path / "history.db")
+    env = {
+        "UPSTREAM_BASE_URL": upstream.base_url,
+        "MES_SQLITE_PATH": dsn,
+        "MES_QUEUE_BYTES": "65536",
+        "MES_FLUSH_INTERVAL": "0.5",
+    }
+    prompt = "lorem ipsum dolor sit amet " * 800
+    with GatewayProcess(env, tmp_path) as gateway:
+        async with httpx.AsyncClient(
+            base_url=gateway.base_url, headers={"Authorization": "Bearer sk-x"}
+        ) as client:
+            for index in range(40):
+                body = {**CHAT, "messages": [{"role": "user", "content": f"{index} {prompt}"}]}
+                response = await client.post("/chat/completions", json=body)
+                assert response.status_code == 200
+        database = HistoryDB(dsn)
+        try:
+            assert await database.wait_for("completions", 40) == 40
+            rows = await database.completions()
+        finally:
+            await database.close()
+        metrics = httpx.get(gateway.url + "/metrics").text
+    values = dict(line.split() for line in metrics.splitlines() if line.startswith("mes_"))
+    assert int(values["mes_records_written_total"]) == 40
+    assert int(values["mes_records_replayed_total"]) >= 20
+    assert len({row["id"] for row in rows}) == 40

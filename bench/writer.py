@@ -1,0 +1,156 @@
+"""How many records per second the capture pipeline writes into each history database.
+
+    python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60]
+
+Runs the gateway's own writer (``storage/writer.py``: spool, cache, batches, the same
+row building and SQL) in this process, against a throwaway database server with its
+durable defaults (or a SQLite file), and feeds it at a fixed rate the records the proxy
+would hand it: non-streamed chat completions with a ~1 KB prompt, each a new conversation
+(a conversation, a completion and three messages per record). Prints, once a second, what
+was submitted and written and the backlog (records in memory, bytes in the spool), then the
+rate sustained: records written over the time from the first submit until the writer had
+written everything. The feeder shares the writer's event loop, as the request path does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fake_upstream.responses import Answer  # noqa: E402
+from gateway.capture import Exchange, from_entry, to_entry  # noqa: E402
+from gateway.metrics import Metrics  # noqa: E402
+from storage.database import create_engine, ensure_database, migrate  # noqa: E402
+from storage.dsn import parse_dsn  # noqa: E402
+from storage.spool import Spool  # noqa: E402
+from storage.writer import HistoryWriter  # noqa: E402
+
+PROMPT = (
+    "The quarterly report shows revenue up four percent, churn down, and a backlog of "
+    "support tickets about the export feature that the team wants to clear before June. "
+) * 6
+
+
+@contextmanager
+def database(backend: str, workdir: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield str(workdir / "history.db")
+        return
+    from tests.dbservers import start_mariadb, start_postgres
+
+    start = start_postgres if backend == "postgresql" else start_mariadb
+    server = start(workdir / backend, durable=True)
+    try:
+        yield server.url("mes_bench_writer")
+    finally:
+        server.shutdown()
+
+
+def record(n: int, answer: bytes) -> Exchange:
+    request = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": f"Question {n}: summarise this. {PROMPT}"},
+        ],
+        "user": f"user-{n % 50}",
+    }
+    return Exchange(
+        owner="bench",
+        key_fingerprint=None,
+        client_ip="127.0.0.1",
+        user_agent="bench/1",
+        conversation_header=None,
+        request=request,
+        stream=False,
+        started_at=datetime.now(UTC).replace(tzinfo=None),
+        status=200,
+        response_body=answer,
+        first_byte_ms=1.0,
+        latency_ms=1.2,
+    )
+
+
+async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
+    engine = create_engine(parse_dsn(dsn), pool_size=5)
+    await ensure_database(dsn)
+    await migrate(engine, "history")
+    metrics = Metrics()
+    spool = Spool(workdir / "spool", max_bytes=2**36)
+    spool.open()
+    writer = HistoryWriter(
+        engine,
+        metrics,
+        spool,
+        encode=to_entry,
+        decode=from_entry,
+        cache_size=10_000,
+        batch_size=200,
+        flush_interval=0.2,
+        retry_seconds=5.0,
+    )
+    answer = Answer(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}, 8
+    ).completion()
+    writer.start()
+    print(f"{'s':>4}{'submitted':>11}{'written':>10}{'in memory':>11}{'spooled MiB':>13}")
+    started = time.perf_counter()
+    submitted = 0
+    next_report = 1.0
+    peak_backlog = 0
+    while (elapsed := time.perf_counter() - started) < seconds:
+        due = int(elapsed * rate)
+        while submitted < due:
+            writer.submit(record(submitted, answer))
+            submitted += 1
+        backlog = submitted - metrics.counters["records_written"]
+        peak_backlog = max(peak_backlog, backlog)
+        if elapsed >= next_report:
+            print(
+                f"{next_report:>4.0f}{submitted:>11}{metrics.counters['records_written']:>10}"
+                f"{writer.depth:>11}{spool.pending_bytes / 2**20:>13.1f}",
+                flush=True,
+            )
+            next_report += 1.0
+        await asyncio.sleep(0.005)
+    while metrics.counters["records_written"] + metrics.counters["records_failed"] < submitted:  # noqa: ASYNC110 (polls a counter)
+        await asyncio.sleep(0.05)
+    total = time.perf_counter() - started
+    written = metrics.counters["records_written"]
+    print(
+        f"offered {rate}/s for {seconds:.0f} s: {written} written, "
+        f"{metrics.counters['records_failed']} failed, in {total:.1f} s: "
+        f"{written / total:.0f} records/s sustained; peak backlog {peak_backlog} records"
+    )
+    await writer.close(5)
+    await engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "mysql"], default="sqlite")
+    parser.add_argument("--rate", type=int, default=10_000, help="records offered per second")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mes-bench-writer-"))
+    try:
+        with database(args.backend, workdir) as dsn:
+            import uvloop
+
+            uvloop.run(run(dsn, args.rate, args.seconds, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
