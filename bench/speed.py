@@ -293,6 +293,7 @@ def main() -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
 
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-speed-"))
+    workdir.chmod(0o755)  # the database server runs as its own user
     bodies: dict[tuple[int, bool], Path] = {}
     for size in (1000, 20_000, 200_000):
         for stream in (False, True):

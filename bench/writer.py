@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -95,7 +96,7 @@ async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
         encode=to_entry,
         decode=from_entry,
         cache_size=10_000,
-        batch_size=200,
+        batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
         flush_interval=0.2,
         retry_seconds=5.0,
     )
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-writer-"))
+    workdir.chmod(0o755)  # the database servers run as their own users
     try:
         with database(args.backend, workdir) as dsn:
             import uvloop

@@ -43,6 +43,13 @@ def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
         # Each statement sees what others committed, as on PostgreSQL: a writer that waited
         # for a conversation's lock then counts the messages the other writer added.
         options["isolation_level"] = "READ COMMITTED"
+    if database.kind == "postgresql":
+        # asyncpg prepares every statement, and after five runs PostgreSQL may settle on a
+        # generic plan for it, made while the table was small: a sequential scan that it
+        # then keeps as the table grows (the writer's "id IN (...)" checks fell to ~1,000
+        # records/s that way). Plans made for each run's parameters cost a little planning
+        # and follow the data, also for owners with very different amounts of history.
+        options["connect_args"] = {"server_settings": {"plan_cache_mode": "force_custom_plan"}}
     return create_async_engine(database.url, **options)
 
 
