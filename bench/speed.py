@@ -176,13 +176,15 @@ def counters(gateway: GatewayProcess) -> dict[str, float]:
 
 
 def drained(gateway: GatewayProcess, timeout: float = 300.0) -> dict[str, float]:
-    """The gateway's counters once its writer has written everything it captured."""
+    """The gateway's counters once its writer has written everything it captured (so that
+    one measurement's backlog does not slow the next)."""
     deadline = time.monotonic() + timeout
     while True:
         seen = counters(gateway)
-        if seen.get("queue_depth", 0) == 0 or time.monotonic() > deadline:
+        written = seen.get("records_written_total", 0) + seen.get("records_failed_total", 0)
+        if written >= seen.get("records_captured_total", 0) or time.monotonic() > deadline:
             return seen
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 @contextmanager
@@ -222,6 +224,7 @@ def closed_loop_table(
     rows = []
     for stream, size, connections in cells:
         body = bodies[(size, stream)]
+        drained(gateway)
         direct = wrk(upstream_url, body, connections, seconds)
         through = wrk(gateway.url + "/v1/chat/completions", body, connections, seconds)
         ratio = through.requests_per_second / direct.requests_per_second
@@ -259,6 +262,7 @@ def open_loop_table(
     for stream in (False, True):
         body = prompt_body(1000, stream)
         for rate in rates:
+            drained(gateway)
             direct = open_loop(upstream_port, body, rate, seconds)
             through = open_loop(gateway.port, body, rate, seconds)
             mode = "stream" if stream else "whole"
@@ -288,6 +292,12 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 1000])
     parser.add_argument("--open-seconds", type=float, default=5.0)
     parser.add_argument("--soak", type=float, default=60.0, help="seconds at c=64 (0: none)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[20_000, 200_000], help="larger prompts, at c=16"
+    )
+    parser.add_argument(
+        "--gateway-env", nargs="*", default=[], metavar="NAME=VALUE", help="more gateway settings"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -301,7 +311,7 @@ def main() -> None:
             path.write_bytes(prompt_body(size, stream))
             bodies[(size, stream)] = path
     cells = [(stream, 1000, c) for stream in (False, True) for c in args.concurrency]
-    cells += [(stream, size, 16) for stream in (False, True) for size in (20_000, 200_000)]
+    cells += [(stream, size, 16) for stream in (False, True) for size in args.sizes]
 
     summary: dict[str, dict[str, object]] = {}
     with serve_subprocess() as upstream:
@@ -315,6 +325,7 @@ def main() -> None:
                     "MES_SPOOL_DIR": str(workdir / config / "spool"),
                     "MES_FLUSH_INTERVAL": "0.2",
                     **env,
+                    **dict(setting.split("=", 1) for setting in args.gateway_env),
                 }
                 with GatewayProcess(gateway_env, workdir / config) as gateway:
                     assert gateway.process is not None
@@ -324,6 +335,7 @@ def main() -> None:
                     opened = open_loop_table(upstream.port, gateway, args.rates, args.open_seconds)
                     soak_rss = None
                     if args.soak:
+                        drained(gateway)
                         run = wrk(
                             gateway.url + "/v1/chat/completions",
                             bodies[(1000, False)],

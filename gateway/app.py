@@ -5,6 +5,7 @@ lifespan state. Nothing is done on import."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -239,6 +240,12 @@ def create_app(settings: Settings | None = None) -> Gateway:
         engines = {"main": main_engine}
         if history_engine is not main_engine:
             engines["history"] = history_engine
+        # Everything made at start (modules, routes, schemas, pools) moves out of the cyclic
+        # garbage collector's reach: its full collections had to walk it all, stalling
+        # every request in flight (bench: p99 at concurrency 16, capture off, 84 -> 4 ms;
+        # at concurrency 1, 29 -> 0.7 ms; and ~30 % more requests/s).
+        gc.collect()
+        gc.freeze()
         log.info(
             "MES Gateway ready: upstream %s, %s mode",
             settings.upstream_base_url,
