@@ -95,7 +95,7 @@ async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
         spool,
         encode=to_entry,
         decode=from_entry,
-        cache_size=10_000,
+        cache_size=1_000,
         batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
         flush_interval=0.2,
         retry_seconds=5.0,

@@ -42,7 +42,7 @@ class Settings:
     upstream_timeout: float = 600.0
     upstream_max_connections: int = 512
     capture: bool = True
-    capture_queue_size: int = 10_000
+    capture_queue_size: int = 1_000
     capture_queue_bytes: int = 32 * 2**20
     capture_batch_size: int = 200
     capture_flush_interval: float = 0.2
