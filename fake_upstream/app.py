@@ -32,7 +32,12 @@ Send = Callable[[Message], Awaitable[None]]
 
 JSON_TYPE = (b"content-type", b"application/json")
 SSE_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
-COMMON = [(b"x-request-id", b"req_fake"), (b"openai-processing-ms", b"1")]
+# OpenAI's answers set Cloudflare cookies; a gateway must relay them, never keep them.
+COMMON = [
+    (b"x-request-id", b"req_fake"),
+    (b"openai-processing-ms", b"1"),
+    (b"set-cookie", b"_cfuvid=fake-cookie; path=/; HttpOnly"),
+]
 
 
 class ConnectionReset(Exception):

@@ -1,10 +1,10 @@
 """The gateway's connection pool to the upstream, on aiohttp's client.
 
-Chosen by measurement (``bench/speed.py``): with httpx's own pool the gateway served ~610
-requests/s at concurrency 16, spending almost half its time in httpcore's pool (each request
-polls every idle connection, encode/httpx#3215); with httpx over the ``httpx-aiohttp``
-transport, ~1,950; with aiohttp's client used directly, without httpx's request and cookie
-layers on top, more still. aiohttp parses responses in C and keeps its pool in a dict.
+Chosen by measurement (wrk at concurrency 16, capture into SQLite, one worker): with
+httpx's own pool the gateway served ~610 requests/s, spending almost half its time in
+httpcore's pool (each request polls every idle connection, encode/httpx#3215); with httpx
+over the ``httpx-aiohttp`` transport, ~1,950; with aiohttp's client used directly, without
+httpx's request and cookie layers on top, ~2,750. aiohttp parses responses in C.
 
 The pool forwards what the gateway gives it and adds nothing of its own: no ``User-Agent``,
 ``Accept`` or ``Accept-Encoding`` of aiohttp's, no content type, and no cookies (an

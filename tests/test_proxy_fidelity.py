@@ -180,3 +180,24 @@ def test_other_v1_routes_are_proxied_transparently_and_logged(
     assert proxied.models.list().model_dump() == direct.models.list().model_dump()
     expected = direct.embeddings.create(model="text-embedding-3-small", input="hi")
     assert proxied.embeddings.create(model="text-embedding-3-small", input="hi") == expected
+
+
+def test_upstream_cookies_reach_the_client_and_are_never_replayed_for_the_next_caller(
+    upstream: Any, gateway: GatewayProcess
+) -> None:
+    """The upstream sets a cookie on every answer (OpenAI's do): the gateway relays it to
+    the client, and its connection pool does not keep it and send it on someone else's
+    request (httpx's client would have)."""
+    httpx.delete(upstream.root + "/_fake/requests")
+    first = httpx.post(
+        gateway.base_url + "/chat/completions",
+        json=REQUESTS["text"],
+        headers={"Authorization": "Bearer sk-one"},
+    )
+    assert first.status_code == 200
+    assert "_cfuvid=fake-cookie" in first.headers["set-cookie"]
+    second = httpx.get(gateway.base_url + "/models", headers={"Authorization": "Bearer sk-two"})
+    assert second.status_code == 200
+    received = httpx.get(upstream.root + "/_fake/requests").json()
+    assert [r["path"] for r in received] == ["/v1/chat/completions", "/v1/models"]
+    assert all("cookie" not in request["headers"] for request in received)
