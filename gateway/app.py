@@ -159,7 +159,8 @@ async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[st
 class Gateway:
     """The ASGI app. ``POST /v1/chat/completions``, the hot path, goes straight to the proxy
     (itself pure ASGI, answering its own errors); everything else through Starlette's router
-    and middleware, which cost that path ~4 % of its time in a profile."""
+    and middleware. Measured with wrk at concurrency 16, capture off, four runs each: ~6,390
+    requests/s dispatched here, ~5,550 through the router."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
