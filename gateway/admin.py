@@ -31,7 +31,7 @@ from gateway.auth import Authenticator, presented_key
 from gateway.completion_objects import fine_tuning_example, stored_json
 from gateway.settings import Settings
 from gateway.stored_completions import has_nul
-from storage import accounts, browse, deletion, search, stats
+from storage import accounts, browse, deletion, retention, search, stats
 from storage.browse import CompletionFilter
 from storage.schema import conversations
 from storage.scope import Scope
@@ -411,13 +411,13 @@ async def delete_conversation(conversation_id: str, request: Request, actor: Act
 @router.post("/prune", response_model=m.Deleted)
 async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
     """Delete every completion and request log older than ``older_than_days``, and the
-    messages and conversations only they used."""
+    messages and conversations only they used, in small transactions (as retention does),
+    so that writers and readers are never held up for long."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
-    async with _history(request).begin() as connection:
-        deleted = await deletion.prune_older_than(connection, Scope.everyone(), cutoff)
-    details = {"older_than_days": body.older_than_days, **_counts(deleted)}
+    run = await retention.prune(_history(request), cutoff, partitions=request.state.partitions)
+    details = {"older_than_days": body.older_than_days, **_counts(run.deleted)}
     await _audit(request, actor, "history.pruned", None, details)
-    return deleted
+    return run.deleted
 
 
 # -- search, statistics, export -----------------------------------------------------------

@@ -26,6 +26,7 @@ from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.auth import Authenticator
 from gateway.capture import from_entry, to_entry
 from gateway.errors import NotFound
+from gateway.maintenance import Maintenance, utcnow
 from gateway.metrics import Metrics
 from gateway.proxy import CHAT_PATH, Proxy
 from gateway.settings import Settings
@@ -36,6 +37,7 @@ from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate, ping
 from storage.dsn import parse_dsn
+from storage.partitions import Partitions
 from storage.redaction import Redactor
 from storage.schema import api_keys
 from storage.spool import Spool
@@ -198,9 +200,13 @@ def create_app(settings: Settings | None = None) -> Gateway:
             await migrate(main_engine, "main")
             await _register_gateway_keys(main_engine, authenticator.fingerprints)
 
+        partitions = Partitions(history_engine) if settings.mes_daily_partition else None
+
         async def prepare_history() -> None:
             await ensure_database(settings.history_dsn)
             await migrate(history_engine, "history")
+            if partitions is not None:
+                await partitions.setup(utcnow().date())
 
         registry = Metrics()
         spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
@@ -217,7 +223,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
             flush_interval=settings.capture_flush_interval,
             retry_seconds=settings.capture_retry_seconds,
             prepare=prepare_history,
-            redactor=Redactor(settings.redact_patterns),
+            redactor=Redactor(settings.redact_patterns, capture_content=settings.capture_content),
+            partitions=partitions,
         )
         registry.gauges["queue_depth"] = lambda: writer.depth
         registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
@@ -229,6 +236,14 @@ def create_app(settings: Settings | None = None) -> Gateway:
         await _first_try(writer.ready_event)
         for orphan in spool.orphans():
             background.append(asyncio.create_task(adopt(orphan, writer, registry)))
+        maintenance = Maintenance(settings, history_engine, main_engine, registry, partitions)
+        main_ready = background[0]
+
+        async def databases_ready() -> None:
+            await writer.ready_event.wait()
+            await asyncio.shield(main_ready)
+
+        maintenance.start(databases_ready)
         upstream = Upstream(settings)
         proxy = Proxy(
             settings,
@@ -262,10 +277,12 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 "metrics": registry,
                 "engines": engines,
                 "history_engine": history_engine,
+                "partitions": partitions,
             }
         finally:
             for task in background:
                 task.cancel()
+            await maintenance.close()
             await writer.close(settings.shutdown_grace_seconds)
             await upstream.close()
             for engine in engines.values():

@@ -19,6 +19,10 @@ _HELP = {
     "write_retries": "Batch writes retried because the database was unavailable.",
     "upstream_errors": "Requests the upstream could not answer (unreachable, timeout, reset).",
     "client_disconnects": "Streams the client left before the end.",
+    "retention_completions_deleted": "Completions removed by MES_RETENTION_DAYS.",
+    "retention_request_logs_deleted": "Request logs removed by MES_RETENTION_DAYS.",
+    "retention_contents_dropped": "Messages whose content MES_CONTENT_RETENTION_DAYS dropped.",
+    "maintenance_failures": "Maintenance runs (retention) that failed; retried next interval.",
 }
 
 

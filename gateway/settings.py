@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from storage.dsn import parse_dsn
+
 DEFAULT_SQLITE_PATH = "mes_gateway.db"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +35,10 @@ class Settings:
     sqlite_path: str = DEFAULT_SQLITE_PATH
     mes_daily_partition: bool = False
     mes_retention_days: int = 0
+    content_retention_days: int = 0
+    capture_content: bool = True
+    maintenance_interval: float = 3600.0
+    retention_step: int = 100
     gateway_admin_key: str | None = field(default=None, repr=False)
     host: str = "0.0.0.0"
     port: int = 8000
@@ -80,6 +86,10 @@ class Settings:
             sqlite_path=env.text("MES_SQLITE_PATH", DEFAULT_SQLITE_PATH),
             mes_daily_partition=env.flag("MES_DAILY_PARTITION", False),
             mes_retention_days=env.integer("MES_RETENTION_DAYS", 0, minimum=0),
+            content_retention_days=env.integer("MES_CONTENT_RETENTION_DAYS", 0, minimum=0),
+            capture_content=env.flag("MES_CAPTURE_CONTENT", True),
+            maintenance_interval=env.number("MES_MAINTENANCE_INTERVAL", cls.maintenance_interval),
+            retention_step=env.integer("MES_RETENTION_STEP", cls.retention_step, minimum=1),
             gateway_admin_key=env.optional("GATEWAY_ADMIN_KEY"),
             host=env.text("HOST", cls.host),
             port=env.integer("PORT", cls.port, minimum=0),
@@ -111,6 +121,20 @@ class Settings:
                 "UPSTREAM_API_KEY is set (managed mode) but neither GATEWAY_KEYS nor "
                 "GATEWAY_ADMIN_KEY is: set GATEWAY_KEYS to the comma-separated keys clients "
                 "may use, or GATEWAY_ADMIN_KEY to issue keys through the admin API."
+            )
+        if settings.mes_daily_partition and parse_dsn(settings.history_dsn).kind == "sqlite":
+            raise ConfigError(
+                "MES_DAILY_PARTITION=true needs a PostgreSQL or MySQL/MariaDB history database "
+                "(MES_SQL_DSN); SQLite history is not split by day."
+            )
+        if (
+            settings.mes_retention_days
+            and settings.content_retention_days >= settings.mes_retention_days
+        ):
+            raise ConfigError(
+                f"MES_CONTENT_RETENTION_DAYS ({settings.content_retention_days}) must be below "
+                f"MES_RETENTION_DAYS ({settings.mes_retention_days}): content goes first, "
+                "then the whole record; unset it to keep content as long as the record."
             )
         if not settings.upstream_base_url.startswith(("http://", "https://")):
             raise ConfigError(

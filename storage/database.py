@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from migrations import MIGRATIONS_DIR
 from storage.dsn import DatabaseURL, parse_dsn
+from storage.locks import named_lock
 
 log = logging.getLogger("mes.storage")
 
@@ -134,15 +135,17 @@ def alembic_config(target: str) -> Config:
 
 
 async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> None:
-    """Apply ``target``'s migrations ("main" or "history") up to ``revision``."""
+    """Apply ``target``'s migrations ("main" or "history") up to ``revision``. Replicas that
+    start together take turns: the first migrates, the others then find nothing to do."""
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config(target)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
-    async with engine.begin() as connection:
-        await connection.run_sync(upgrade)
+    async with named_lock(engine, f"mes-migrate-{target}", wait=True):
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade)
 
 
 async def ping(engine: AsyncEngine) -> None:

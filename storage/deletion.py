@@ -30,6 +30,9 @@ class Deleted:
     messages: int = 0
     request_logs: int = 0
 
+    def __bool__(self) -> bool:
+        return any((self.completions, self.conversations, self.messages, self.request_logs))
+
     def __add__(self, other: Deleted) -> Deleted:
         return Deleted(
             self.completions + other.completions,
@@ -58,11 +61,32 @@ async def delete_owner_history(connection: AsyncConnection, scope: Scope) -> Del
 
 async def prune_older_than(connection: AsyncConnection, scope: Scope, cutoff: datetime) -> Deleted:
     """Completions and request logs started before ``cutoff``; messages that only they used."""
-    deleted = await _delete_where(connection, scope, completions.c.started_at < cutoff)
-    result = await connection.execute(
-        delete(request_logs).where(scope.where(request_logs), request_logs.c.started_at < cutoff)
+    total = Deleted()
+    while step := await prune_step(connection, scope, cutoff, CHUNK):
+        total += step
+    return total
+
+
+async def prune_step(
+    connection: AsyncConnection, scope: Scope, cutoff: datetime, limit: int
+) -> Deleted:
+    """One small step of a prune: the old completions of at most ``limit`` conversations
+    and at most ``limit`` old request logs. Empty when nothing older is left. Retention runs
+    each step in a transaction of its own, so that no lock is held for long."""
+    deleted = await _delete_chunk(connection, scope, completions.c.started_at < cutoff, limit)
+    ids = list(
+        (
+            await connection.execute(
+                select(request_logs.c.id)
+                .where(scope.where(request_logs), request_logs.c.started_at < cutoff)
+                .limit(limit)
+            )
+        ).scalars()
     )
-    return deleted + Deleted(request_logs=result.rowcount or 0)
+    if ids:
+        result = await connection.execute(delete(request_logs).where(request_logs.c.id.in_(ids)))
+        deleted += Deleted(request_logs=result.rowcount or 0)
+    return deleted
 
 
 async def _delete_where(
@@ -71,29 +95,89 @@ async def _delete_where(
     """Delete the scope's completions matching ``condition``, a chunk of conversations at a
     time, and tidy each conversation they leave behind."""
     total = Deleted()
-    while True:
-        ids = list(
-            (
-                await connection.execute(
-                    select(completions.c.conversation_id)
-                    .where(scope.where(completions), condition)
-                    .distinct()
-                    .order_by(completions.c.conversation_id)
-                    .limit(CHUNK)
-                )
-            ).scalars()
-        )
-        if not ids:
-            return total
-        await _lock(connection, ids)
-        result = await connection.execute(
-            delete(completions).where(
-                scope.where(completions), condition, completions.c.conversation_id.in_(ids)
+    while step := await _delete_chunk(connection, scope, condition, CHUNK):
+        total += step
+    return total
+
+
+async def _delete_chunk(
+    connection: AsyncConnection, scope: Scope, condition: ColumnElement[bool], limit: int
+) -> Deleted:
+    """The completions matching ``condition`` of at most ``limit`` conversations. A
+    conversation left without completions goes with all its messages, in a few statements
+    for the whole chunk; one that keeps some is tidied on its own."""
+    ids = list(
+        (
+            await connection.execute(
+                select(completions.c.conversation_id)
+                .where(scope.where(completions), condition)
+                .distinct()
+                .order_by(completions.c.conversation_id)
+                .limit(limit)
             )
+        ).scalars()
+    )
+    if not ids:
+        return Deleted()
+    await _lock(connection, ids)
+    result = await connection.execute(
+        delete(completions).where(
+            scope.where(completions), condition, completions.c.conversation_id.in_(ids)
         )
-        total += Deleted(completions=result.rowcount or 0)
-        for conversation_id in ids:
-            total += await _tidy(connection, conversation_id)
+    )
+    return Deleted(completions=result.rowcount or 0) + await _tidy_all(connection, ids)
+
+
+async def drop_conversations(connection: AsyncConnection, ids: Sequence[str]) -> Deleted:
+    """Conversations whose completions went another way (a day's partition dropped): the
+    ones left without any go with their messages; the others are tidied."""
+    await _lock(connection, sorted(ids))
+    return await _tidy_all(connection, ids)
+
+
+async def tidy_if_changed(connection: AsyncConnection, recorded: dict[str, int]) -> Deleted:
+    """Tidy the conversations whose recorded count of completions is no longer right."""
+    counts: dict[str, int] = dict(
+        (
+            await connection.execute(
+                select(completions.c.conversation_id, func.count())
+                .where(completions.c.conversation_id.in_(sorted(recorded)))
+                .group_by(completions.c.conversation_id)
+            )
+        ).all()
+    )
+    changed = sorted(i for i, count in recorded.items() if counts.get(i, 0) != count)
+    if not changed:
+        return Deleted()
+    await _lock(connection, changed)
+    return await _tidy_all(connection, changed)
+
+
+async def _tidy_all(connection: AsyncConnection, ids: Sequence[str]) -> Deleted:
+    """After some of their completions went: conversations left without any go with all
+    their messages, in a few statements for them all; the others are tidied one by one."""
+    kept = set(
+        (
+            await connection.execute(
+                select(completions.c.conversation_id)
+                .where(completions.c.conversation_id.in_(ids))
+                .distinct()
+            )
+        ).scalars()
+    )
+    total = Deleted()
+    emptied = [conversation_id for conversation_id in ids if conversation_id not in kept]
+    if emptied:
+        gone_messages = await connection.execute(
+            delete(messages).where(messages.c.conversation_id.in_(emptied))
+        )
+        gone = await connection.execute(
+            delete(conversations).where(conversations.c.id.in_(emptied))
+        )
+        total += Deleted(conversations=gone.rowcount or 0, messages=gone_messages.rowcount or 0)
+    for conversation_id in sorted(kept):
+        total += await _tidy(connection, conversation_id)
+    return total
 
 
 async def _lock(connection: AsyncConnection, ids: Sequence[str]) -> None:

@@ -44,6 +44,7 @@ def message_row(
         "content_text": text,
         "content_in_text": split,
         "created_at": created_at,
+        "content_dropped": False,
     }
 
 

@@ -1,5 +1,6 @@
 """Redaction: patterns an operator does not want stored (card numbers, other people's keys,
-e-mail addresses) replaced in message content before it is written.
+e-mail addresses) replaced in message content before it is written; or, with
+``MES_CAPTURE_CONTENT=false``, no content stored at all (``without_content``).
 
 Applied by the writer to the rows it is about to write, so the request path pays nothing;
 the spool on local disk holds records as they came until they are written. Only message
@@ -16,20 +17,57 @@ from typing import Any
 
 import orjson
 
-from storage.rows import RowSet
+from storage.chain import canonical
+from storage.message_rows import stored_message
+from storage.rows import Row, RowSet
 
 MASK = "[REDACTED]"
 KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type"})
 
 
+# What a message keeps when its content goes: who said it, and the shape of its tool calls
+# (ids and function names, which the admin API filters on), not what was said.
+_STRUCTURE_KEYS = ("role", "name", "tool_call_id")
+
+
+def without_content(row: Row) -> Row:
+    """A ``messages`` row with its content dropped: content, refusal, audio and tool-call
+    arguments are gone; role, name, tool call ids and function names stay. The hash stays
+    that of the message as sent, so later requests still find their conversation."""
+    if row.get("content_dropped"):
+        return row
+    message = stored_message(row)
+    kept: dict[str, Any] = {k: message[k] for k in _STRUCTURE_KEYS if k in message}
+    kept["content"] = None
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        kept["tool_calls"] = [_call_shape(call) for call in calls if isinstance(call, dict)]
+    row["body"] = canonical(kept).decode()
+    row["content_text"] = None
+    row["content_in_text"] = False
+    row["content_dropped"] = True
+    return row
+
+
+def _call_shape(call: dict[str, Any]) -> dict[str, Any]:
+    shape: dict[str, Any] = {k: call[k] for k in ("id", "type") if k in call}
+    function = call.get("function")
+    if isinstance(function, dict):
+        shape["function"] = {"name": function.get("name"), "arguments": ""}
+    return shape
+
+
 class Redactor:
-    def __init__(self, patterns: Sequence[str]) -> None:
+    def __init__(self, patterns: Sequence[str], *, capture_content: bool = True) -> None:
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        self.capture_content = capture_content
 
     def text(self, value: str) -> str:
         return value if self.pattern is None else self.pattern.sub(MASK, value)
 
     def rows(self, rowset: RowSet) -> RowSet:
+        if not self.capture_content:
+            return _metadata_only(rowset)
         if self.pattern is None:
             return rowset
         for row in rowset.messages:
@@ -50,3 +88,17 @@ class Redactor:
         if isinstance(value, dict):
             return {k: self._json(v, k) for k, v in value.items()}
         return value
+
+
+def _metadata_only(rowset: RowSet) -> RowSet:
+    for row in rowset.messages:
+        without_content(row)
+    if rowset.conversation is not None:
+        rowset.conversation["title"] = None
+    if rowset.completion is not None:
+        rowset.completion["extra_choices"] = None
+        params = rowset.completion.get("params")
+        if params and "prediction" in (decoded := orjson.loads(params)):
+            del decoded["prediction"]  # predicted output: the answer's text, in advance
+            rowset.completion["params"] = orjson.dumps(decoded).decode()
+    return rowset

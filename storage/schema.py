@@ -93,6 +93,8 @@ conversations = Table(
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     Column("total_tokens", BigInteger, nullable=False, default=0),
     Index("ix_conversations_owner_updated_id", "owner", "updated_at", "id"),
+    Index("ix_conversations_updated", "updated_at"),
+    Index("ix_conversations_created", "created_at"),
 )
 
 messages = Table(
@@ -106,7 +108,9 @@ messages = Table(
     Column("content_text", LongText, nullable=True),
     Column("content_in_text", Boolean, nullable=False, server_default=false()),
     Column("created_at", Timestamp, nullable=False),
+    Column("content_dropped", Boolean, nullable=False, server_default=false()),
     Index("ix_messages_parent", "conversation_id", "parent_hash"),
+    Index("ix_messages_content_created", "content_dropped", "created_at"),
 )
 
 completions = Table(

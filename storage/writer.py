@@ -24,6 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -38,6 +39,7 @@ from tenacity import (
 
 from gateway.metrics import Metrics
 from storage.batch import write_batch
+from storage.partitions import Partitions
 from storage.redaction import Redactor
 from storage.rows import Record, RowSet
 from storage.spool import Position, Spool
@@ -117,6 +119,7 @@ class HistoryWriter:
         retry_seconds: float,
         prepare: Callable[[], Awaitable[None]] | None = None,
         redactor: Redactor | None = None,
+        partitions: Partitions | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -132,6 +135,7 @@ class HistoryWriter:
         self.retry_seconds = retry_seconds
         self.prepare = prepare
         self.redactor = redactor or Redactor(())
+        self.partitions = partitions
         self.ready = prepare is None
         self._cursor = spool.checkpoint
         self._wake = asyncio.Event()
@@ -327,6 +331,8 @@ class HistoryWriter:
             reraise=True,
         ):
             with attempt:
+                if self.partitions is not None:
+                    await self.partitions.ensure(_days(rowsets))
                 async with self.engine.begin() as connection:
                     await write_batch(connection, rowsets)
 
@@ -340,6 +346,12 @@ class HistoryWriter:
                 type(error).__name__,
                 state.attempt_number,
             )
+
+
+def _days(rowsets: list[RowSet]) -> set[date]:
+    """The days the rows of a batch fall on: each needs its partitions."""
+    rows = [row for r in rowsets for row in (r.completion, r.request_log) if row is not None]
+    return {row["started_at"].date() for row in rows}
 
 
 class _StopOnRepeatedRefusal(stop_after_attempt):

@@ -45,16 +45,26 @@ def _question(index: int, planted: dict[int, str], rng: random.Random) -> str:
     return f"{words} {phrase} {words}" if phrase else f"question {index}: {words}"
 
 
+SPACING = timedelta(seconds=20)
+
+
+def span(total: int) -> tuple[datetime, datetime]:
+    """When the first and the last of ``total`` completions start: from 30 days ago on,
+    ``SPACING`` apart."""
+    start = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=30)
+    return start, start + SPACING * (total - 1)
+
+
 async def fill(engine: AsyncEngine, total: int, owner: str = OWNER) -> dict[str, list[int]]:
     """Write ``total`` completions for ``owner``; where the phrases were planted."""
     where = planted_at(total)
     planted = {index: PHRASES[name] for name, indexes in where.items() for index in indexes}
     rng = random.Random(7)
-    start = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=30)
+    start, _ = span(total)
     for first in range(0, total, CHUNK):
         rows: dict[str, list[dict[str, Any]]] = {"c": [], "m": [], "r": []}
         for index in range(first, min(first + CHUNK, total)):
-            at = start + timedelta(seconds=index * 20)
+            at = start + SPACING * index
             sent = [{"role": "user", "content": _question(index, planted, rng)}]
             answer = {"role": "assistant", "content": f"answer {index} {rng.choice(WORDS)}"}
             conversation_id = f"bulk-{owner}-{index:08d}"

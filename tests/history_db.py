@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import inspect, select, text
@@ -11,9 +13,21 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage import history
-from storage.database import create_engine
+from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.schema import completions
+
+
+@asynccontextmanager
+async def migrated(dsn: str, pool_size: int = 2) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``dsn``, its database made and both schemas migrated."""
+    engine = create_engine(await ensure_database(dsn), pool_size=pool_size)
+    try:
+        await migrate(engine, "history")
+        await migrate(engine, "main")
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 class HistoryDB:

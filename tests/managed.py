@@ -24,12 +24,15 @@ class Member:
 
 
 @contextmanager
-def managed_gateway(upstream: Any, history_dsn: str, workdir: Path) -> Iterator[GatewayProcess]:
+def managed_gateway(
+    upstream: Any, history_dsn: str, workdir: Path, **extra: str
+) -> Iterator[GatewayProcess]:
     env = {
         "UPSTREAM_BASE_URL": upstream.base_url,
         "UPSTREAM_API_KEY": "sk-upstream-secret",
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
         "SQL_DSN": history_dsn,
+        **extra,
     }
     with GatewayProcess(env, workdir) as gateway:
         yield gateway

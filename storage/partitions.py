@@ -1,0 +1,322 @@
+"""Daily partitions of the history tables that grow by a row per request: ``completions``
+and ``request_logs`` (``MES_DAILY_PARTITION=true``).
+
+Each day's rows live in a partition of their own, named from the day alone
+(``completions_p20261123``), so that retention drops a whole day at once instead of
+deleting its rows one by one, and a day's statistics read only that day. The parent table
+keeps its name, and every query reads it as before: the database spans the days.
+
+Messages and conversations are not split by day: a message is stored once per
+conversation however many days its turns span (see ``storage/chain.py``), so it belongs
+to no single day. Retention removes what the dropped days leave unused in small steps
+(``storage/retention.py``).
+
+PostgreSQL uses declarative range partitions; MySQL and MariaDB list partitions on
+``TO_DAYS(started_at)``. A table that held history before partitioning was turned on
+stays readable: on PostgreSQL it becomes one "legacy" partition holding everything up to
+the day after its newest row; on MySQL the table is rewritten once into daily partitions.
+
+Partition names and bounds come only from ``datetime.date`` values: nothing a client
+sends reaches the DDL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from storage.locks import named_lock
+
+log = logging.getLogger("mes.partitions")
+
+TABLES = ("completions", "request_logs")
+LEGACY = "legacy"
+_DAY_NAME = re.compile(r"^(completions|request_logs)_p(\d{8})$")
+_BOUND = re.compile(r"TO \('(\d{4}-\d{2}-\d{2})")
+# MySQL's TO_DAYS counts from year 0; Python's ordinals from 0001-01-01 = 1.
+_TO_DAYS_OFFSET = 365
+
+
+class UnsupportedBackend(RuntimeError):
+    """SQLite keeps history in one file: daily partitions are not offered there (yet)."""
+
+
+def partition_name(table: str, day: date) -> str:
+    """The name of ``table``'s partition for ``day``: made only from a ``date``."""
+    if table not in TABLES:
+        raise ValueError(f"{table!r} is not partitioned")
+    if type(day) is not date:  # a datetime is a date too: refuse it, and strings, alike
+        raise TypeError(f"a partition is named from a date, not {type(day).__name__}")
+    return f"{table}_p{day:%Y%m%d}"
+
+
+def day_of(name: str) -> date | None:
+    match = _DAY_NAME.match(name)
+    return datetime.strptime(match[2], "%Y%m%d").date() if match else None
+
+
+def _literal(day: date) -> str:
+    """A day as SQL text: digits and dashes from ``date.isoformat()``, nothing else."""
+    if type(day) is not date:
+        raise TypeError(f"expected a date, not {type(day).__name__}")
+    return f"'{day.isoformat()}'"
+
+
+def _to_days(day: date) -> int:
+    """MySQL's ``TO_DAYS(day)``."""
+    return day.toordinal() + _TO_DAYS_OFFSET
+
+
+class Partitions:
+    """The day partitions of one history database: made ahead, on demand, and dropped."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.kind = engine.dialect.name
+        if self.kind == "sqlite":
+            raise UnsupportedBackend(
+                "MES_DAILY_PARTITION=true needs a PostgreSQL or MySQL/MariaDB history "
+                "database (MES_SQL_DSN); SQLite history is not split by day"
+            )
+        self._days: dict[str, set[date]] = {table: set() for table in TABLES}
+        self._legacy: dict[str, date] = {}  # PostgreSQL: table -> the end of its legacy part
+        self._guard = asyncio.Lock()
+
+    async def setup(self, today: date) -> None:
+        """Make the tables partitioned if they are not yet (once, whichever replica gets
+        there first), with partitions for today and tomorrow."""
+        async with named_lock(self.engine, "mes-migrate-history", wait=True):
+            async with self.engine.begin() as connection:
+                for table in TABLES:
+                    if not await self._is_partitioned(connection, table):
+                        await self._convert(connection, table, today)
+        await self.refresh()
+        await self.ensure([today, today + timedelta(days=1)])
+
+    async def refresh(self) -> None:
+        async with self.engine.connect() as connection:
+            self._legacy = {}
+            for table in TABLES:
+                self._days[table] = await self._table_days(connection, table)
+
+    def _covers(self, table: str, day: date) -> bool:
+        legacy = self._legacy.get(table)
+        return day in self._days[table] or (legacy is not None and day < legacy)
+
+    def covers(self, day: date) -> bool:
+        return all(self._covers(table, day) for table in TABLES)
+
+    async def ensure(self, days: Iterable[date]) -> None:
+        """Make sure every day in ``days`` has its partitions (cheap when they exist)."""
+        missing = sorted({d for d in days if not self.covers(d)})
+        if not missing:
+            return
+        async with self._guard, named_lock(self.engine, "mes-partitions", wait=True):
+            await self.refresh()
+            for day in missing:
+                for table in TABLES:
+                    if not self._covers(table, day):
+                        await self._create(table, day)
+                        self._days[table].add(day)
+                log.info("made the history partitions for %s", day)
+
+    async def days(self) -> list[date]:
+        """The days that have their own partitions (in every partitioned table)."""
+        await self.refresh()
+        return sorted(set.intersection(*(self._days[table] for table in TABLES)))
+
+    async def drop_before(self, day: date) -> dict[date, tuple[int, int]]:
+        """Drop every day partition of a day before ``day``; for each day dropped, how many
+        completions and request logs it held."""
+        dropped: dict[date, tuple[int, int]] = {}
+        async with named_lock(self.engine, "mes-partitions", wait=True):
+            await self.refresh()
+            for table in TABLES:
+                if self.kind == "mysql" and not any(d >= day for d in self._days[table]):
+                    await self._create(table, day)  # MySQL cannot drop a table's last partition
+                    self._days[table].add(day)
+            old_days = sorted({d for table in TABLES for d in self._days[table] if d < day})
+            for old in old_days:
+                counts = [
+                    await self._drop(table, partition_name(table, old))
+                    if old in self._days[table]
+                    else 0
+                    for table in TABLES
+                ]
+                dropped[old] = (counts[0], counts[1])
+                for table in TABLES:
+                    self._days[table].discard(old)
+                log.info("dropped the history partitions of %s: %s rows", old, counts)
+        return dropped
+
+    async def drop_empty_legacy(self, before: date) -> list[str]:
+        """Drop PostgreSQL's legacy partitions (the history from before partitioning) once
+        they are empty and wholly older than ``before``: retention empties them row by row."""
+        gone = []
+        async with named_lock(self.engine, "mes-partitions", wait=True):
+            await self.refresh()
+            for table, until in sorted(self._legacy.items()):
+                name = f"{table}_{LEGACY}"
+                async with self.engine.connect() as connection:
+                    rows = await connection.scalar(text(f"SELECT 1 FROM {name} LIMIT 1"))
+                if until <= before and not rows:
+                    await self._drop(table, name)
+                    gone.append(name)
+            for name in gone:
+                self._legacy.pop(name.removesuffix(f"_{LEGACY}"), None)
+        return gone
+
+    # -- per backend ----------------------------------------------------------------------
+
+    async def _is_partitioned(self, connection: AsyncConnection, table: str) -> bool:
+        if self.kind == "postgresql":
+            kind = await connection.scalar(
+                text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"),
+                {"name": table},
+            )
+            return bool(kind == "p")
+        count = await connection.scalar(
+            text(
+                "SELECT COUNT(*) FROM information_schema.PARTITIONS WHERE TABLE_SCHEMA = "
+                "DATABASE() AND TABLE_NAME = :name AND PARTITION_NAME IS NOT NULL"
+            ),
+            {"name": table},
+        )
+        return bool(count)
+
+    async def _table_days(self, connection: AsyncConnection, table: str) -> set[date]:
+        if self.kind == "postgresql":
+            rows = (
+                await connection.execute(
+                    text(
+                        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                        "JOIN pg_class c ON c.oid = i.inhrelid "
+                        "WHERE i.inhparent = to_regclass(:name)"
+                    ),
+                    {"name": table},
+                )
+            ).all()
+            for name, bound in rows:
+                if name == f"{table}_{LEGACY}" and (match := _BOUND.search(bound or "")):
+                    self._legacy[table] = date.fromisoformat(match[1])
+        else:
+            rows = (
+                await connection.execute(
+                    text(
+                        "SELECT PARTITION_NAME FROM information_schema.PARTITIONS WHERE "
+                        "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :name "
+                        "AND PARTITION_NAME IS NOT NULL"
+                    ),
+                    {"name": table},
+                )
+            ).all()
+        return {day for row in rows if (day := day_of(row[0])) is not None}
+
+    async def _create(self, table: str, day: date) -> None:
+        name = partition_name(table, day)
+        if self.kind == "postgresql":
+            statement = (
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
+                f"FOR VALUES FROM ({_literal(day)}) TO ({_literal(day + timedelta(days=1))})"
+            )
+        else:
+            statement = (
+                f"ALTER TABLE {table} ADD PARTITION (PARTITION {name} VALUES IN ({_to_days(day)}))"
+            )
+        async with self.engine.begin() as connection:
+            try:
+                await connection.execute(text(statement))
+            except DBAPIError as error:  # made meanwhile by a replica that held no lock
+                if "Duplicate partition" not in str(error) and "already exists" not in str(error):
+                    raise
+
+    async def _drop(self, table: str, name: str) -> int:
+        """Drop ``table``'s partition ``name``; how many rows it held. On PostgreSQL it is
+        first detached concurrently, which never makes writers to other days wait (a plain
+        DROP would lock the whole table for a moment)."""
+        if self.kind == "postgresql":
+            async with self.engine.connect() as connection:
+                rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) or 0)
+                await connection.commit()
+                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.execute(
+                    text(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+                )
+                await autocommit.execute(text(f"DROP TABLE {name}"))
+            return rows
+        async with self.engine.begin() as connection:
+            count = f"SELECT COUNT(*) FROM {table} PARTITION ({name})"
+            rows = int(await connection.scalar(text(count)) or 0)
+            await connection.execute(text(f"ALTER TABLE {table} DROP PARTITION {name}"))
+        return rows
+
+    async def _convert(self, connection: AsyncConnection, table: str, today: date) -> None:
+        if self.kind == "postgresql":
+            await self._convert_postgres(connection, table)
+        else:
+            await self._convert_mysql(connection, table, today)
+
+    async def _convert_postgres(self, connection: AsyncConnection, table: str) -> None:
+        newest = await connection.scalar(text(f"SELECT MAX(started_at) FROM {table}"))
+        legacy = f"{table}_{LEGACY}"
+        indexes = (
+            await connection.execute(
+                text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :name"),
+                {"name": table},
+            )
+        ).all()
+        await connection.execute(text(f"ALTER TABLE {table} RENAME TO {legacy}"))
+        await connection.execute(
+            text(f"ALTER TABLE {legacy} RENAME CONSTRAINT {table}_pkey TO {legacy}_pkey")
+        )
+        for index_name, _ in indexes:
+            if index_name != f"{table}_pkey":
+                await connection.execute(
+                    text(f"ALTER INDEX {index_name} RENAME TO {legacy}_{index_name}")
+                )
+        await connection.execute(
+            text(
+                f"CREATE TABLE {table} (LIKE {legacy} INCLUDING DEFAULTS INCLUDING CONSTRAINTS, "
+                f"PRIMARY KEY (id, started_at)) PARTITION BY RANGE (started_at)"
+            )
+        )
+        for index_name, definition in indexes:
+            if index_name != f"{table}_pkey":
+                await connection.execute(text(definition))  # the same name, on the parent
+        if newest is None:
+            await connection.execute(text(f"DROP TABLE {legacy}"))
+            log.info("%s is now split by day", table)
+            return
+        until = newest.date() + timedelta(days=1)
+        # The parent's key is (id, started_at), and a partition cannot have another one.
+        await connection.execute(text(f"ALTER TABLE {legacy} DROP CONSTRAINT {legacy}_pkey"))
+        await connection.execute(
+            text(
+                f"ALTER TABLE {table} ATTACH PARTITION {legacy} "
+                f"FOR VALUES FROM (MINVALUE) TO ({_literal(until)})"
+            )
+        )
+        log.info("%s is now split by day; its history before %s is one partition", table, until)
+
+    async def _convert_mysql(self, connection: AsyncConnection, table: str, today: date) -> None:
+        rows = (
+            await connection.execute(text(f"SELECT DISTINCT DATE(started_at) FROM {table}"))
+        ).scalars()
+        days = sorted({day for day in rows if day is not None} | {today})
+        partitions = ", ".join(
+            f"PARTITION {partition_name(table, day)} VALUES IN ({_to_days(day)})" for day in days
+        )
+        await connection.execute(
+            text(
+                f"ALTER TABLE {table} DROP PRIMARY KEY, ADD PRIMARY KEY (id, started_at) "
+                f"PARTITION BY LIST (TO_DAYS(started_at)) ({partitions})"
+            )
+        )
+        log.info("%s is now split by day (%d days of history moved)", table, len(days) - 1)

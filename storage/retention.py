@@ -1,0 +1,209 @@
+"""Retention: history older than ``MES_RETENTION_DAYS`` removed, and message content older
+than ``MES_CONTENT_RETENTION_DAYS`` dropped, in small steps that each commit on their own.
+
+No step holds its locks for long: a prune step takes the old completions of at most
+``step`` conversations (and as many old request logs), a content step at most ``step * 10``
+messages, and commits. Writers and readers go on between steps.
+
+What a conversation keeps when its early turns are older than the retention: its old
+completions go; the messages that a remaining completion's request or answer reaches stay
+(a kept completion can always be rebuilt exactly, however old its first messages are);
+the other messages go, and its totals are recounted from what remains. A conversation
+whose last completion goes is deleted. Content retention drops what was said and keeps who
+said it, when, the tool calls' names, and every metadata row (see ``without_content``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, false, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from storage import deletion
+from storage.deletion import Deleted, prune_step
+from storage.partitions import Partitions
+from storage.redaction import without_content
+from storage.schema import completions, conversations, messages
+from storage.scope import Scope
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """What one retention pass did, and the longest any of its transactions took."""
+
+    deleted: Deleted = Deleted()
+    contents_dropped: int = 0
+    steps: int = 0
+    longest_step: float = 0.0
+    days_dropped: int = 0
+
+
+async def prune(
+    engine: AsyncEngine, cutoff: datetime, step: int = 100, partitions: Partitions | None = None
+) -> Run:
+    """Remove every completion and request log started before ``cutoff``. With daily
+    partitions, the days wholly before it are dropped at once, and what they leave unused
+    (conversations and messages) is then removed in steps."""
+    run = await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
+    if partitions is None:
+        return run
+    days = await partitions.drop_before(cutoff.date())
+    dropped = Deleted(
+        completions=sum(n for n, _ in days.values()),
+        request_logs=sum(n for _, n in days.values()),
+    )
+    await partitions.drop_empty_legacy(cutoff.date())
+    orphans = await _in_steps(engine, lambda c: _orphans_step(c, cutoff, step))
+    straddlers = await _tidy_straddlers(engine, cutoff, step)
+    return Run(
+        deleted=run.deleted + dropped + orphans.deleted + straddlers.deleted,
+        steps=run.steps + len(days) + orphans.steps + straddlers.steps,
+        longest_step=max(run.longest_step, orphans.longest_step, straddlers.longest_step),
+        days_dropped=len(days),
+    )
+
+
+async def _in_steps(
+    engine: AsyncEngine, step: Callable[[AsyncConnection], Awaitable[Deleted]]
+) -> Run:
+    """Run ``step`` in a transaction of its own until it finds nothing more to do."""
+    deleted, steps, longest = Deleted(), 0, 0.0
+    while True:
+        started = time.perf_counter()
+        async with engine.begin() as connection:
+            done = await step(connection)
+        longest = max(longest, time.perf_counter() - started)
+        steps += 1
+        if not done:
+            return Run(deleted=deleted, steps=steps, longest_step=longest)
+        deleted += done
+
+
+async def _orphans_step(connection: AsyncConnection, cutoff: datetime, limit: int) -> Deleted:
+    """Conversations whose every turn was in the days dropped: gone, with their messages."""
+    ids = list(
+        (
+            await connection.execute(
+                select(conversations.c.id)
+                .where(conversations.c.updated_at < cutoff)
+                .order_by(conversations.c.updated_at)
+                .limit(limit)
+            )
+        ).scalars()
+    )
+    if not ids:
+        return Deleted()
+    return await deletion.drop_conversations(connection, ids)
+
+
+async def _tidy_straddlers(engine: AsyncEngine, cutoff: datetime, limit: int) -> Run:
+    """Conversations begun before ``cutoff`` and continued since: those whose count of
+    completions no longer matches (some were in the days dropped) are tidied."""
+    deleted, steps, longest = Deleted(), 0, 0.0
+    after: tuple[datetime, str] | None = None
+    while True:
+        started = time.perf_counter()
+        async with engine.begin() as connection:
+            query = (
+                select(
+                    conversations.c.id, conversations.c.created_at, conversations.c.completion_count
+                )
+                .where(conversations.c.created_at < cutoff, conversations.c.updated_at >= cutoff)
+                .order_by(conversations.c.created_at, conversations.c.id)
+                .limit(limit)
+            )
+            if after is not None:
+                query = query.where(
+                    tuple_(conversations.c.created_at, conversations.c.id) > tuple_(*after)
+                )
+            rows = (await connection.execute(query)).all()
+            if rows:
+                after = (rows[-1][1], rows[-1][0])
+                deleted += await deletion.tidy_if_changed(
+                    connection, {row[0]: row[2] for row in rows}
+                )
+        longest = max(longest, time.perf_counter() - started)
+        steps += 1
+        if len(rows) < limit:
+            return Run(deleted=deleted, steps=steps, longest_step=longest)
+
+
+async def drop_content(engine: AsyncEngine, cutoff: datetime, step: int = 100) -> Run:
+    """Drop the content of messages stored before ``cutoff``; with it, in their
+    conversations, the other choices (``n`` > 1) of completions started before it and the
+    title of a conversation begun before it (the title is its first user message)."""
+    dropped, steps, longest = 0, 0, 0.0
+    while True:
+        started = time.perf_counter()
+        async with engine.begin() as connection:
+            count = await _drop_content_step(connection, cutoff, step * 10)
+        longest = max(longest, time.perf_counter() - started)
+        steps += 1
+        dropped += count
+        if not count:
+            return Run(contents_dropped=dropped, steps=steps, longest_step=longest)
+
+
+async def _drop_content_step(connection: AsyncConnection, cutoff: datetime, limit: int) -> int:
+    rows = (
+        (
+            await connection.execute(
+                select(
+                    messages.c.conversation_id,
+                    messages.c.hash,
+                    messages.c.body,
+                    messages.c.content_text,
+                    messages.c.content_in_text,
+                )
+                .where(messages.c.created_at < cutoff, messages.c.content_dropped == false())
+                .order_by(messages.c.content_dropped, messages.c.created_at)
+                .limit(limit)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    if not rows:
+        return 0
+    stripped = [without_content(dict(row)) for row in rows]
+    await connection.execute(
+        update(messages)
+        .where(
+            messages.c.conversation_id == bindparam("b_conversation"),
+            messages.c.hash == bindparam("b_hash"),
+        )
+        .values(
+            body=bindparam("b_body"),
+            content_text=None,
+            content_in_text=False,
+            content_dropped=True,
+        ),
+        [
+            {"b_conversation": row["conversation_id"], "b_hash": row["hash"], "b_body": row["body"]}
+            for row in stripped
+        ],
+    )
+    touched = sorted({row["conversation_id"] for row in rows})
+    await connection.execute(
+        update(completions)
+        .where(
+            completions.c.conversation_id.in_(touched),
+            completions.c.started_at < cutoff,
+            completions.c.extra_choices.isnot(None),
+        )
+        .values(extra_choices=None)
+    )
+    await connection.execute(
+        update(conversations)
+        .where(
+            conversations.c.id.in_(touched),
+            conversations.c.created_at < cutoff,
+            conversations.c.title.isnot(None),
+        )
+        .values(title=None)
+    )
+    return len(rows)
