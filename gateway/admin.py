@@ -508,16 +508,30 @@ async def export(
     array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
     fine-tuning format, a line per answered completion)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
-    filters = CompletionFilter(
-        model=model,
-        since=_utc(since),
-        until=_utc(until),
-        answered_only=format == "fine-tuning",
+    filters = CompletionFilter(model=model, since=_utc(since), until=_utc(until))
+    return await export_response(request, actor, scope, format, filters)
+
+
+async def export_response(
+    request: Request,
+    actor: str,
+    scope: Scope,
+    format: str,
+    filters: CompletionFilter | None = None,
+) -> StreamingResponse:
+    """The export of ``scope``'s completions matching ``filters``, audited (the admin API's
+    and the viewer's export button)."""
+    filters = dataclasses.replace(
+        filters or CompletionFilter(), answered_only=format == "fine-tuning"
     )
-    await _audit(request, actor, "history.exported", user_id, {"format": format})
+    target = None if scope.all_owners else scope.owner
+    await _audit(request, actor, "history.exported", target, {"format": format})
     lines = _export_lines(_history(request), scope, filters, format)
     media = "application/json" if format == "json" else "application/x-ndjson"
-    return StreamingResponse(lines, media_type=media)
+    name = f"mes-history.{'json' if format == 'json' else 'jsonl'}"
+    return StreamingResponse(
+        lines, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
 
 
 async def _export_lines(

@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import CHAT_PATH, Proxy
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
+from gateway.ui import Sessions, create_ui
 from gateway.upstream import Upstream
 from storage import accounts
 from storage.accounts import KeyGrant
@@ -278,6 +279,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 "engines": engines,
                 "history_engine": history_engine,
                 "partitions": partitions,
+                "ui_sessions": Sessions(settings),
             }
         finally:
             for task in background:
@@ -306,6 +308,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 ),
                 Route("/v1/{path:path}", FromState("proxy")),
                 Mount("/admin", create_admin_app()),
+                Mount("/ui", create_ui()),
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),

@@ -79,7 +79,10 @@ class Authenticator:
                     "Missing gateway key: send it as 'Authorization: Bearer <key>'."
                 )
             return Caller(ANONYMOUS, None)
-        digest = fingerprint(key)
+        return await self.caller_of(fingerprint(key))
+
+    async def caller_of(self, digest: str) -> Caller:
+        """The caller a key with this fingerprint stands for, if it is still good."""
         if not self._managed or digest in self._fingerprints:
             return Caller(digest, digest)
         grant = await self._grant(digest)

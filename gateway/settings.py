@@ -40,6 +40,7 @@ class Settings:
     maintenance_interval: float = 3600.0
     retention_step: int = 100
     gateway_admin_key: str | None = field(default=None, repr=False)
+    ui_secret: str | None = field(default=None, repr=False)
     host: str = "0.0.0.0"
     port: int = 8000
     workers: int = 1
@@ -91,6 +92,7 @@ class Settings:
             maintenance_interval=env.number("MES_MAINTENANCE_INTERVAL", cls.maintenance_interval),
             retention_step=env.integer("MES_RETENTION_STEP", cls.retention_step, minimum=1),
             gateway_admin_key=env.optional("GATEWAY_ADMIN_KEY"),
+            ui_secret=env.optional("MES_UI_SECRET"),
             host=env.text("HOST", cls.host),
             port=env.integer("PORT", cls.port, minimum=0),
             workers=env.integer("GATEWAY_WORKERS", cls.workers, minimum=1),

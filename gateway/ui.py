@@ -1,0 +1,421 @@
+"""The history viewer: server-rendered pages under ``/ui`` on top of the same queries as the
+admin API.
+
+Signing in takes the admin key (every user's history) or a gateway key (the history that
+key's user reads through OpenAI's API, and nothing else: another user's pages answer 404,
+as the API does). The session is a cookie holding who signed in and until when, signed
+with HMAC: never the key itself. Each page checks a user's key again, so a revoked key or
+a disabled user loses the viewer at once. Templates escape everything they print
+(Jinja2's autoescape); the only markup made from stored text is a search hit's <mark>,
+built from escaped parts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import orjson
+from markupsafe import Markup, escape
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route, Router
+from starlette.templating import Jinja2Templates
+
+from gateway.admin import export_response
+from gateway.auth import Authenticator
+from gateway.errors import GatewayError
+from gateway.settings import Settings
+from storage import browse, search, stats
+from storage.browse import CompletionFilter
+from storage.scope import Scope
+
+COOKIE = "mes_ui"
+SESSION_SECONDS = 12 * 3600
+PAGE = 50
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who is looking: an admin (every owner) or one owner."""
+
+    admin: bool
+    owner: str
+    fingerprint: str | None
+
+    @property
+    def scope(self) -> Scope:
+        return Scope.everyone() if self.admin else Scope.of(self.owner)
+
+    def may_see(self, owner: str) -> bool:
+        return self.admin or owner == self.owner
+
+
+class NotFoundPage(Exception):
+    pass
+
+
+class Sessions:
+    """Signed, expiring session cookies. The secret is ``MES_UI_SECRET``, else made from the
+    admin key (so every replica with the same settings accepts the same cookie), else
+    random per process (sessions then end when the process does)."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.ui_secret:
+            seed = settings.ui_secret.encode()
+        elif settings.gateway_admin_key:
+            seed = b"mes-ui\n" + settings.gateway_admin_key.encode()
+        else:
+            seed = os.urandom(32)
+        self.secret = hashlib.sha256(seed).digest()
+
+    def issue(self, viewer: Viewer) -> str:
+        body = orjson.dumps(
+            {
+                "a": viewer.admin,
+                "o": viewer.owner,
+                "f": viewer.fingerprint,
+                "e": int(time.time()) + SESSION_SECONDS,
+            }
+        )
+        payload = base64.urlsafe_b64encode(body).decode().rstrip("=")
+        return f"{payload}.{self._sign(payload)}"
+
+    def read(self, cookie: str | None) -> Viewer | None:
+        if not cookie or "." not in cookie:
+            return None
+        payload, signature = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        try:
+            body = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except ValueError:
+            return None
+        if body.get("e", 0) < time.time():
+            return None
+        return Viewer(bool(body["a"]), str(body["o"]), body.get("f"))
+
+    def _sign(self, payload: str) -> str:
+        digest = hmac.new(self.secret, payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _state(request: Request, name: str) -> Any:
+    return getattr(request.state, name)
+
+
+async def _viewer(request: Request) -> Viewer | None:
+    sessions: Sessions = _state(request, "ui_sessions")
+    viewer = sessions.read(request.cookies.get(COOKIE))
+    if viewer is None or viewer.admin or viewer.fingerprint is None:
+        return viewer
+    authenticator: Authenticator = _state(request, "authenticator")
+    try:  # the key may have been revoked, or its user disabled, since
+        caller = await authenticator.caller_of(viewer.fingerprint)
+    except GatewayError:
+        return None
+    return viewer if caller.owner == viewer.owner else None
+
+
+def _page(
+    request: Request, name: str, viewer: Viewer | None, status_code: int = 200, **context: Any
+) -> Response:
+    return templates.TemplateResponse(
+        request,
+        name,
+        {"viewer": viewer, **context},
+        status_code=status_code,
+        headers=_SECURITY_HEADERS,
+    )
+
+
+# Nothing on these pages comes from elsewhere, and nothing stored may run as a script.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        "script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _signed_in(handler: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        viewer = await _viewer(request)
+        if viewer is None:
+            target = urlencode({"next": request.url.path})
+            return RedirectResponse(f"/ui/login?{target}", status_code=303)
+        try:
+            return await handler(request, viewer)  # type: ignore[no-any-return]
+        except NotFoundPage:
+            return _page(request, "not_found.html", viewer, status_code=404)
+
+    return endpoint
+
+
+async def login_form(request: Request) -> Response:
+    return _page(request, "login.html", None, error=None, next=_next(request))
+
+
+async def login(request: Request) -> Response:
+    # The sign-in form's urlencoded body, read without a multipart parser (none is needed).
+    form = parse_qs((await request.body())[:8192].decode("utf-8", "replace"))
+    key = (form.get("key") or [""])[0].strip()
+    target = _next(request, (form.get("next") or [""])[0])
+    settings: Settings = _state(request, "settings")
+    viewer: Viewer | None = None
+    if settings.gateway_admin_key and hmac.compare_digest(
+        key.encode(), settings.gateway_admin_key.encode()
+    ):
+        viewer = Viewer(True, "", None)
+    elif key:
+        authenticator: Authenticator = _state(request, "authenticator")
+        try:
+            caller = await authenticator.identify(f"Bearer {key}", None)
+            viewer = Viewer(False, caller.owner, caller.key_fingerprint)
+        except GatewayError:
+            viewer = None
+    if viewer is None:
+        error = "That key was not accepted."
+        return _page(request, "login.html", None, 401, error=error, next=target)
+    sessions: Sessions = _state(request, "ui_sessions")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        COOKIE,
+        sessions.issue(viewer),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/ui",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+def _next(request: Request, given: str = "") -> str:
+    target = given or request.query_params.get("next", "")
+    # Only a page of this viewer: never another site (an open redirect).
+    return target if target.startswith("/ui") and "//" not in target else "/ui"
+
+
+async def home(request: Request, viewer: Viewer) -> Response:
+    if not viewer.admin:
+        return RedirectResponse(f"/ui/users/{viewer.owner}", status_code=303)
+    async with _history(request).connect() as connection:
+        owners = await stats.usage_stats(connection, Scope.everyone(), "user")
+    owners.sort(key=lambda row: -row["requests"])
+    return _page(request, "users.html", viewer, owners=owners)
+
+
+async def user_conversations(request: Request, viewer: Viewer) -> Response:
+    owner = request.path_params["owner"]
+    if not viewer.may_see(owner):
+        raise NotFoundPage
+    scope = Scope.of(owner)
+    after_id = request.query_params.get("after")
+    async with _history(request).connect() as connection:
+        after = None
+        if after_id:
+            after = await browse.find_conversation(connection, scope, after_id)
+            if after is None:
+                raise NotFoundPage
+        page = await browse.list_conversations(
+            connection, scope, CompletionFilter(), limit=PAGE, after=after
+        )
+    return _page(
+        request,
+        "conversations.html",
+        viewer,
+        owner=owner,
+        conversations=page.rows,
+        has_more=page.has_more,
+        next_after=page.rows[-1]["id"] if page.rows and page.has_more else None,
+    )
+
+
+async def conversation(request: Request, viewer: Viewer) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    async with _history(request).connect() as connection:
+        row = await browse.find_conversation(connection, viewer.scope, conversation_id)
+        if row is None:
+            raise NotFoundPage
+        tree = await browse.conversation_messages(connection, conversation_id)
+        page = await browse.list_completions(
+            connection,
+            viewer.scope,
+            CompletionFilter(conversation_id=conversation_id),
+            limit=2_000,
+            descending=False,
+        )
+    return _page(request, "conversation.html", viewer, **thread_view(row, tree, page.rows))
+
+
+def thread_view(row: Any, tree: list[dict[str, Any]], completions: list[Any]) -> dict[str, Any]:
+    """A conversation as threads: the branch each completion ends, longest first, each
+    message once, with the completions that answered at each point."""
+    by_id = {item["id"]: item for item in tree}
+    answered_at: dict[str, list[Any]] = {}
+    for completion in completions:
+        if completion["response_hash"]:
+            answered_at.setdefault(completion["response_hash"], []).append(completion)
+    parents = {item["parent_id"] for item in tree}
+    tails = [item["id"] for item in tree if item["id"] not in parents]
+    branches = []
+    for tail in tails:
+        chain = []
+        at: str | None = tail
+        while at in by_id:
+            chain.append(by_id[at])
+            at = by_id[at]["parent_id"]
+        chain.reverse()
+        branches.append(chain)
+    branches.sort(key=len, reverse=True)
+    shown: set[str] = set()
+    threads = []
+    for chain in branches:
+        start = next((n for n, item in enumerate(chain) if item["id"] not in shown), len(chain))
+        threads.append({"fork_after": start, "messages": chain[start:]})
+        shown.update(item["id"] for item in chain)
+    return {
+        "conversation": row,
+        "threads": threads,
+        "answered_at": answered_at,
+        "completions": completions,
+    }
+
+
+async def search_page(request: Request, viewer: Viewer) -> Response:
+    phrase = request.query_params.get("q", "").strip()[:1000]
+    hits: list[search.Hit] = []
+    has_more = False
+    if phrase:
+        async with _history(request).connect() as connection:
+            hits, has_more = await search.search(connection, viewer.scope, phrase, limit=PAGE)
+    return _page(
+        request,
+        "search.html",
+        viewer,
+        phrase=phrase,
+        hits=[(hit, highlight(hit.snippet, phrase)) for hit in hits],
+        has_more=has_more,
+    )
+
+
+def highlight(text: str, phrase: str) -> Markup:
+    """``text`` escaped, with every match of ``phrase`` (case ignored) in <mark>."""
+    folded, needle = text.casefold(), phrase.casefold()
+    if not needle or len(folded) != len(text):  # casefold changed lengths: no positions
+        return escape(text)
+    parts: list[str] = []
+    at = 0
+    while (found := folded.find(needle, at)) >= 0:
+        parts.append(str(escape(text[at:found])))
+        parts.append(f"<mark>{escape(text[found : found + len(needle)])}</mark>")
+        at = found + len(needle)
+    parts.append(str(escape(text[at:])))
+    return Markup("".join(parts))
+
+
+async def errors_page(request: Request, viewer: Viewer) -> Response:
+    after_id = request.query_params.get("after")
+    async with _history(request).connect() as connection:
+        after = None
+        if after_id:
+            after = await browse.find_completion(connection, viewer.scope, after_id)
+            if after is None:
+                raise NotFoundPage
+        page = await browse.list_completions(
+            connection, viewer.scope, CompletionFilter(errors_only=True), limit=PAGE, after=after
+        )
+    return _page(
+        request,
+        "errors.html",
+        viewer,
+        completions=page.rows,
+        next_after=page.rows[-1]["id"] if page.rows and page.has_more else None,
+    )
+
+
+async def stats_page(request: Request, viewer: Viewer) -> Response:
+    try:
+        days = max(1, min(366, int(request.query_params.get("days", "30"))))
+    except ValueError:
+        days = 30
+    since = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
+    async with _history(request).connect() as connection:
+        by_day = await stats.usage_stats(connection, viewer.scope, "day", since)
+        by_model = await stats.usage_stats(connection, viewer.scope, "model", since)
+    return _page(
+        request,
+        "stats.html",
+        viewer,
+        days=days,
+        by_day=by_day,
+        by_model=by_model,
+        charts=[
+            ("Requests per day", bars(by_day, "requests")),
+            ("Tokens per day", bars(by_day, "total_tokens")),
+            ("Errors per day", bars(by_day, "errors")),
+        ],
+        model_chart=bars(by_model, "requests"),
+    )
+
+
+def bars(rows: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """Rows as bars of a chart drawn in CSS: each one's share of the tallest, in percent."""
+    top = max((row[field] for row in rows), default=0) or 1
+    return [
+        {"label": row["key"] or "(none)", "value": row[field], "percent": 100 * row[field] / top}
+        for row in rows
+    ]
+
+
+async def export(request: Request, viewer: Viewer) -> Response:
+    owner = request.query_params.get("user_id") or None
+    if owner is not None and not viewer.may_see(owner):
+        raise NotFoundPage
+    scope = Scope.of(owner) if owner else viewer.scope
+    format = request.query_params.get("format", "jsonl")
+    if format not in ("json", "jsonl", "fine-tuning"):
+        format = "jsonl"
+    actor = "admin (viewer)" if viewer.admin else f"user {viewer.owner} (viewer)"
+    return await export_response(request, actor, scope, format)
+
+
+def _history(request: Request) -> Any:
+    return _state(request, "history_engine")
+
+
+def create_ui() -> Router:
+    return Router(
+        routes=[
+            Route("/login", login_form, methods=["GET"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+            Route("/", _signed_in(home)),
+            Route("/users/{owner}", _signed_in(user_conversations)),
+            Route("/conversations/{conversation_id}", _signed_in(conversation)),
+            Route("/search", _signed_in(search_page)),
+            Route("/errors", _signed_in(errors_page)),
+            Route("/stats", _signed_in(stats_page)),
+            Route("/export", _signed_in(export)),
+        ]
+    )
