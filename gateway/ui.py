@@ -361,7 +361,7 @@ async def stats_page(request: Request, viewer: Viewer) -> Response:
         days = 30
     since = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
     async with _history(request).connect() as connection:
-        by_day = await stats.usage_stats(connection, viewer.scope, "day", since)
+        by_day = await stats.usage_stats(connection, viewer.scope, "day", since, percentiles=False)
         by_model = await stats.usage_stats(connection, viewer.scope, "model", since)
     return _page(
         request,
