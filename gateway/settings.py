@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from storage.dsn import parse_dsn
-
 DEFAULT_SQLITE_PATH = "mes_gateway.db"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,11 +121,6 @@ class Settings:
                 "UPSTREAM_API_KEY is set (managed mode) but neither GATEWAY_KEYS nor "
                 "GATEWAY_ADMIN_KEY is: set GATEWAY_KEYS to the comma-separated keys clients "
                 "may use, or GATEWAY_ADMIN_KEY to issue keys through the admin API."
-            )
-        if settings.mes_daily_partition and parse_dsn(settings.history_dsn).kind == "sqlite":
-            raise ConfigError(
-                "MES_DAILY_PARTITION=true needs a PostgreSQL or MySQL/MariaDB history database "
-                "(MES_SQL_DSN); SQLite history is not split by day."
             )
         if (
             settings.mes_retention_days

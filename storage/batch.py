@@ -13,7 +13,8 @@ messages, so the message count it then takes includes what the writer before it 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import date
 from typing import Any
 
 from sqlalchemy import Table, bindparam, case, func, insert, select, update
@@ -24,15 +25,21 @@ from sqlalchemy.sql.dml import Insert
 from storage.rows import Row, RowSet
 from storage.schema import completions, conversations, messages, request_logs
 
+DayTable = Callable[[str, date], Table]
 
-async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) -> int:
-    """Write what is new in ``rowsets``; returns how many records were new."""
+
+async def write_batch(
+    connection: AsyncConnection, rowsets: Sequence[RowSet], day_table: DayTable | None = None
+) -> int:
+    """Write what is new in ``rowsets``; returns how many records were new. With
+    ``day_table`` (SQLite split by day), completions and request logs go straight to the
+    table of their day, not through the view over all days."""
     rowsets = [_without_nul(rowset) for rowset in rowsets]
     new_completions = await _new_rows(
-        connection, completions, [r.completion for r in rowsets if r.completion]
+        connection, completions, [r.completion for r in rowsets if r.completion], day_table
     )
     new_logs = await _new_rows(
-        connection, request_logs, [r.request_log for r in rowsets if r.request_log]
+        connection, request_logs, [r.request_log for r in rowsets if r.request_log], day_table
     )
     new_ids = {row["id"] for row in new_completions}
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
@@ -44,10 +51,10 @@ async def write_batch(connection: AsyncConnection, rowsets: Sequence[RowSet]) ->
     message_rows = _unique((m for r in fresh for m in r.messages), ("conversation_id", "hash"))
     if message_rows:
         await connection.execute(insert_ignore(connection, messages), message_rows)
-    if new_completions:
-        await connection.execute(insert(completions), new_completions)
-    if new_logs:
-        await connection.execute(insert(request_logs), new_logs)
+    for table, rows in _by_table(completions, new_completions, day_table):
+        await connection.execute(insert(table), rows)
+    for table, rows in _by_table(request_logs, new_logs, day_table):
+        await connection.execute(insert(table), rows)
     await _add_to_totals(connection, new_completions)
     return len(new_completions) + len(new_logs)
 
@@ -83,15 +90,29 @@ async def _lock_conversations(connection: AsyncConnection, ids: list[str]) -> No
     )
 
 
-async def _new_rows(connection: AsyncConnection, table: Table, rows: list[Row]) -> list[Row]:
+async def _new_rows(
+    connection: AsyncConnection, table: Table, rows: list[Row], day_table: DayTable | None
+) -> list[Row]:
+    existing: set[str] = set()
+    for source, some in _by_table(table, rows, day_table):
+        ids = [row["id"] for row in some]
+        found = await connection.execute(select(source.c.id).where(source.c.id.in_(ids)))
+        existing.update(found.scalars())
+    return _unique((row for row in rows if row["id"] not in existing), ("id",))
+
+
+def _by_table(
+    table: Table, rows: list[Row], day_table: DayTable | None
+) -> list[tuple[Table, list[Row]]]:
+    """``rows`` with the table each goes to: ``table``, or its day's."""
     if not rows:
         return []
-    ids = [row["id"] for row in rows]
-    existing = set(
-        (await connection.execute(select(table.c.id).where(table.c.id.in_(ids)))).scalars()
-    )
-    unique = _unique((row for row in rows if row["id"] not in existing), ("id",))
-    return unique
+    if day_table is None:
+        return [(table, rows)]
+    by_day: dict[date, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_day[row["started_at"].date()].append(row)
+    return [(day_table(table.name, day), by_day[day]) for day in sorted(by_day)]
 
 
 def _unique(rows: Any, key: tuple[str, ...]) -> list[Row]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -37,6 +37,9 @@ class CompletionFilter:
     conversation_id: str | None = None
     tool: str | None = None  # a tool the answer called
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+RECENT = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,15 @@ async def list_completions(
     query = select(completions).where(
         scope.where(completions), *_completion_conditions(connection, filters)
     )
+    if descending and filters.since is None:
+        # The newest page first from the last day alone: split by day, PostgreSQL plans that
+        # over a partition or two instead of all of them (1,000,000 completions over 232
+        # days: planning 17.7 ms of a 20 ms query). Enough rows there make the page.
+        end = after["started_at"] if after is not None else datetime.now(UTC).replace(tzinfo=None)
+        recent = query.where(completions.c.started_at >= end - RECENT)
+        page = await _page(connection, recent, completions, "started_at", limit, after, True)
+        if page.has_more:
+            return page
     return await _page(connection, query, completions, "started_at", limit, after, descending)
 
 

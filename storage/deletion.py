@@ -55,8 +55,11 @@ async def delete_conversation(
 async def delete_owner_history(connection: AsyncConnection, scope: Scope) -> Deleted:
     """Everything of the scope's owner: completions, conversations, messages, request logs."""
     deleted = await _delete_where(connection, scope, completions.c.id.isnot(None))
-    result = await connection.execute(delete(request_logs).where(scope.where(request_logs)))
-    return deleted + Deleted(request_logs=result.rowcount or 0)
+    logs = await connection.scalar(
+        select(func.count()).select_from(request_logs).where(scope.where(request_logs))
+    )
+    await connection.execute(delete(request_logs).where(scope.where(request_logs)))
+    return deleted + Deleted(request_logs=int(logs or 0))
 
 
 async def prune_older_than(connection: AsyncConnection, scope: Scope, cutoff: datetime) -> Deleted:
@@ -84,8 +87,8 @@ async def prune_step(
         ).scalars()
     )
     if ids:
-        result = await connection.execute(delete(request_logs).where(request_logs.c.id.in_(ids)))
-        deleted += Deleted(request_logs=result.rowcount or 0)
+        await connection.execute(delete(request_logs).where(request_logs.c.id.in_(ids)))
+        deleted += Deleted(request_logs=len(ids))
     return deleted
 
 
@@ -120,12 +123,22 @@ async def _delete_chunk(
     if not ids:
         return Deleted()
     await _lock(connection, ids)
-    result = await connection.execute(
-        delete(completions).where(
-            scope.where(completions), condition, completions.c.conversation_id.in_(ids)
-        )
+    # Counted from the rows found, not the driver's rowcount: on SQLite split by day,
+    # completions is a view, and changes made through its triggers count as none.
+    doomed = list(
+        (
+            await connection.execute(
+                select(completions.c.id).where(
+                    scope.where(completions), condition, completions.c.conversation_id.in_(ids)
+                )
+            )
+        ).scalars()
     )
-    return Deleted(completions=result.rowcount or 0) + await _tidy_all(connection, ids)
+    for start in range(0, len(doomed), CHUNK):
+        await connection.execute(
+            delete(completions).where(completions.c.id.in_(doomed[start : start + CHUNK]))
+        )
+    return Deleted(completions=len(doomed)) + await _tidy_all(connection, ids)
 
 
 async def drop_conversations(connection: AsyncConnection, ids: Sequence[str]) -> Deleted:

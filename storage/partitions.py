@@ -12,9 +12,11 @@ to no single day. Retention removes what the dropped days leave unused in small 
 (``storage/retention.py``).
 
 PostgreSQL uses declarative range partitions; MySQL and MariaDB list partitions on
-``TO_DAYS(started_at)``. A table that held history before partitioning was turned on
+``TO_DAYS(started_at)``; SQLite, which has no partitions, a table per day under a view (see
+the end of this module). A table that held history before partitioning was turned on
 stays readable: on PostgreSQL it becomes one "legacy" partition holding everything up to
-the day after its newest row; on MySQL the table is rewritten once into daily partitions.
+the day after its newest row, on SQLite a "legacy" table under the view; on MySQL the
+table is rewritten once into daily partitions.
 
 Partition names and bounds come only from ``datetime.date`` values: nothing a client
 sends reaches the DDL.
@@ -25,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import text
+from sqlalchemy import MetaData, Table, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import quoted_name
 
 from storage.locks import named_lock
+from storage.schema import history_metadata
 
 log = logging.getLogger("mes.partitions")
 
@@ -42,10 +46,6 @@ _DAY_NAME = re.compile(r"^(completions|request_logs)_p(\d{8})$")
 _BOUND = re.compile(r"TO \('(\d{4}-\d{2}-\d{2})")
 # MySQL's TO_DAYS counts from year 0; Python's ordinals from 0001-01-01 = 1.
 _TO_DAYS_OFFSET = 365
-
-
-class UnsupportedBackend(RuntimeError):
-    """SQLite keeps history in one file: daily partitions are not offered there (yet)."""
 
 
 def partition_name(table: str, day: date) -> str:
@@ -80,20 +80,18 @@ class Partitions:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.kind = engine.dialect.name
-        if self.kind == "sqlite":
-            raise UnsupportedBackend(
-                "MES_DAILY_PARTITION=true needs a PostgreSQL or MySQL/MariaDB history "
-                "database (MES_SQL_DSN); SQLite history is not split by day"
-            )
         self._days: dict[str, set[date]] = {table: set() for table in TABLES}
         self._legacy: dict[str, date] = {}  # PostgreSQL: table -> the end of its legacy part
         self._guard = asyncio.Lock()
+        self._day_tables: dict[str, Table] = {}
 
     async def setup(self, today: date) -> None:
         """Make the tables partitioned if they are not yet (once, whichever replica gets
         there first), with partitions for today and tomorrow."""
         async with named_lock(self.engine, "mes-migrate-history", wait=True):
             async with self.engine.begin() as connection:
+                if self.kind == "sqlite":
+                    await _sqlite_transaction(connection)
                 for table in TABLES:
                     if not await self._is_partitioned(connection, table):
                         await self._convert(connection, table, today)
@@ -127,6 +125,20 @@ class Partitions:
                         self._days[table].add(day)
                 log.info("made the history partitions for %s", day)
 
+    @property
+    def day_table(self) -> Callable[[str, date], Table] | None:
+        """Where the writer puts a day's rows itself: SQLite's table of that day (the
+        other backends route rows to their partitions on their own)."""
+        return self._sqlite_day_table if self.kind == "sqlite" else None
+
+    def _sqlite_day_table(self, table: str, day: date) -> Table:
+        name = partition_name(table, day)
+        if name not in self._day_tables:
+            self._day_tables[name] = history_metadata.tables[table].to_metadata(
+                MetaData(), name=name
+            )
+        return self._day_tables[name]
+
     async def days(self) -> list[date]:
         """The days that have their own partitions (in every partitioned table)."""
         await self.refresh()
@@ -139,8 +151,9 @@ class Partitions:
         async with named_lock(self.engine, "mes-partitions", wait=True):
             await self.refresh()
             for table in TABLES:
-                if self.kind == "mysql" and not any(d >= day for d in self._days[table]):
-                    await self._create(table, day)  # MySQL cannot drop a table's last partition
+                if self.kind != "postgresql" and not any(d >= day for d in self._days[table]):
+                    # MySQL cannot drop a table's last partition; SQLite's view needs a table
+                    await self._create(table, day)
                     self._days[table].add(day)
             old_days = sorted({d for table in TABLES for d in self._days[table] if d < day})
             for old in old_days:
@@ -162,7 +175,10 @@ class Partitions:
         gone = []
         async with named_lock(self.engine, "mes-partitions", wait=True):
             await self.refresh()
-            for table, until in sorted(self._legacy.items()):
+            legacy = dict(self._legacy)
+            if self.kind == "sqlite":  # no bounds: any day may still be in it
+                legacy = {t: date.min for t in TABLES if await self._sqlite_has_legacy(t)}
+            for table, until in sorted(legacy.items()):
                 name = f"{table}_{LEGACY}"
                 async with self.engine.connect() as connection:
                     rows = await connection.scalar(text(f"SELECT 1 FROM {name} LIMIT 1"))
@@ -176,6 +192,11 @@ class Partitions:
     # -- per backend ----------------------------------------------------------------------
 
     async def _is_partitioned(self, connection: AsyncConnection, table: str) -> bool:
+        if self.kind == "sqlite":
+            kind = await connection.scalar(
+                text("SELECT type FROM sqlite_master WHERE name = :name"), {"name": table}
+            )
+            return bool(kind == "view")
         if self.kind == "postgresql":
             kind = await connection.scalar(
                 text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"),
@@ -192,6 +213,10 @@ class Partitions:
         return bool(count)
 
     async def _table_days(self, connection: AsyncConnection, table: str) -> set[date]:
+        if self.kind == "sqlite":
+            return {
+                day for name in await _sqlite_tables(connection, table) if (day := day_of(name))
+            }
         if self.kind == "postgresql":
             rows = (
                 await connection.execute(
@@ -221,6 +246,12 @@ class Partitions:
 
     async def _create(self, table: str, day: date) -> None:
         name = partition_name(table, day)
+        if self.kind == "sqlite":
+            async with self.engine.begin() as connection:
+                await _sqlite_transaction(connection)
+                await _sqlite_create(connection, table, name)
+                await _sqlite_view(connection, table)
+            return
         if self.kind == "postgresql":
             statement = (
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
@@ -241,6 +272,13 @@ class Partitions:
         """Drop ``table``'s partition ``name``; how many rows it held. On PostgreSQL it is
         first detached concurrently, which never makes writers to other days wait (a plain
         DROP would lock the whole table for a moment)."""
+        if self.kind == "sqlite":
+            async with self.engine.begin() as connection:
+                await _sqlite_transaction(connection)
+                rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) or 0)
+                await connection.execute(text(f"DROP TABLE {name}"))
+                await _sqlite_view(connection, table)
+            return rows
         if self.kind == "postgresql":
             async with self.engine.connect() as connection:
                 rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) or 0)
@@ -257,7 +295,14 @@ class Partitions:
             await connection.execute(text(f"ALTER TABLE {table} DROP PARTITION {name}"))
         return rows
 
+    async def _sqlite_has_legacy(self, table: str) -> bool:
+        async with self.engine.connect() as connection:
+            return f"{table}_{LEGACY}" in await _sqlite_tables(connection, table)
+
     async def _convert(self, connection: AsyncConnection, table: str, today: date) -> None:
+        if self.kind == "sqlite":
+            await _sqlite_convert(connection, table, today)
+            return
         if self.kind == "postgresql":
             await self._convert_postgres(connection, table)
         else:
@@ -320,3 +365,98 @@ class Partitions:
             )
         )
         log.info("%s is now split by day (%d days of history moved)", table, len(days) - 1)
+
+
+# -- SQLite: a table per day, read through a view ---------------------------------------
+#
+# SQLite has no partitioned tables. Each day is a table of its own, with the same columns
+# and indexes (named after it), and ``completions`` becomes a view over all of them (and
+# over the table that held the history before, if any). Triggers on the view send an
+# INSERT to the table of its row's day (refusing a day that has none), and an UPDATE or a
+# DELETE to every table. Dropping a day is dropping its table. The view and its triggers
+# are made again whenever a day is added or dropped, in the same transaction.
+
+
+async def _sqlite_transaction(connection: AsyncConnection) -> None:
+    """Open the transaction now: Python's sqlite3 would otherwise run each DDL statement
+    on its own, and a writer could see the view between a table dropped and the view
+    made again without it."""
+    await connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def _sqlite_tables(connection: AsyncConnection, table: str) -> list[str]:
+    """The tables ``table``'s view reads: its legacy table first, then its days in order."""
+    names = (
+        await connection.execute(
+            text("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE :like"),
+            {"like": f"{table}_%"},
+        )
+    ).scalars()
+    days = sorted(name for name in names if day_of(name))
+    legacy = f"{table}_{LEGACY}"
+    has_legacy = await connection.scalar(
+        text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"),
+        {"name": legacy},
+    )
+    return ([legacy] if has_legacy else []) + days
+
+
+async def _sqlite_create(connection: AsyncConnection, table: str, name: str) -> None:
+    day_table = history_metadata.tables[table].to_metadata(MetaData(), name=name)
+    for index in day_table.indexes:
+        index.name = quoted_name(f"{index.name}_{name.rsplit('_', 1)[1]}", None)
+    await connection.run_sync(lambda sync: day_table.create(sync, checkfirst=True))
+
+
+async def _sqlite_view(connection: AsyncConnection, table: str) -> None:
+    names = await _sqlite_tables(connection, table)
+    columns = [column.name for column in history_metadata.tables[table].columns]
+    listed = ", ".join(columns)
+    new = ", ".join(f"NEW.{column}" for column in columns)
+    await connection.execute(text(f"DROP VIEW IF EXISTS {table}"))  # and its triggers
+    await connection.execute(
+        text(
+            f"CREATE VIEW {table} AS "
+            + " UNION ALL ".join(f"SELECT {listed} FROM {name}" for name in names)
+        )
+    )
+    days = [(name, day) for name in names if (day := day_of(name)) is not None]
+    routes = "".join(
+        f"INSERT INTO {name} ({listed}) SELECT {new} "
+        f"WHERE substr(NEW.started_at, 1, 10) = {_literal(day)}; "
+        for name, day in days
+    )
+    known = ", ".join(_literal(day) for _, day in days) or "''"
+    await connection.execute(
+        text(
+            f"CREATE TRIGGER {table}_insert INSTEAD OF INSERT ON {table} BEGIN "
+            f"SELECT RAISE(ABORT, 'no partition for this day') "
+            f"WHERE substr(NEW.started_at, 1, 10) NOT IN ({known}); {routes}END"
+        )
+    )
+    assigned = ", ".join(f"{column} = NEW.{column}" for column in columns)
+    await connection.execute(
+        text(
+            f"CREATE TRIGGER {table}_update INSTEAD OF UPDATE ON {table} BEGIN "
+            + "".join(f"UPDATE {name} SET {assigned} WHERE id = OLD.id; " for name in names)
+            + "END"
+        )
+    )
+    await connection.execute(
+        text(
+            f"CREATE TRIGGER {table}_delete INSTEAD OF DELETE ON {table} BEGIN "
+            + "".join(f"DELETE FROM {name} WHERE id = OLD.id; " for name in names)
+            + "END"
+        )
+    )
+
+
+async def _sqlite_convert(connection: AsyncConnection, table: str, today: date) -> None:
+    rows = await connection.scalar(text(f"SELECT 1 FROM {table} LIMIT 1"))
+    if rows:
+        await connection.execute(text(f"ALTER TABLE {table} RENAME TO {table}_{LEGACY}"))
+    else:
+        await connection.execute(text(f"DROP TABLE {table}"))
+    await _sqlite_create(connection, table, partition_name(table, today))
+    await _sqlite_view(connection, table)
+    log.info("%s is now a table per day%s", table, "; the history before is one" if rows else "")

@@ -331,10 +331,12 @@ class HistoryWriter:
             reraise=True,
         ):
             with attempt:
+                day_table = None
                 if self.partitions is not None:
                     await self.partitions.ensure(_days(rowsets))
+                    day_table = self.partitions.day_table
                 async with self.engine.begin() as connection:
-                    await write_batch(connection, rowsets)
+                    await write_batch(connection, rowsets, day_table)
 
     def _count_retry(self, state: RetryCallState) -> None:
         self.metrics.inc("write_retries")

@@ -49,9 +49,10 @@ SPACING = timedelta(seconds=20)
 
 
 def span(total: int) -> tuple[datetime, datetime]:
-    """When the first and the last of ``total`` completions start: from 30 days ago on,
-    ``SPACING`` apart."""
-    start = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=30)
+    """When the first and the last of ``total`` completions start, ``SPACING`` apart: from
+    30 days ago on, or earlier when that many would reach into the future."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    start = min(now - timedelta(days=30), now - timedelta(minutes=1) - SPACING * total)
     return start, start + SPACING * (total - 1)
 
 
