@@ -65,6 +65,12 @@ def site(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
         result = {"role": "tool", "tool_call_id": call_id, "content": '{"temp_c": -3}'}
         chat(gateway, ann, [*asked, called, result], tools=TOOLS)
         chat(gateway, ann, [{"role": "user", "content": SCRIPT}])
+        picture = [  # an image by reference, and one inline
+            {"type": "text", "text": "What is in these pictures?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ]
+        chat(gateway, ann, [{"role": "user", "content": picture}])
         for n in range(60):  # more than a page of conversations
             chat(gateway, ann, [{"role": "user", "content": f"Short question number {n}"}])
         chat(gateway, bob, [{"role": "user", "content": "Bob asks about 量子计算机"}])
@@ -76,11 +82,11 @@ def site(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
         assert refused.status_code == 429
         written = 0
         deadline = time.monotonic() + 60
-        while written < 65 and time.monotonic() < deadline:
+        while written < 66 and time.monotonic() < deadline:
             time.sleep(0.1)
             with sqlite3.connect(workdir / "history.db") as db:
                 written = db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
-        assert written == 65
+        assert written == 66
         yield Site(gateway, ann, bob)
 
 
@@ -189,10 +195,26 @@ def test_paging_through_a_long_list_on_a_phone(browser: Any, site: Site) -> None
     page.click("text=Older conversations")
     page.wait_for_load_state()
     second = page.locator("tbody tr").count()
-    assert (first, second) == (50, 62 - 50)
+    assert (first, second) == (50, 63 - 50)
     assert not page.locator("text=Older conversations").count()
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+    page.context.close()
+
+
+def test_images_show_by_reference_and_are_never_loaded(browser: Any, site: Site) -> None:
+    admin = httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    listed = admin.get(f"/admin/users/{site.ann.user_id}/conversations", params={"limit": 100})
+    pictures = next(c["id"] for c in listed.json()["data"] if "pictures" in (c["title"] or ""))
+    page = signed_in(browser, site, site.ann.key)
+    loaded: list[str] = []
+    page.on("request", lambda request: loaded.append(request.url))
+    page.goto(site.url + f"/ui/conversations/{pictures}")
+    link = page.locator("a[href='https://example.com/cat.png']")
+    assert link.count() == 1 and link.get_attribute("rel") == "noreferrer noopener nofollow"
+    assert "image: inline" in page.locator("main").inner_text()
+    assert not [url for url in loaded if "example.com" in url]  # shown as a link, not fetched
+    shot(page, "images")
     page.context.close()
 
 
