@@ -103,6 +103,7 @@ class Maintenance:
                 run = await retention.prune(self.history, cutoff, step, self.partitions)
                 self.metrics.inc("retention_completions_deleted", run.deleted.completions)
                 self.metrics.inc("retention_request_logs_deleted", run.deleted.request_logs)
+                self.metrics.inc("retention_days_dropped", run.days_dropped)
                 if run.deleted:
                     counts = asdict(run.deleted)
                     log.info(

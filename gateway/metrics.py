@@ -21,6 +21,7 @@ _HELP = {
     "client_disconnects": "Streams the client left before the end.",
     "retention_completions_deleted": "Completions removed by MES_RETENTION_DAYS.",
     "retention_request_logs_deleted": "Request logs removed by MES_RETENTION_DAYS.",
+    "retention_days_dropped": "Whole days of history dropped (MES_DAILY_PARTITION).",
     "retention_contents_dropped": "Messages whose content MES_CONTENT_RETENTION_DAYS dropped.",
     "maintenance_failures": "Maintenance runs (retention) that failed; retried next interval.",
 }

@@ -48,14 +48,16 @@ async def prune(
     """Remove every completion and request log started before ``cutoff``. With daily
     partitions, the days wholly before it are dropped at once, and what they leave unused
     (conversations and messages) is then removed in steps."""
-    run = await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
     if partitions is None:
-        return run
+        return await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
     days = await partitions.drop_before(cutoff.date())
     dropped = Deleted(
         completions=sum(n for n, _ in days.values()),
         request_logs=sum(n for _, n in days.values()),
     )
+    # What is left older than the cutoff: history from before partitioning, or the part of
+    # a day before a cutoff that is not midnight. Then that history's table, once empty.
+    run = await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
     await partitions.drop_empty_legacy(cutoff.date())
     orphans = await _in_steps(engine, lambda c: _orphans_step(c, cutoff, step))
     straddlers = await _tidy_straddlers(engine, cutoff, step)

@@ -154,11 +154,22 @@ async def test_retention_drops_whole_days_and_tidies_what_they_leave(
     metrics = Metrics()
     settings = Settings.from_env({"MES_RETENTION_DAYS": "30"})
     maintenance = Maintenance(settings, engine, engine, metrics, partitions, clock=lambda: NOW)
+    dropped: dict[date, tuple[int, int]] = {}
+    drop_before = partitions.drop_before
+
+    async def watched(day: date) -> dict[date, tuple[int, int]]:
+        dropped.update(await drop_before(day))
+        return dropped
+
+    partitions.drop_before = watched  # type: ignore[method-assign]
     assert await maintenance.run_once()
+    # The old completions went with their days' partitions, not row by row before them.
+    assert sum(completions for completions, _ in dropped.values()) == 2
 
     days = await partitions.days()
     assert days == [TODAY - timedelta(days=3), TODAY, TODAY + timedelta(days=1)]
     assert metrics.counters["retention_completions_deleted"] == 2
+    assert metrics.counters["retention_days_dropped"] == 3  # days -40, -39 and -35
     async with engine.connect() as connection:
         kept = (await connection.execute(select(completions))).mappings().one()
         assert await history.request_messages(connection, kept) == [
