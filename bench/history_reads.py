@@ -20,7 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -142,19 +143,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--partitioned", action="store_true", help="MES_DAILY_PARTITION=true")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="mes-bench-"))
-    server = None
-    if args.backend == "sqlite":
-        dsn = str(workdir / "history.db")
-    else:
-        starter = start_postgres if args.backend == "postgresql" else start_mariadb
-        server = starter(Path(tempfile.mkdtemp(prefix=f"mes-bench-{args.backend}-")))
-        dsn = server.url("bench_reads")
-    try:
+    with throwaway_database(args.backend, "bench_reads") as dsn:
         measure(dsn, args.total, args.runs, args.backend, args.partitioned)
+
+
+@contextmanager
+def throwaway_database(backend: str, name: str) -> Iterator[str]:
+    """A DSN for a fresh history database: an SQLite file, or a database on a PostgreSQL or
+    MariaDB server started for the run and stopped after it."""
+    if backend == "sqlite":
+        yield str(Path(tempfile.mkdtemp(prefix="mes-bench-")) / "history.db")
+        return
+    starter = start_postgres if backend == "postgresql" else start_mariadb
+    server = starter(Path(tempfile.mkdtemp(prefix=f"mes-bench-{backend}-")))
+    try:
+        yield server.url(name)
     finally:
-        if server is not None:
-            server.shutdown()
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.history_reads import fill, median_ms  # noqa: E402
+from bench.history_reads import fill, median_ms, throwaway_database  # noqa: E402
 from fake_upstream.testing import serve  # noqa: E402
 from tests import bulk  # noqa: E402
-from tests.dbservers import start_mariadb, start_postgres  # noqa: E402
 from tests.managed import ADMIN, ADMIN_KEY, managed_gateway, new_member  # noqa: E402
 
 TARGET_MS = 300
@@ -77,19 +76,8 @@ def main() -> None:
     parser.add_argument("--total", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="mes-bench-"))
-    server = None
-    if args.backend == "sqlite":
-        dsn = str(workdir / "history.db")
-    else:
-        starter = start_postgres if args.backend == "postgresql" else start_mariadb
-        server = starter(Path(tempfile.mkdtemp(prefix=f"mes-bench-{args.backend}-")))
-        dsn = server.url("bench_ui")
-    try:
+    with throwaway_database(args.backend, "bench_ui") as dsn:
         measure(dsn, args.total, args.runs, args.backend)
-    finally:
-        if server is not None:
-            server.shutdown()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ class Site:
         self.gateway, self.ann, self.bob = gateway, ann, bob
         self.url = gateway.url
 
+    def anns_conversation(self, word: str) -> str:
+        """The id of Ann's conversation whose title holds ``word`` (asked of the admin API)."""
+        admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        listed = admin.get(f"/admin/users/{self.ann.user_id}/conversations", params={"limit": 100})
+        return str(next(c["id"] for c in listed.json()["data"] if word in (c["title"] or "")))
+
 
 @pytest.fixture(scope="module")
 def site(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
@@ -156,9 +162,7 @@ def test_an_admin_signs_in_and_reads_a_conversation_with_tool_calls(
 
 
 def test_a_stored_script_shows_as_text_and_never_runs(browser: Any, site: Site) -> None:
-    admin = httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    listed = admin.get(f"/admin/users/{site.ann.user_id}/conversations", params={"limit": 100})
-    scripted = next(c["id"] for c in listed.json()["data"] if "__pwned" in (c["title"] or ""))
+    scripted = site.anns_conversation("__pwned")
     page = signed_in(browser, site, site.ann.key)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
@@ -203,9 +207,7 @@ def test_paging_through_a_long_list_on_a_phone(browser: Any, site: Site) -> None
 
 
 def test_images_show_by_reference_and_are_never_loaded(browser: Any, site: Site) -> None:
-    admin = httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    listed = admin.get(f"/admin/users/{site.ann.user_id}/conversations", params={"limit": 100})
-    pictures = next(c["id"] for c in listed.json()["data"] if "pictures" in (c["title"] or ""))
+    pictures = site.anns_conversation("pictures")
     page = signed_in(browser, site, site.ann.key)
     loaded: list[str] = []
     page.on("request", lambda request: loaded.append(request.url))
