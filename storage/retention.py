@@ -16,11 +16,12 @@ said it, when, the tool calls' names, and every metadata row (see ``without_cont
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, false, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, bindparam, false, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage import deletion
@@ -59,7 +60,7 @@ async def prune(
     # a day before a cutoff that is not midnight. Then that history's table, once empty.
     run = await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
     await partitions.drop_empty_legacy(cutoff.date())
-    orphans = await _in_steps(engine, lambda c: _orphans_step(c, cutoff, step))
+    orphans = await _drop_orphans(engine, cutoff, step)
     straddlers = await _tidy_straddlers(engine, cutoff, step)
     return Run(
         deleted=run.deleted + dropped + orphans.deleted + straddlers.deleted,
@@ -85,49 +86,63 @@ async def _in_steps(
         deleted += done
 
 
-async def _orphans_step(connection: AsyncConnection, cutoff: datetime, limit: int) -> Deleted:
-    """Conversations whose every turn was in the days dropped: gone, with their messages."""
-    ids = list(
-        (
-            await connection.execute(
-                select(conversations.c.id)
-                .where(conversations.c.updated_at < cutoff)
-                .order_by(conversations.c.updated_at)
-                .limit(limit)
-            )
-        ).scalars()
+async def _drop_orphans(engine: AsyncEngine, cutoff: datetime, limit: int) -> Run:
+    """Conversations whose every turn was in the days dropped: gone, with their messages.
+    (One that still has a completion, written for an old day meanwhile, is tidied instead
+    and passed over: the walk goes on after it.)"""
+    c = conversations.c
+    return await _walk_conversations(
+        engine,
+        c.updated_at < cutoff,
+        c.updated_at,
+        limit,
+        lambda connection, rows: deletion.drop_conversations(connection, [r.id for r in rows]),
     )
-    if not ids:
-        return Deleted()
-    return await deletion.drop_conversations(connection, ids)
 
 
 async def _tidy_straddlers(engine: AsyncEngine, cutoff: datetime, limit: int) -> Run:
     """Conversations begun before ``cutoff`` and continued since: those whose count of
     completions no longer matches (some were in the days dropped) are tidied."""
+    c = conversations.c
+    return await _walk_conversations(
+        engine,
+        and_(c.created_at < cutoff, c.updated_at >= cutoff),
+        c.created_at,
+        limit,
+        lambda connection, rows: deletion.tidy_if_changed(
+            connection, {r.id: r.completion_count for r in rows}
+        ),
+    )
+
+
+async def _walk_conversations(
+    engine: AsyncEngine,
+    condition: ColumnElement[bool],
+    order: Any,
+    limit: int,
+    handle: Callable[[AsyncConnection, Sequence[Any]], Awaitable[Deleted]],
+) -> Run:
+    """``handle`` the conversations matching ``condition``, ``limit`` at a time in
+    (``order``, id) order, each batch in a transaction of its own. The walk keeps its place,
+    so a conversation that stays is never met twice."""
+    c = conversations.c
     deleted, steps, longest = Deleted(), 0, 0.0
-    after: tuple[datetime, str] | None = None
+    after: tuple[Any, str] | None = None
     while True:
         started = time.perf_counter()
         async with engine.begin() as connection:
             query = (
-                select(
-                    conversations.c.id, conversations.c.created_at, conversations.c.completion_count
-                )
-                .where(conversations.c.created_at < cutoff, conversations.c.updated_at >= cutoff)
-                .order_by(conversations.c.created_at, conversations.c.id)
+                select(c.id, order.label("position"), c.completion_count)
+                .where(condition)
+                .order_by(order, c.id)
                 .limit(limit)
             )
             if after is not None:
-                query = query.where(
-                    tuple_(conversations.c.created_at, conversations.c.id) > tuple_(*after)
-                )
+                query = query.where(tuple_(order, c.id) > tuple_(*after))
             rows = (await connection.execute(query)).all()
             if rows:
-                after = (rows[-1][1], rows[-1][0])
-                deleted += await deletion.tidy_if_changed(
-                    connection, {row[0]: row[2] for row in rows}
-                )
+                after = (rows[-1].position, rows[-1].id)
+                deleted += await handle(connection, rows)
         longest = max(longest, time.perf_counter() - started)
         steps += 1
         if len(rows) < limit:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, inspect, select, text, update
 
 from gateway.capture import from_entry, to_entry
 from gateway.maintenance import Maintenance
@@ -181,6 +181,33 @@ async def test_retention_drops_whole_days_and_tidies_what_they_leave(
         assert conversation["completion_count"] == 1
         assert conversation["message_count"] == 4
         assert await connection.scalar(select(func.count()).select_from(messages)) == 4
+
+
+async def test_a_conversation_that_stays_does_not_stop_the_removal_of_those_that_go(
+    engine: Any, tmp_path: Path
+) -> None:
+    """After the days go, conversations last active before the cutoff are removed, walking
+    from the oldest. One of them may still hold a completion (one written for an old day
+    meanwhile): it is tidied and kept, and the walk goes on past it."""
+    partitions = Partitions(engine)
+    await partitions.setup(TODAY - timedelta(days=40))
+    alone = turn([{"role": "user", "content": "Alone, long ago"}], PARIS, days_ago=35)
+    late = turn([{"role": "user", "content": "Written late"}], PARIS, days_ago=1)
+    await write_through_the_writer(engine, partitions, [alone, late], tmp_path)
+    kept_id = late.rows().conversation["id"]  # type: ignore[index]
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(conversations)
+            .where(conversations.c.id == kept_id)
+            .values(updated_at=NOW - timedelta(days=50))  # older than the lone one
+        )
+    cutoff = datetime.combine((NOW - timedelta(days=30)).date(), datetime.min.time())
+    run = await retention.prune(engine, cutoff, 1, partitions)
+    assert run.deleted.completions == 1
+    async with engine.connect() as connection:
+        left = (await connection.execute(select(conversations.c.id))).scalars().all()
+        assert left == [kept_id]
+        assert await connection.scalar(select(func.count()).select_from(completions)) == 1
 
 
 async def test_turning_partitions_on_keeps_the_history_there_before(
