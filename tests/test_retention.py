@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ def turn(
     answer: dict[str, Any],
     days_ago: float,
     *,
-    extra_choices: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    extra_choices: Sequence[dict[str, Any]] = (),
     tokens: int = 10,
     now: datetime = NOW,
 ) -> Exchange:

@@ -4,7 +4,6 @@ text is shown as text."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,8 +24,8 @@ WEATHER_TOOL = {
 
 
 class Site:
-    def __init__(self, gateway: GatewayProcess, ann: Member, bob: Member) -> None:
-        self.gateway, self.ann, self.bob = gateway, ann, bob
+    def __init__(self, gateway: GatewayProcess, dsn: str, ann: Member, bob: Member) -> None:
+        self.gateway, self.dsn, self.ann, self.bob = gateway, dsn, ann, bob
 
     def chat(self, member: Member, content: str, **extra: Any) -> dict[str, Any]:
         response = httpx.post(
@@ -56,16 +55,15 @@ def site(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
     workdir = tmp_path_factory.mktemp("ui")
     dsn = str(workdir / "history.db")
     with managed_gateway(upstream, dsn, workdir) as gateway:
-        site = Site(gateway, new_member(gateway, "ann"), new_member(gateway, "bob"))
+        site = Site(gateway, dsn, new_member(gateway, "ann"), new_member(gateway, "bob"))
         site.chat(site.ann, "What is the weather in 東京 today?", tools=[WEATHER_TOOL])
         site.chat(site.ann, SCRIPT)
         site.chat(site.bob, "Bob's private question about 量子计算")
-        site.dsn = dsn  # type: ignore[attr-defined]
         yield site
 
 
 async def rows(site: Site, expected: int) -> list[Any]:
-    db = HistoryDB(site.dsn)  # type: ignore[attr-defined]
+    db = HistoryDB(site.dsn)
     try:
         assert await db.wait_for("completions", expected) == expected
         return await db.completions()
@@ -129,7 +127,7 @@ async def test_a_user_sees_only_their_own_history(site: Site) -> None:
     assert "Bob&#39;s private question about" in found.text
 
 
-def test_a_revoked_key_loses_the_viewer_at_once(site: Site, tmp_path: Path) -> None:
+def test_a_revoked_key_loses_the_viewer_at_once(site: Site) -> None:
     carol = new_member(site.gateway, "carol")
     viewer = site.browser(carol.key)
     assert viewer.get(f"/ui/users/{carol.user_id}").status_code == 200
