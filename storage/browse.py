@@ -40,6 +40,9 @@ class CompletionFilter:
 
 
 RECENT = timedelta(days=1)
+_NOT_FOR_ORDER = (
+    "IGNORE INDEX FOR ORDER BY (ix_completions_started, ix_completions_owner_started_id)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,11 @@ async def list_completions(
     query = select(completions).where(
         scope.where(completions), *_completion_conditions(connection, filters)
     )
+    if filters.errors_only:
+        # Errors are few: MySQL and MariaDB would walk a newest-first index through every
+        # completion to find them (360 ms for 100,000 without an error); scanning and
+        # sorting the few found takes 37 ms.
+        query = query.with_hint(completions, _NOT_FOR_ORDER, "mysql")
     if descending and filters.since is None:
         # The newest page first from the last day alone: split by day, PostgreSQL plans that
         # over a partition or two instead of all of them (1,000,000 completions over 232

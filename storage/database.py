@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    if not SQLITE_HAS_LN:  # statistics bucket latencies by their logarithm
+        dbapi_connection.create_function("ln", 1, natural_log, deterministic=True)
+
+
+def _has_ln() -> bool:
+    """Whether this SQLite was built with its math functions (3.35 and later, usually)."""
+    try:
+        sqlite3.connect(":memory:").execute("SELECT ln(1)")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+def natural_log(value: float | None) -> float | None:
+    """SQL's ``ln()``, for an SQLite without it: NULL where it is undefined, as there."""
+    return math.log(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+SQLITE_HAS_LN = _has_ln()
 
 
 async def ensure_database(dsn: str) -> DatabaseURL:

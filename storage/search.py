@@ -51,23 +51,40 @@ async def search(
 ) -> tuple[list[Hit], bool]:
     if not storable(phrase):
         return [], False
-    m, c = messages.c, conversations.c
-    query = (
-        select(m.conversation_id, m.hash, m.role, m.created_at, m.content_text, c.title, c.owner)
-        .select_from(messages.join(conversations, conversations.c.id == m.conversation_id))
-        .where(scope.where(conversations), _matches(connection, phrase))
+    m = messages.c
+    found = select(m.conversation_id, m.hash, m.role, m.created_at, m.content_text).where(
+        _matches(connection, phrase)
     )
     if after is not None:
         key = (m.created_at, m.conversation_id, m.hash)
         mark = (after.created_at, after.conversation_id, after.message_id)
-        query = query.where(
+        found = found.where(
             or_(
                 key[0] < mark[0],
                 and_(key[0] == mark[0], key[1] < mark[1]),
                 and_(key[0] == mark[0], key[1] == mark[1], key[2] < mark[2]),
             )
         )
-    query = query.order_by(m.created_at.desc(), m.conversation_id.desc(), m.hash.desc())
+    newest_first = (m.created_at.desc(), m.conversation_id.desc(), m.hash.desc())
+    if scope.all_owners:
+        # Everyone's history: the matching messages first, then their conversations. Joined
+        # the other way, MariaDB read all conversations and each one's messages (563 ms
+        # for 100,000 conversations; scanning the messages alone takes 149).
+        latest = found.order_by(*newest_first).limit(limit + 1).subquery()
+        query = (
+            select(latest, conversations.c.title, conversations.c.owner)
+            .join(conversations, conversations.c.id == latest.c.conversation_id)
+            .order_by(
+                latest.c.created_at.desc(), latest.c.conversation_id.desc(), latest.c.hash.desc()
+            )
+        )
+    else:
+        query = (
+            found.add_columns(conversations.c.title, conversations.c.owner)
+            .join(conversations, conversations.c.id == m.conversation_id)
+            .where(scope.where(conversations))
+            .order_by(*newest_first)
+        )
     rows = (await connection.execute(query.limit(limit + 1))).all()
     hits = [
         Hit(
