@@ -6,13 +6,18 @@ messages and conversations are inserted only where their key is new, so a replay
 duplicates and concurrent writers storing one conversation neither collide nor lose rows.
 Rows are sorted by key before every write, so two writers lock them in the same order.
 
-Writers of one conversation take turns: each locks the conversation's row before it adds
-messages, so the message count it then takes includes what the writer before it added.
+A conversation's totals (completions, messages, tokens, last activity) are added in the
+statement that inserts it, an upsert: a new conversation is written once, not inserted and
+then updated. Where the database says which rows an INSERT added (PostgreSQL and SQLite:
+``RETURNING``), the completions are inserted first and tell which records are new, and the
+messages tell how many each conversation gained: three statements a batch. MySQL has no
+``RETURNING``: there the new completions are looked up first, the upsert locks each
+conversation's row, and the messages are then counted under that lock.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
@@ -26,37 +31,51 @@ from storage.rows import Row, RowSet
 from storage.schema import completions, conversations, messages, request_logs
 
 DayTable = Callable[[str, date], Table]
+TOTALS = ("completion_count", "message_count", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 async def write_batch(
     connection: AsyncConnection, rowsets: Sequence[RowSet], day_table: DayTable | None = None
 ) -> int:
-    """Write what is new in ``rowsets``; returns how many records were new. With
-    ``day_table`` (SQLite split by day), completions and request logs go straight to the
-    table of their day, not through the view over all days."""
+    """Write what is new in ``rowsets``; returns how many records were new. SQLite split
+    by day needs ``day_table``: completions and request logs go straight to the table of
+    their day (SQLite cannot upsert into the view over all days)."""
     rowsets = [_without_nul(rowset) for rowset in rowsets]
-    new_completions = await _new_rows(
-        connection, completions, [r.completion for r in rowsets if r.completion], day_table
-    )
-    new_logs = await _new_rows(
-        connection, request_logs, [r.request_log for r in rowsets if r.request_log], day_table
-    )
-    new_ids = {row["id"] for row in new_completions}
+    returning = connection.dialect.name != "mysql"
+    completion_rows = [r.completion for r in rowsets if r.completion]
+    log_rows = [r.request_log for r in rowsets if r.request_log]
+    if returning:
+        new_ids = await _insert_new(connection, completions, completion_rows, day_table)
+        new_logs = await _insert_new(connection, request_logs, log_rows, day_table)
+    else:
+        new_ids = await _new_ids(connection, completions, completion_rows, day_table)
+        new_logs = await _new_ids(connection, request_logs, log_rows, day_table)
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
-
-    conversation_rows = _unique((r.conversation for r in fresh if r.conversation), ("id",))
-    if conversation_rows:
-        await connection.execute(insert_ignore(connection, conversations), conversation_rows)
-        await _lock_conversations(connection, [row["id"] for row in conversation_rows])
+    totals = _conversation_totals(fresh)
     message_rows = _unique((m for r in fresh for m in r.messages), ("conversation_id", "hash"))
-    if message_rows:
-        await connection.execute(insert_ignore(connection, messages), message_rows)
-    for table, rows in _by_table(completions, new_completions, day_table):
-        await connection.execute(insert(table), rows)
-    for table, rows in _by_table(request_logs, new_logs, day_table):
-        await connection.execute(insert(table), rows)
-    await _add_to_totals(connection, new_completions)
-    return len(new_completions) + len(new_logs)
+    if returning:
+        if message_rows:
+            added = await connection.execute(
+                insert_ignore(connection, messages).returning(messages.c.conversation_id),
+                message_rows,
+            )
+            for conversation_id, count in Counter(added.scalars()).items():
+                totals[conversation_id]["message_count"] += count
+        if totals:
+            await connection.execute(_upsert(connection), _sorted(totals))
+    else:
+        if totals:
+            await connection.execute(_upsert(connection), _sorted(totals))  # locks each row
+        if message_rows:
+            await connection.execute(insert_ignore(connection, messages), message_rows)
+        for table, rows in _by_table(completions, _unique(completion_rows, ("id",)), day_table):
+            await connection.execute(insert(table), [r for r in rows if r["id"] in new_ids])
+        for table, rows in _by_table(request_logs, _unique(log_rows, ("id",)), day_table):
+            if some := [r for r in rows if r["id"] in new_logs]:
+                await connection.execute(insert(table), some)
+        if totals:
+            await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
+    return len(new_ids) + len(new_logs)
 
 
 def _without_nul(rowset: RowSet) -> RowSet:
@@ -79,26 +98,29 @@ def _without_nul(rowset: RowSet) -> RowSet:
     )
 
 
-async def _lock_conversations(connection: AsyncConnection, ids: list[str]) -> None:
-    if connection.dialect.name == "sqlite":
-        return  # one writer at a time holds the whole database
-    await connection.execute(
-        select(conversations.c.id)
-        .where(conversations.c.id.in_(ids))
-        .order_by(conversations.c.id)
-        .with_for_update()
-    )
-
-
-async def _new_rows(
+async def _insert_new(
     connection: AsyncConnection, table: Table, rows: list[Row], day_table: DayTable | None
-) -> list[Row]:
+) -> set[str]:
+    """Insert the rows whose id is new; the ids inserted."""
+    new: set[str] = set()
+    for target, some in _by_table(table, _unique(rows, ("id",)), day_table):
+        added = await connection.execute(
+            insert_ignore(connection, target).returning(target.c.id), some
+        )
+        new.update(added.scalars())
+    return new
+
+
+async def _new_ids(
+    connection: AsyncConnection, table: Table, rows: list[Row], day_table: DayTable | None
+) -> set[str]:
+    """The ids of ``rows`` not stored yet."""
     existing: set[str] = set()
     for source, some in _by_table(table, rows, day_table):
         ids = [row["id"] for row in some]
         found = await connection.execute(select(source.c.id).where(source.c.id.in_(ids)))
         existing.update(found.scalars())
-    return _unique((row for row in rows if row["id"] not in existing), ("id",))
+    return {row["id"] for row in rows} - existing
 
 
 def _by_table(
@@ -134,60 +156,60 @@ def insert_ignore(connection: AsyncConnection, table: Table) -> Insert:
     return statement.on_duplicate_key_update({first_key: statement.inserted[first_key]})
 
 
-async def _add_to_totals(connection: AsyncConnection, new_completions: list[Row]) -> None:
-    totals: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"count": 0, "prompt": 0, "completion": 0, "total": 0, "last": None}
+def _conversation_totals(fresh: list[RowSet]) -> dict[str, Row]:
+    """Each conversation of the new records, as first seen, with what they add to it."""
+    totals: dict[str, Row] = {}
+    for rowset in fresh:
+        row, completion = rowset.conversation, rowset.completion
+        if row is None or completion is None:
+            continue
+        entry = totals.get(row["id"])
+        if entry is None:
+            entry = totals[row["id"]] = {**row, **dict.fromkeys(TOTALS, 0)}
+        entry["completion_count"] += 1
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            entry[name] += completion[name] or 0
+        if completion["started_at"] > entry["updated_at"]:
+            entry["updated_at"] = completion["started_at"]
+    return totals
+
+
+def _sorted(totals: dict[str, Row]) -> list[Row]:
+    return [totals[key] for key in sorted(totals)]
+
+
+def _upsert(connection: AsyncConnection) -> Insert:
+    """INSERT a conversation with its totals; where it exists, add them to its own."""
+    name = connection.dialect.name
+    if name == "mysql":
+        statement = mysql.insert(conversations)
+        new = statement.inserted
+        return statement.on_duplicate_key_update(_added(new))
+    if name == "postgresql":
+        upsert = postgresql.insert(conversations)
+        return upsert.on_conflict_do_update(index_elements=["id"], set_=_added(upsert.excluded))
+    lite = sqlite.insert(conversations)
+    return lite.on_conflict_do_update(index_elements=["id"], set_=_added(lite.excluded))
+
+
+def _added(new: Any) -> dict[str, Any]:
+    stored = conversations.c
+    added: dict[str, Any] = {name: stored[name] + new[name] for name in TOTALS}
+    added["updated_at"] = case(
+        (new.updated_at > stored.updated_at, new.updated_at), else_=stored.updated_at
     )
-    for row in new_completions:
-        entry = totals[row["conversation_id"]]
-        entry["count"] += 1
-        entry["prompt"] += row["prompt_tokens"] or 0
-        entry["completion"] += row["completion_tokens"] or 0
-        entry["total"] += row["total_tokens"] or 0
-        if entry["last"] is None or row["started_at"] > entry["last"]:
-            entry["last"] = row["started_at"]
-    if totals:
-        await connection.execute(
-            _ADD_TO_TOTALS,
-            [
-                {
-                    "b_id": conversation_id,
-                    "b_count": entry["count"],
-                    "b_prompt": entry["prompt"],
-                    "b_completion": entry["completion"],
-                    "b_total": entry["total"],
-                    "b_last": entry["last"],
-                }
-                for conversation_id, entry in sorted(totals.items())
-            ],
-        )
+    return added
 
 
-# One statement for every conversation of a batch, run as an executemany: built and
-# compiled once, not once per conversation.
-_ADD_TO_TOTALS = (
+# MySQL: a conversation's messages counted under the row lock its upsert took, so the count
+# includes what a writer before this one added.
+_RECOUNT = (
     update(conversations)
     .where(conversations.c.id == bindparam("b_id"))
     .values(
-        completion_count=conversations.c.completion_count
-        + bindparam("b_count", type_=conversations.c.completion_count.type),
-        prompt_tokens=conversations.c.prompt_tokens
-        + bindparam("b_prompt", type_=conversations.c.prompt_tokens.type),
-        completion_tokens=conversations.c.completion_tokens
-        + bindparam("b_completion", type_=conversations.c.completion_tokens.type),
-        total_tokens=conversations.c.total_tokens
-        + bindparam("b_total", type_=conversations.c.total_tokens.type),
         message_count=select(func.count())
         .select_from(messages)
         .where(messages.c.conversation_id == conversations.c.id)
-        .scalar_subquery(),
-        updated_at=case(
-            (
-                conversations.c.updated_at
-                < bindparam("b_last", type_=conversations.c.updated_at.type),
-                bindparam("b_last", type_=conversations.c.updated_at.type),
-            ),
-            else_=conversations.c.updated_at,
-        ),
+        .scalar_subquery()
     )
 )

@@ -309,7 +309,7 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
                 try:
                     await partitions.ensure([NOW.date()])
                     async with engine.begin() as connection:
-                        await write_batch(connection, [record.rows()])
+                        await write_batch(connection, [record.rows()], partitions.day_table)
                     break
                 except Exception as error:
                     if not is_unavailable(error):
