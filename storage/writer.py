@@ -137,7 +137,9 @@ class HistoryWriter:
         self.redactor = redactor or Redactor(())
         self.partitions = partitions
         self.ready = prepare is None
-        self._cursor = spool.checkpoint
+        self._cursor = spool.checkpoint  # written up to here
+        self._taken = spool.checkpoint  # taken into a batch up to here
+        self._writing: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -203,24 +205,51 @@ class HistoryWriter:
         if self.prepare is not None:
             await self._until_ready()
         self.ready_event.set()
+        try:
+            await self._loop()
+        finally:
+            if self._writing is not None and not self._writing.done():
+                self._writing.cancel()  # stopped: what it was writing stays spooled
+
+    async def _loop(self) -> None:
+        writing: tuple[asyncio.Task[None], Position] | None = None
         while True:
             batch = await self._next_batch()
             if not batch:
+                if writing is not None:
+                    await self._written(*writing)
+                    writing = None
+                    continue
+                self._commit(self._taken)  # past what was dead-lettered, if anything
                 self._idle.set()
                 await self._sync_now()
                 self._wake.clear()
-                if self._cursor >= self.spool.end:
+                if self._taken >= self.spool.end:
                     await self._wait_for_records()
                 continue
-            try:
-                await self._write(batch)
-            except Exception:  # the writer must outlive any one batch: counted and logged
-                log.exception("history writer failed on a batch of %d", len(batch))
-                self.metrics.inc("records_failed", len(batch))
-            self._cursor = batch[-1][0]
-            self.spool.commit(self._cursor)
-            if time.monotonic() - self._last_sync > SYNC_SECONDS:
-                await self._sync_now()
+            # This batch's rows are built while the one before is being written: the loop
+            # would otherwise sit idle for the database's answer, then the database for it.
+            rowsets = self._rows(batch)
+            if writing is not None:
+                await self._written(*writing)
+            self._writing = asyncio.create_task(self._write(rowsets, len(batch)), name="mes-write")
+            writing = (self._writing, batch[-1][0])
+
+    async def _written(self, task: asyncio.Task[None], end: Position) -> None:
+        """Wait for a batch's write, then move the spool's checkpoint past it."""
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        self._commit(end)
+        if time.monotonic() - self._last_sync > SYNC_SECONDS:
+            await self._sync_now()
+
+    def _commit(self, position: Position) -> None:
+        if position > self._cursor:
+            self._cursor = position
+            self.spool.commit(position)
 
     async def _until_ready(self) -> None:
         """Create and migrate the database before the first write, as long as it takes."""
@@ -253,7 +282,7 @@ class HistoryWriter:
         where it does not (records spooled before a restart, or while the cache was full)."""
         batch: list[tuple[Position, Record]] = []
         while len(batch) < self.batch_size:
-            position = batch[-1][0] if batch else self._cursor
+            position = batch[-1][0] if batch else self._taken
             while self.cache and self.cache[0][1] <= position:
                 self._uncache()  # read from disk already
             if self.cache and self.spool.follows(position, self.cache[0][0]):
@@ -274,11 +303,13 @@ class HistoryWriter:
                     self.spool.dead_letter(entry, f"unreadable: {error}")
                     self.metrics.inc("records_dead_lettered")
                     if batch:
+                        self._taken = batch[-1][0]
                         return batch  # the next batch starts at the unreadable one
-                    self._cursor = end
-                    self.spool.commit(end)
+                    self._taken = end  # committed once what comes before is written
                     break
                 self.metrics.inc("records_replayed")
+        if batch:
+            self._taken = batch[-1][0]
         return batch
 
     def _uncache(self) -> tuple[Position, Position, Record]:
@@ -286,7 +317,7 @@ class HistoryWriter:
         self._cached_bytes -= size
         return start, end, record
 
-    async def _write(self, batch: list[tuple[Position, Record]]) -> None:
+    def _rows(self, batch: list[tuple[Position, Record]]) -> list[tuple[Record, RowSet]]:
         rowsets: list[tuple[Record, RowSet]] = []
         for _, record in batch:
             try:
@@ -294,15 +325,23 @@ class HistoryWriter:
             except Exception as error:  # a record we cannot shape is a bug: keep it aside
                 log.exception("could not build rows for record %s", record.id)
                 self._dead_letter(record, f"rows: {type(error).__name__}: {error}")
-        if not rowsets:
-            return
+        return rowsets
+
+    async def _write(self, rowsets: list[tuple[Record, RowSet]], size: int) -> None:
+        """Write a batch's rows; the writer outlives any one batch (counted and logged)."""
         try:
-            await self._write_until_through([rows for _, rows in rowsets])
-        except Exception:  # refused for good: find which record, write the others
-            for record, rows in rowsets:
-                await self._write_one(record, rows)
-            return
-        self.metrics.inc("records_written", len(rowsets))
+            if not rowsets:
+                return
+            try:
+                await self._write_until_through([rows for _, rows in rowsets])
+            except Exception:  # refused for good: find which record, write the others
+                for record, rows in rowsets:
+                    await self._write_one(record, rows)
+                return
+            self.metrics.inc("records_written", len(rowsets))
+        except Exception:
+            log.exception("history writer failed on a batch of %d", size)
+            self.metrics.inc("records_failed", size)
 
     async def _write_one(self, record: Record, rows: RowSet) -> None:
         try:
