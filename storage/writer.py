@@ -49,6 +49,7 @@ log = logging.getLogger("mes.writer")
 Decode = Callable[[bytes], Record]
 Encode = Callable[[Record], bytes]
 SYNC_SECONDS = 1.0
+BATCH_BYTES = 4 * 2**20
 
 
 # SQLSTATE classes and codes that say "not now" rather than "never": connection trouble,
@@ -279,20 +280,27 @@ class HistoryWriter:
 
     async def _next_batch(self) -> list[tuple[Position, Record]]:
         """The next records in spool order: from the cache while it follows on, from disk
-        where it does not (records spooled before a restart, or while the cache was full)."""
+        where it does not (records spooled before a restart, or while the cache was full).
+        At most ``batch_size`` records and about ``BATCH_BYTES`` of them: a batch of large
+        prompts is held twice (its record, its rows), and one is built while one is written."""
         batch: list[tuple[Position, Record]] = []
-        while len(batch) < self.batch_size:
+        size = 0  # bytes of the batch's spool entries
+        while len(batch) < self.batch_size and size < BATCH_BYTES:
             position = batch[-1][0] if batch else self._taken
             while self.cache and self.cache[0][1] <= position:
                 self._uncache()  # read from disk already
             if self.cache and self.spool.follows(position, self.cache[0][0]):
-                _, end, record = self._uncache()
+                _, end, record, entry_size = self._uncache()
                 batch.append((end, record))
+                size += entry_size
                 continue
             from_disk = self.spool.read(position, self.batch_size - len(batch))
             if not from_disk:
                 break
             for entry, end in from_disk:
+                if size >= BATCH_BYTES:
+                    break
+                size += len(entry)
                 if self.cache and self.cache[0][1] == end:
                     batch.append((end, self._uncache()[2]))
                     continue
@@ -312,10 +320,10 @@ class HistoryWriter:
             self._taken = batch[-1][0]
         return batch
 
-    def _uncache(self) -> tuple[Position, Position, Record]:
-        start, end, record, size = self.cache.popleft()
-        self._cached_bytes -= size
-        return start, end, record
+    def _uncache(self) -> tuple[Position, Position, Record, int]:
+        entry = self.cache.popleft()
+        self._cached_bytes -= entry[3]
+        return entry
 
     def _rows(self, batch: list[tuple[Position, Record]]) -> list[tuple[Record, RowSet]]:
         rowsets: list[tuple[Record, RowSet]] = []

@@ -1,0 +1,62 @@
+"""The writer's batches: bounded in bytes as well as in records, and every record written
+once, in spool order, while the next batch is built during the write before it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.capture import from_entry, to_entry
+from gateway.metrics import Metrics
+from storage import writer as writer_module
+from storage.schema import completions
+from storage.spool import Spool
+from storage.writer import HistoryWriter
+from tests.history_db import migrated
+from tests.test_message_store import exchange
+
+
+async def test_batches_of_large_prompts_stay_under_the_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+    real_write_batch = writer_module.write_batch
+
+    async def counted(connection: Any, rowsets: Any, day_table: Any = None) -> int:
+        sizes.append(len(rowsets))
+        return await real_write_batch(connection, rowsets, day_table)
+
+    monkeypatch.setattr(writer_module, "write_batch", counted)
+    monkeypatch.setattr(writer_module, "BATCH_BYTES", 3 * 2**20)
+    prompt = "x" * 2**20  # 1 MiB
+    large = [exchange([{"role": "user", "content": f"{n} {prompt}"}]) for n in range(24)]
+    small = [exchange([{"role": "user", "content": f"small {n}"}]) for n in range(100)]
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        spool = Spool(tmp_path / "spool", 2**30)
+        spool.open()
+        writer = HistoryWriter(
+            engine,
+            Metrics(),
+            spool,
+            encode=to_entry,
+            decode=from_entry,
+            cache_size=1_000,
+            cache_bytes=2**30,
+            batch_size=200,
+            flush_interval=0.05,
+            retry_seconds=1.0,
+        )
+        for record in large + small:
+            assert writer.submit(record)
+        writer.start()
+        await writer.close(grace=60)
+        async with engine.connect() as connection:
+            stored = await connection.scalar(select(func.count()).select_from(completions))
+    assert stored == len(large) + len(small)
+    assert sum(sizes) == stored
+    # Three spooled entries of a little over 1 MiB pass 3 MiB: a batch of large prompts
+    # holds three; then the small ones go 200 at a time (100 here, with the last large).
+    assert sizes[: len(large) // 3] == [3] * (len(large) // 3)
