@@ -59,7 +59,8 @@ async def write_batch(
         if message_rows:
             added = await _returning(connection, messages, message_rows, "conversation_id")
             for conversation_id, count in Counter(added).items():
-                totals[conversation_id]["message_count"] += count
+                if conversation_id in totals:
+                    totals[conversation_id]["message_count"] += count
         if totals:
             await _upsert_totals(connection, _sorted(totals))
     else:
@@ -67,11 +68,13 @@ async def write_batch(
             await connection.execute(_upsert(connection), _sorted(totals))  # locks each row
         if message_rows:
             await connection.execute(insert_ignore(connection, messages), message_rows)
-        for table, rows in _by_table(completions, _unique(completion_rows, ("id",)), day_table):
-            await connection.execute(insert(table), [r for r in rows if r["id"] in new_ids])
-        for table, rows in _by_table(request_logs, _unique(log_rows, ("id",)), day_table):
-            if some := [r for r in rows if r["id"] in new_logs]:
-                await connection.execute(insert(table), some)
+        for table, rows, new in (
+            (completions, completion_rows, new_ids),
+            (request_logs, log_rows, new_logs),
+        ):
+            for target, some in _by_table(table, _unique(rows, ("id",)), day_table):
+                if unseen := [row for row in some if row["id"] in new]:
+                    await connection.execute(insert(target), unseen)
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
     return len(new_ids) + len(new_logs)

@@ -211,6 +211,7 @@ class HistoryWriter:
         finally:
             if self._writing is not None and not self._writing.done():
                 self._writing.cancel()  # stopped: what it was writing stays spooled
+                await asyncio.wait([self._writing])
 
     async def _loop(self) -> None:
         writing: tuple[asyncio.Task[None], Position] | None = None

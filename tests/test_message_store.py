@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway.capture import Exchange
 from storage import history
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
-from storage.schema import completions
+from storage.schema import completions, conversations, messages
 
 
 def exchange(sent: list[Any], **extra: Any) -> Exchange:
@@ -63,3 +63,33 @@ async def test_a_request_of_thousands_of_messages_rebuilds_on_every_backend(
     not stop at a database's default recursion limit (MariaDB's and MySQL's are 1,000)."""
     sent = [{"role": "user", "content": f"step {i}"} for i in range(3000)]
     assert await store_and_rebuild(history_dsn, exchange(sent)) == sent
+
+
+async def test_a_batch_written_again_changes_nothing(history_dsn: str) -> None:
+    """A replay (a retry after a lost commit, or two writers): nothing is stored twice, no
+    total counts twice, and a batch that is all replays writes nothing at all."""
+    first = exchange([{"role": "user", "content": "hello"}], user="u")
+    second = exchange(
+        [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "done"},
+            {"role": "user", "content": "more"},
+        ]
+    )
+    engine = create_engine(await ensure_database(history_dsn), pool_size=1)
+    try:
+        await migrate(engine, "history")
+        async with engine.begin() as connection:
+            assert await write_batch(connection, [first.rows()]) == 1
+        async with engine.begin() as connection:
+            assert await write_batch(connection, [first.rows()]) == 0
+        async with engine.begin() as connection:
+            assert await write_batch(connection, [first.rows(), second.rows()]) == 1
+        async with engine.connect() as connection:
+            (conversation,) = (await connection.execute(select(conversations))).mappings()
+            stored = await connection.scalar(select(func.count()).select_from(messages))
+    finally:
+        await engine.dispose()
+    # One conversation, the second turn resending the first: hello, done, more, done.
+    assert stored == 4
+    assert (conversation["completion_count"], conversation["message_count"]) == (2, 4)
