@@ -129,14 +129,14 @@ async def _percentiles_by_bucket(
     """Each rank a percentile needs, found in its group's histogram as (bucket, place in
     it); then the latencies of just those buckets, read and sorted, give the values."""
     buckets: dict[int, set[Any]] = defaultdict(set)  # group -> buckets holding a rank
-    where: dict[tuple[int, int], tuple[tuple[int, Any], int]] = {}  # (group, rank) -> place
+    where: dict[tuple[int, int], tuple[Any, int]] = {}  # (group, rank) -> bucket, offset
     for index, (group, histogram) in enumerate(zip(groups, histograms, strict=True)):
         for p in PERCENTILES:
             for rank in _ranks(group["timed"], p):
                 below = 0
                 for value, count in histogram:
                     if rank <= below + count:
-                        where[(index, rank)] = ((index, value), rank - below - 1)
+                        where[(index, rank)] = (value, rank - below - 1)
                         buckets[index].add(value)
                         break
                     below += count
@@ -166,17 +166,18 @@ async def _percentiles_by_bucket(
     for index, group in enumerate(groups):
         for p in PERCENTILES:
             ranks = _ranks(group["timed"], p)
-            at_ranks = [_value_at(found, where.get((index, rank))) for rank in ranks]
+            at_ranks = [_value_at(found, index, where.get((index, rank))) for rank in ranks]
             group[_name(p)] = _interpolate(at_ranks, group["timed"], p)
 
 
 def _value_at(
-    found: dict[tuple[int, Any], list[float]], place: tuple[tuple[int, Any], int] | None
+    found: dict[tuple[int, Any], list[float]], group: int, place: tuple[Any, int] | None
 ) -> float | None:
+    """The latency at ``place`` (bucket, offset) among ``group``'s, if it was read."""
     if place is None:
         return None
-    slot, offset = place
-    values = found.get(slot, [])
+    bucket, offset = place
+    values = found.get((group, bucket), [])
     return values[offset] if offset < len(values) else None
 
 

@@ -140,7 +140,7 @@ class HistoryWriter:
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: tuple[asyncio.Task[None], Position] | None = None  # a write, its end
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -209,18 +209,16 @@ class HistoryWriter:
         try:
             await self._loop()
         finally:
-            if self._writing is not None and not self._writing.done():
-                self._writing.cancel()  # stopped: what it was writing stays spooled
-                await asyncio.wait([self._writing])
+            if self._writing is not None and not self._writing[0].done():
+                self._writing[0].cancel()  # stopped: what it was writing stays spooled
+                await asyncio.wait([self._writing[0]])
 
     async def _loop(self) -> None:
-        writing: tuple[asyncio.Task[None], Position] | None = None
         while True:
             batch = await self._next_batch()
             if not batch:
-                if writing is not None:
-                    await self._written(*writing)
-                    writing = None
+                if self._writing is not None:
+                    await self._written()
                     continue
                 self._commit(self._taken)  # past what was dead-lettered, if anything
                 self._idle.set()
@@ -232,18 +230,21 @@ class HistoryWriter:
             # This batch's rows are built while the one before is being written: the loop
             # would otherwise sit idle for the database's answer, then the database for it.
             rowsets = self._rows(batch)
-            if writing is not None:
-                await self._written(*writing)
-            self._writing = asyncio.create_task(self._write(rowsets, len(batch)), name="mes-write")
-            writing = (self._writing, batch[-1][0])
+            if self._writing is not None:
+                await self._written()
+            task = asyncio.create_task(self._write(rowsets, len(batch)), name="mes-write")
+            self._writing = (task, batch[-1][0])
 
-    async def _written(self, task: asyncio.Task[None], end: Position) -> None:
-        """Wait for a batch's write, then move the spool's checkpoint past it."""
+    async def _written(self) -> None:
+        """Wait for the batch being written, then move the spool's checkpoint past it."""
+        assert self._writing is not None
+        task, end = self._writing
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
             raise
+        self._writing = None
         self._commit(end)
         if time.monotonic() - self._last_sync > SYNC_SECONDS:
             await self._sync_now()
