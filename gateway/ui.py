@@ -12,7 +12,6 @@ built from escaped parts.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,7 +34,7 @@ from gateway.admin import export_response
 from gateway.auth import Authenticator
 from gateway.errors import GatewayError
 from gateway.settings import Settings
-from storage import browse, search, stats
+from storage import browse, search, usage
 from storage.browse import CompletionFilter
 from storage.scope import Scope
 
@@ -222,7 +221,7 @@ async def home(request: Request, viewer: Viewer) -> Response:
         return RedirectResponse(f"/ui/users/{viewer.owner}", status_code=303)
     async with _history(request).connect() as connection:
         # Latency belongs to models, not users: it is on the statistics page.
-        owners = await stats.usage_stats(connection, Scope.everyone(), "user", percentiles=False)
+        owners = await usage.daily_usage(connection, Scope.everyone(), "user", percentiles=False)
     owners.sort(key=lambda row: -row["requests"])
     return _page(request, "users.html", viewer, owners=owners)
 
@@ -361,17 +360,10 @@ async def stats_page(request: Request, viewer: Viewer) -> Response:
         days = max(1, min(366, int(request.query_params.get("days", "30"))))
     except ValueError:
         days = 30
-    since = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
-    history = _history(request)
-
-    async def grouped(by: stats.GroupBy, percentiles: bool) -> list[dict[str, Any]]:
-        async with history.connect() as connection:
-            return await stats.usage_stats(
-                connection, viewer.scope, by, since, percentiles=percentiles
-            )
-
-    # Each is a pass over the period's completions: on two connections, side by side.
-    by_day, by_model = await asyncio.gather(grouped("day", False), grouped("model", True))
+    since = datetime.now(UTC).date() - timedelta(days=days - 1)  # today is the last of them
+    async with _history(request).connect() as connection:
+        by_day = await usage.daily_usage(connection, viewer.scope, "day", since, percentiles=False)
+        by_model = await usage.daily_usage(connection, viewer.scope, "model", since)
     return _page(
         request,
         "stats.html",

@@ -23,14 +23,22 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Table, bindparam, case, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
 from storage.rows import Row, RowSet
-from storage.schema import completions, conversations, messages, request_logs
+from storage.schema import (
+    completions,
+    conversations,
+    latency_daily,
+    messages,
+    request_logs,
+    usage_daily,
+)
+from storage.usage import COUNTED, LATENCY_KEY, USAGE_KEY, Tally, tally
 
 DayTable = Callable[[str, date], Table]
 TOTALS = ("completion_count", "message_count", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -77,7 +85,56 @@ async def write_batch(
                     await connection.execute(insert(target), unseen)
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
+    await add_usage(connection, tally(r.completion for r in fresh if r.completion))
     return len(new_ids) + len(new_logs)
+
+
+async def add_usage(connection: AsyncConnection, counted: Tally) -> None:
+    """Add what ``counted`` sums (negative for completions deleted) to the usage by day;
+    rows a deletion brings to nothing are removed."""
+    usage_rows, latency_rows = counted.usage_rows(), counted.latency_rows()
+    for table, rows, key, columns in (
+        (usage_daily, usage_rows, USAGE_KEY, COUNTED),
+        (latency_daily, latency_rows, LATENCY_KEY, ("count",)),
+    ):
+        if rows:
+            await _upsert_adding(connection, table, rows, key, columns)
+    if any(row["requests"] < 0 for row in usage_rows):
+        days = sorted({row["day"] for row in usage_rows})
+        await connection.execute(
+            delete(usage_daily).where(usage_daily.c.day.in_(days), usage_daily.c.requests <= 0)
+        )
+        await connection.execute(
+            delete(latency_daily).where(latency_daily.c.day.in_(days), latency_daily.c.count <= 0)
+        )
+
+
+async def _upsert_adding(
+    connection: AsyncConnection,
+    table: Table,
+    rows: list[Row],
+    key: tuple[str, ...],
+    columns: tuple[str, ...],
+) -> None:
+    """INSERT rows; where one's key is there already, add its ``columns`` to the stored."""
+    name = connection.dialect.name
+    if name == "postgresql":
+        added = ", ".join(f'"{c}" = "{table.name}"."{c}" + EXCLUDED."{c}"' for c in columns)
+        keys = ", ".join(f'"{k}"' for k in key)
+        await _unnest(connection, table, rows, f"ON CONFLICT ({keys}) DO UPDATE SET {added}")
+        return
+    upsert: Insert
+    if name == "mysql":
+        statement = mysql.insert(table)
+        upsert = statement.on_duplicate_key_update(
+            {c: table.c[c] + statement.inserted[c] for c in columns}
+        )
+    else:
+        lite = sqlite.insert(table)
+        upsert = lite.on_conflict_do_update(
+            index_elements=list(key), set_={c: table.c[c] + lite.excluded[c] for c in columns}
+        )
+    await connection.execute(upsert, rows)
 
 
 def _without_nul(rowset: RowSet) -> RowSet:

@@ -17,6 +17,8 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from storage import usage
+from storage.batch import add_usage
 from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope
 
@@ -125,19 +127,23 @@ async def _delete_chunk(
     await _lock(connection, ids)
     # Counted from the rows found, not the driver's rowcount: on SQLite split by day,
     # completions is a view, and changes made through its triggers count as none.
-    doomed = list(
-        (
-            await connection.execute(
-                select(completions.c.id).where(
-                    scope.where(completions), condition, completions.c.conversation_id.in_(ids)
-                )
+    found = (
+        await connection.execute(
+            select(completions.c.id, *(completions.c[name] for name in usage.COLUMNS)).where(
+                scope.where(completions), condition, completions.c.conversation_id.in_(ids)
             )
-        ).scalars()
-    )
+        )
+    ).mappings()
+    counted = usage.Tally()
+    doomed = []
+    for row in found:
+        doomed.append(row["id"])
+        counted.add(row, sign=-1)
     for start in range(0, len(doomed), CHUNK):
         await connection.execute(
             delete(completions).where(completions.c.id.in_(doomed[start : start + CHUNK]))
         )
+    await add_usage(connection, counted)
     return Deleted(completions=len(doomed)) + await _tidy_all(connection, ids)
 
 

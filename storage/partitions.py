@@ -30,13 +30,13 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import MetaData, Table, text
+from sqlalchemy import MetaData, Table, delete, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import quoted_name
 
 from storage.locks import named_lock
-from storage.schema import history_metadata
+from storage.schema import history_metadata, latency_daily, usage_daily
 
 log = logging.getLogger("mes.partitions")
 
@@ -164,6 +164,9 @@ class Partitions:
                     for table in TABLES
                 ]
                 dropped[old] = (counts[0], counts[1])
+                async with self.engine.begin() as connection:  # the day's usage went with it
+                    for usage in (usage_daily, latency_daily):
+                        await connection.execute(delete(usage).where(usage.c.day == old))
                 for table in TABLES:
                     self._days[table].discard(old)
                 log.info("dropped the history partitions of %s: %s rows", old, counts)

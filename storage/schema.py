@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Float,
     Index,
@@ -172,4 +173,30 @@ request_logs = Table(
     Column("started_at", Timestamp, nullable=False),
     Index("ix_request_logs_owner_started", "owner", "started_at"),
     Index("ix_request_logs_started", "started_at"),
+)
+
+
+# Kept by the writer and by deletion: what the viewer's statistics read (see storage/usage.py).
+# A completion with no model counts under "" (a key column cannot be NULL).
+usage_daily = Table(
+    "usage_daily",
+    history_metadata,
+    Column("day", Date, primary_key=True),
+    Column("owner", String(ID), primary_key=True),
+    Column("model", String(255), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+)
+
+latency_daily = Table(
+    "latency_daily",
+    history_metadata,
+    Column("day", Date, primary_key=True),
+    Column("owner", String(ID), primary_key=True),
+    Column("model", String(255), primary_key=True),
+    Column("bucket", Integer, primary_key=True),
+    Column("count", BigInteger, nullable=False),
 )

@@ -61,7 +61,9 @@ async def usage_stats(
     bucket = _bucket() if percentiles and dialect != "postgresql" else None
     if dialect == "postgresql" and percentiles:
         for p in PERCENTILES:
-            columns.append(func.percentile_cont(p).within_group(c.latency_ms).label(_name(p)))
+            columns.append(
+                func.percentile_cont(p).within_group(c.latency_ms).label(percentile_name(p))
+            )
     grouping = [key] if bucket is None else [key, bucket]
     if bucket is not None:
         columns.append(bucket.label("bucket"))
@@ -78,15 +80,15 @@ async def usage_stats(
         await _percentiles_by_bucket(connection, key, bucket, conditions, groups, histograms)
     if not percentiles:
         for group in groups:
-            group.update(dict.fromkeys(map(_name, PERCENTILES)))
+            group.update(dict.fromkeys(map(percentile_name, PERCENTILES)))
     for group in groups:
         del group["timed"]
         group["key"] = None if group["key"] is None else str(group["key"])
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"):
             group[name] = int(group[name] or 0)
         for p in PERCENTILES:
-            value = group[_name(p)]
-            group[_name(p)] = None if value is None else round(float(value), 3)
+            value = group[percentile_name(p)]
+            group[percentile_name(p)] = None if value is None else round(float(value), 3)
     return groups
 
 
@@ -167,7 +169,7 @@ async def _percentiles_by_bucket(
         for p in PERCENTILES:
             ranks = _ranks(group["timed"], p)
             at_ranks = [_value_at(found, index, where.get((index, rank))) for rank in ranks]
-            group[_name(p)] = _interpolate(at_ranks, group["timed"], p)
+            group[percentile_name(p)] = _interpolate(at_ranks, group["timed"], p)
 
 
 def _value_at(
@@ -208,7 +210,7 @@ def percentile(ordered: list[float], p: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _name(p: float) -> str:
+def percentile_name(p: float) -> str:
     return f"latency_p{round(p * 100)}_ms"
 
 

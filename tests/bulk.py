@@ -15,9 +15,11 @@ import orjson
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from storage.batch import add_usage
 from storage.chain import chain
 from storage.message_rows import message_row
 from storage.schema import completions, conversations, messages
+from storage.usage import tally
 
 OWNER = "user_bulk"
 PHRASES = {
@@ -113,4 +115,5 @@ async def fill(engine: AsyncEngine, total: int, owner: str = OWNER) -> dict[str,
             await connection.execute(insert(conversations), rows["c"])
             await connection.execute(insert(messages), rows["m"])
             await connection.execute(insert(completions), rows["r"])
+            await add_usage(connection, tally(rows["r"]))  # as the writer would
     return where

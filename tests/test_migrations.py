@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 
-from storage import history
+from storage import history, usage
 from storage.chain import canonical, chain, content_text
 from storage.database import create_engine, ensure_database, migrate
 from storage.schema import completions, conversations, messages
+from storage.scope import Scope
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 REQUEST = [
@@ -19,6 +21,24 @@ REQUEST = [
     {"role": "user", "content": "and answer in 中文", "name": "kim"},
 ]
 ANSWER = {"role": "assistant", "content": "一只猫。", "refusal": None, "annotations": []}
+
+
+def earlier_failure(now: datetime, request_hash: str) -> dict[str, Any]:
+    """A completion of the day before that failed, with a model, tokens and a latency."""
+    return {
+        "id": "r0",
+        "conversation_id": "c1",
+        "owner": "alice",
+        "requested_model": "gpt-4o",
+        "request_hash": request_hash,
+        "request_message_count": len(REQUEST),
+        "status_code": 500,
+        "stream": False,
+        "started_at": now - timedelta(days=1),
+        "prompt_tokens": 12,
+        "total_tokens": 12,
+        "latency_ms": 812.5,
+    }
 
 
 def first_revision_rows(now: datetime) -> tuple[list[dict[str, Any]], str, str]:
@@ -73,14 +93,25 @@ async def test_history_from_the_first_revision_reads_back_the_same_after_upgradi
                     "started_at": now,
                 },
             )
+            await connection.execute(insert(completions), earlier_failure(now, request_hash))
 
         await migrate(engine, "history")
 
         async with engine.connect() as connection:
-            row = (await connection.execute(select(completions))).mappings().one()
+            query = select(completions).where(completions.c.id == "r1")
+            row = (await connection.execute(query)).mappings().one()
             assert await history.request_messages(connection, row) == REQUEST
             assert await history.answer_message(connection, row) == ANSWER
             flags = (await connection.execute(select(messages.c.content_in_text))).scalars()
             assert list(flags) == [False] * 4
+            # The usage by day is filled from the completions there before it.
+            by_day = await usage.daily_usage(connection, Scope.everyone(), "day")
+            assert [(g["key"], g["requests"], g["errors"], g["total_tokens"]) for g in by_day] == [
+                (str(now.date() - timedelta(days=1)), 1, 1, 12),
+                (str(now.date()), 1, 0, 0),
+            ]
+            by_model = await usage.daily_usage(connection, Scope.of("alice"), "model")
+            assert [g["key"] for g in by_model] == [None, "gpt-4o"]
+            assert by_model[1]["latency_p50_ms"] == pytest.approx(812.5, rel=usage.HALF_BUCKET)
     finally:
         await engine.dispose()

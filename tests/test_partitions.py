@@ -24,7 +24,7 @@ from storage import history, retention
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
 from storage.partitions import Partitions, partition_name
-from storage.schema import completions, conversations, messages
+from storage.schema import completions, conversations, messages, usage_daily
 from storage.spool import Spool
 from storage.writer import HistoryWriter, is_unavailable
 from tests.conftest import database_dsn
@@ -181,6 +181,9 @@ async def test_retention_drops_whole_days_and_tidies_what_they_leave(
         assert conversation["completion_count"] == 1
         assert conversation["message_count"] == 4
         assert await connection.scalar(select(func.count()).select_from(messages)) == 4
+        # The usage of the days dropped went with them.
+        usage = (await connection.execute(select(usage_daily.c.day, usage_daily.c.requests))).all()
+        assert [tuple(row) for row in usage] == [(kept["started_at"].date(), 1)]
 
 
 async def test_a_conversation_that_stays_does_not_stop_the_removal_of_those_that_go(

@@ -1,6 +1,7 @@
 """Two gateway processes (two replicas behind a load balancer) share one history database:
 under load, with both writing into the same conversations at once, every record is
-stored exactly once, every conversation's totals add up, and no write deadlocks."""
+stored exactly once, every conversation's totals and the usage by day add up, and no
+write deadlocks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from storage.schema import completions, conversations, messages
+from storage.schema import completions, conversations, messages, usage_daily
 from tests.gateway_process import GatewayProcess
 from tests.history_db import HistoryDB
 
@@ -105,6 +106,17 @@ async def test_two_replicas_store_every_record_once_without_deadlocks(
     for row in rows:
         assert (row["completion_count"], row["total_tokens"]) == counts[row["id"]]
         assert row["message_count"] == stored[row["id"]]
+    # Both replicas added to the same day's usage rows: nothing lost to the race.
+    [usage] = await history.rows(
+        select(
+            func.sum(usage_daily.c.requests).label("requests"),
+            func.sum(usage_daily.c.total_tokens).label("tokens"),
+        )
+    )
+    assert (usage["requests"], usage["tokens"]) == (
+        expected,
+        sum(tokens for _, tokens in counts.values()),
+    )
     by_size = sorted(row["completion_count"] for row in rows)
     assert by_size == [TURNS] * THREADS + [SHARED_REQUESTS // SHARED] * SHARED
     for row in rows:

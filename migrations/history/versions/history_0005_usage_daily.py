@@ -1,0 +1,67 @@
+"""Usage by day: per day, owner and model the requests, errors and tokens of the stored
+completions, and a histogram of their latencies, which the writer keeps from now on so
+that the viewer's pages read a few rows per day and model instead of every completion
+(see ``storage/usage.py``). Filled here from the completions already stored.
+
+Revision ID: history_0005
+Revises: history_0004
+Create Date: 2026-11-26
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from storage.schema import completions
+from storage.usage import COLUMNS, COUNTED, Tally
+
+revision = "history_0005"
+down_revision = "history_0004"
+branch_labels = None
+depends_on = None
+
+ID = 64
+STEP = 10_000
+
+
+def upgrade() -> None:
+    usage = op.create_table(
+        "usage_daily",
+        *_key(),
+        *(sa.Column(name, sa.BigInteger(), nullable=False) for name in COUNTED),
+    )
+    latency = op.create_table(
+        "latency_daily",
+        *_key(),
+        sa.Column("bucket", sa.Integer(), primary_key=True),
+        sa.Column("count", sa.BigInteger(), nullable=False),
+    )
+    bind = op.get_bind()
+    counted = Tally()
+    read = sa.select(completions.c.id, *(completions.c[name] for name in COLUMNS))
+    last = None
+    while True:  # in steps by id: the whole table never sits in memory
+        query = read.order_by(completions.c.id).limit(STEP)
+        if last is not None:
+            query = query.where(completions.c.id > last)
+        found = bind.execute(query).mappings().all()
+        for row in found:
+            counted.add(row)
+        if len(found) < STEP:
+            break
+        last = found[-1]["id"]
+    for table, rows in ((usage, counted.usage_rows()), (latency, counted.latency_rows())):
+        for start in range(0, len(rows), STEP):
+            op.bulk_insert(table, rows[start : start + STEP])
+
+
+def _key() -> list[sa.Column[object]]:
+    return [
+        sa.Column("day", sa.Date(), primary_key=True),
+        sa.Column("owner", sa.String(ID), primary_key=True),
+        sa.Column("model", sa.String(255), primary_key=True),
+    ]
+
+
+def downgrade() -> None:
+    op.drop_table("latency_daily")
+    op.drop_table("usage_daily")
