@@ -2,7 +2,7 @@
 
 A phrase is matched as a substring of each message's ``content_text``, so Chinese and
 Japanese text, which has no spaces between words, is found as readily as English; case is
-ignored for the scripts that have it. The database scans the scope's messages (an index
+ignored (on SQLite, only that of ASCII letters). The database scans the scope's messages (an index
 serves the scope, not the phrase): the bench measures what that costs at 100,000 messages.
 """
 
@@ -105,8 +105,12 @@ def _matches(connection: AsyncConnection, phrase: str) -> ColumnElement[bool]:
     pattern = "%" + _escape(phrase) + "%"
     if connection.dialect.name == "postgresql":
         return messages.c.content_text.ilike(pattern, escape="\\")
-    # SQLite's LIKE ignores ASCII case, MySQL's follows the column's _ci collation.
-    return messages.c.content_text.like(pattern, escape="\\")
+    if connection.dialect.name == "mysql":
+        # Case ignored as the column's utf8mb4_unicode_ci does, by the simpler weights of
+        # utf8mb4_general_ci: a scan of 200,000 messages 169 -> 120 ms on MariaDB (medians).
+        column = messages.c.content_text.collate("utf8mb4_general_ci")
+        return column.like(pattern, escape="\\")
+    return messages.c.content_text.like(pattern, escape="\\")  # SQLite ignores ASCII case
 
 
 def _escape(phrase: str) -> str:
