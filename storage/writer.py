@@ -375,7 +375,7 @@ class HistoryWriter:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(lambda e: is_unavailable(e) or isinstance(e, IntegrityError)),
             stop=_StopOnRepeatedRefusal(),
-            wait=wait_exponential_jitter(initial=0.05, max=self.retry_seconds),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_seconds),
             before_sleep=self._count_retry,
             reraise=True,
         ):
