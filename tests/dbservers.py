@@ -77,6 +77,9 @@ class DatabaseServer:
     # Durable: a commit acknowledged is a commit kept through a crash (the servers' defaults).
     # Not durable (the default here): faster tests, at the cost of the last commits on a crash.
     durable: bool = False
+    # MariaDB's buffer pool: its default, enough for the tests; benchmarks of large
+    # histories give it room for their data, as a deployment would.
+    buffer_pool: str = "128M"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     host = "127.0.0.1"
@@ -177,7 +180,7 @@ class DatabaseServer:
                     "--bind-address=127.0.0.1",
                     "--skip-name-resolve",
                     f"--pid-file={self.base / 'mariadb.pid'}",
-                    "--innodb-buffer-pool-size=128M",
+                    f"--innodb-buffer-pool-size={self.buffer_pool}",
                     f"--innodb-flush-log-at-trx-commit={1 if self.durable else 2}",
                     "--max-connections=500",
                     "--character-set-server=utf8mb4",
@@ -277,7 +280,7 @@ def start_postgres(base: Path, durable: bool = False) -> DatabaseServer:
     return server
 
 
-def start_mariadb(base: Path, durable: bool = False) -> DatabaseServer:
+def start_mariadb(base: Path, durable: bool = False, buffer_pool: str = "128M") -> DatabaseServer:
     binaries = _mariadb_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, "mysql")
@@ -294,7 +297,7 @@ def start_mariadb(base: Path, durable: bool = False) -> DatabaseServer:
         timeout=180,
     )
     server = DatabaseServer(
-        "mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries, durable
+        "mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries, durable, buffer_pool
     )
     server.start()
     atexit.register(server.shutdown)
