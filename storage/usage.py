@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from datetime import date
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.rows import Row
@@ -117,10 +117,7 @@ async def daily_usage(
     shape ``storage.stats.usage_stats`` gives; latency percentiles (from the histogram) when
     asked."""
     u = usage_daily.c
-    key = {"user": u.owner, "model": u.model, "day": u.day}[by]
-    conditions: list[ColumnElement[bool]] = [scope.where(usage_daily)]
-    if since is not None:
-        conditions.append(u.day >= since)
+    key, conditions = _grouped(usage_daily, scope, by, since)
     query = (
         select(key.label("key"), *(func.sum(u[name]).label(name) for name in COUNTED))
         .where(*conditions)
@@ -147,10 +144,7 @@ async def _add_percentiles(
 ) -> None:
     """Each group's percentiles, read off its histogram (summed over its days and owners)."""
     h = latency_daily.c
-    key = {"user": h.owner, "model": h.model, "day": h.day}[by]
-    conditions: list[ColumnElement[bool]] = [scope.where(latency_daily)]
-    if since is not None:
-        conditions.append(h.day >= since)
+    key, conditions = _grouped(latency_daily, scope, by, since)
     query = (
         select(key.label("key"), h.bucket, func.sum(h.count).label("n"))
         .where(*conditions)
@@ -164,6 +158,18 @@ async def _add_percentiles(
         histogram = histograms.get(group["key"], [])
         for p in PERCENTILES:
             group[percentile_name(p)] = histogram_percentile(histogram, p)
+
+
+def _grouped(
+    table: Table, scope: Scope, by: GroupBy, since: date | None
+) -> tuple[ColumnElement[Any], list[ColumnElement[bool]]]:
+    """The column ``table``'s rows are grouped by, and the conditions that keep the rows
+    of the scope from day ``since`` on."""
+    key = {"user": table.c.owner, "model": table.c.model, "day": table.c.day}[by]
+    conditions: list[ColumnElement[bool]] = [scope.where(table)]
+    if since is not None:
+        conditions.append(table.c.day >= since)
+    return key, conditions
 
 
 def histogram_percentile(histogram: list[tuple[int, int]], p: float) -> float | None:
