@@ -10,6 +10,7 @@ Create Date: 2026-11-26
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 from storage.schema import completions
 from storage.usage import COLUMNS, COUNTED, Tally
@@ -49,9 +50,23 @@ def upgrade() -> None:
         if len(found) < STEP:
             break
         last = found[-1]["id"]
-    for table, rows in ((usage, counted.usage_rows()), (latency, counted.latency_rows())):
+    for table, rows, columns in (
+        (usage, counted.usage_rows(), COUNTED),
+        (latency, counted.latency_rows(), ("count",)),
+    ):
         for start in range(0, len(rows), STEP):
-            op.bulk_insert(table, rows[start : start + STEP])
+            bind.execute(_adding(bind, table, columns), rows[start : start + STEP])
+
+
+def _adding(bind: sa.Connection, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
+    """INSERT; on MySQL, where a key is there already, add to it: its collation may find
+    two keys equal that Python told apart ("GPT-4o" and "gpt-4o")."""
+    if bind.dialect.name != "mysql":
+        return sa.insert(table)
+    statement = mysql.insert(table)
+    return statement.on_duplicate_key_update(
+        {name: table.c[name] + statement.inserted[name] for name in columns}
+    )
 
 
 def _key() -> list[sa.Column[object]]:
