@@ -70,10 +70,10 @@ async def write_batch(
                 if conversation_id in totals:
                     totals[conversation_id]["message_count"] += count
         if totals:
-            await _upsert_totals(connection, _sorted(totals))
+            await _upsert_conversations(connection, totals)
     else:
         if totals:
-            await connection.execute(_upsert(connection), _sorted(totals))  # locks each row
+            await _upsert_conversations(connection, totals)  # locks each row
         if message_rows:
             await connection.execute(insert_ignore(connection, messages), message_rows)
         for table, rows, new in (
@@ -115,26 +115,36 @@ async def _upsert_adding(
     rows: list[Row],
     key: tuple[str, ...],
     columns: tuple[str, ...],
+    latest: str | None = None,
 ) -> None:
-    """INSERT rows; where one's key is there already, add its ``columns`` to the stored."""
+    """INSERT rows; where one's key is there already, add its ``columns`` to the stored
+    ones, and keep the later of the two ``latest``."""
     name = connection.dialect.name
     if name == "postgresql":
-        added = ", ".join(f'"{c}" = "{table.name}"."{c}" + EXCLUDED."{c}"' for c in columns)
+        sets = [f'"{c}" = "{table.name}"."{c}" + EXCLUDED."{c}"' for c in columns]
+        if latest:
+            sets.append(f'"{latest}" = GREATEST("{table.name}"."{latest}", EXCLUDED."{latest}")')
         keys = ", ".join(f'"{k}"' for k in key)
-        await _unnest(connection, table, rows, f"ON CONFLICT ({keys}) DO UPDATE SET {added}")
+        tail = f"ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)}"
+        await _unnest(connection, table, rows, tail)
         return
-    upsert: Insert
-    if name == "mysql":
-        statement = mysql.insert(table)
-        upsert = statement.on_duplicate_key_update(
-            {c: table.c[c] + statement.inserted[c] for c in columns}
-        )
+    statement = mysql.insert(table) if name == "mysql" else sqlite.insert(table)
+    new = statement.inserted if isinstance(statement, mysql.Insert) else statement.excluded
+    stored = table.c
+    added: dict[str, Any] = {c: stored[c] + new[c] for c in columns}
+    if latest:
+        added[latest] = case((new[latest] > stored[latest], new[latest]), else_=stored[latest])
+    if isinstance(statement, mysql.Insert):
+        upsert: Insert = statement.on_duplicate_key_update(added)
     else:
-        lite = sqlite.insert(table)
-        upsert = lite.on_conflict_do_update(
-            index_elements=list(key), set_={c: table.c[c] + lite.excluded[c] for c in columns}
-        )
+        upsert = statement.on_conflict_do_update(index_elements=list(key), set_=added)
     await connection.execute(upsert, rows)
+
+
+async def _upsert_conversations(connection: AsyncConnection, totals: dict[str, Row]) -> None:
+    """Each conversation inserted with its totals, or its totals added to those stored."""
+    rows = [totals[key] for key in sorted(totals)]
+    await _upsert_adding(connection, conversations, rows, ("id",), TOTALS, latest="updated_at")
 
 
 def _without_nul(rowset: RowSet) -> RowSet:
@@ -176,18 +186,6 @@ async def _returning(
         return [row[0] for row in await _unnest(connection, table, rows, tail)]
     statement = insert_ignore(connection, table).returning(table.c[column])
     return list((await connection.execute(statement, rows)).scalars())
-
-
-async def _upsert_totals(connection: AsyncConnection, rows: list[Row]) -> None:
-    if connection.dialect.name != "postgresql":
-        await connection.execute(_upsert(connection), rows)
-        return
-    added = ", ".join(f'"{name}" = conversations."{name}" + EXCLUDED."{name}"' for name in TOTALS)
-    tail = (
-        f"ON CONFLICT (id) DO UPDATE SET {added}, "
-        "updated_at = GREATEST(conversations.updated_at, EXCLUDED.updated_at)"
-    )
-    await _unnest(connection, conversations, rows, tail)
 
 
 async def _unnest(
@@ -281,31 +279,6 @@ def _conversation_totals(fresh: list[RowSet]) -> dict[str, Row]:
         if completion["started_at"] > entry["updated_at"]:
             entry["updated_at"] = completion["started_at"]
     return totals
-
-
-def _sorted(totals: dict[str, Row]) -> list[Row]:
-    return [totals[key] for key in sorted(totals)]
-
-
-def _upsert(connection: AsyncConnection) -> Insert:
-    """INSERT a conversation with its totals; where it exists, add them to its own (MySQL
-    and SQLite; PostgreSQL's is written in ``_upsert_totals``)."""
-    name = connection.dialect.name
-    if name == "mysql":
-        statement = mysql.insert(conversations)
-        new = statement.inserted
-        return statement.on_duplicate_key_update(_added(new))
-    lite = sqlite.insert(conversations)
-    return lite.on_conflict_do_update(index_elements=["id"], set_=_added(lite.excluded))
-
-
-def _added(new: Any) -> dict[str, Any]:
-    stored = conversations.c
-    added: dict[str, Any] = {name: stored[name] + new[name] for name in TOTALS}
-    added["updated_at"] = case(
-        (new.updated_at > stored.updated_at, new.updated_at), else_=stored.updated_at
-    )
-    return added
 
 
 # MySQL: a conversation's messages counted under the row lock its upsert took, so the count
