@@ -15,6 +15,7 @@ said it, when, the tool calls' names, and every metadata row (see ``without_cont
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -73,17 +74,25 @@ async def prune(
 async def _in_steps(
     engine: AsyncEngine, step: Callable[[AsyncConnection], Awaitable[Deleted]]
 ) -> Run:
-    """Run ``step`` in a transaction of its own until it finds nothing more to do."""
+    """Run ``step`` in a transaction of its own until it finds nothing more to do.
+
+    SQLite has one write lock and no queue for it: a writer waiting for it sleeps and
+    polls (up to 100 ms apart), and a prune that began its next step at once would find
+    the lock free first, step after step. So on SQLite each step is followed by a pause
+    as long as it took, a window in which the writer's next poll finds the lock free."""
     deleted, steps, longest = Deleted(), 0, 0.0
     while True:
         started = time.perf_counter()
         async with engine.begin() as connection:
             done = await step(connection)
-        longest = max(longest, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        longest = max(longest, took)
         steps += 1
         if not done:
             return Run(deleted=deleted, steps=steps, longest_step=longest)
         deleted += done
+        if engine.dialect.name == "sqlite":
+            await asyncio.sleep(took)
 
 
 async def _drop_orphans(engine: AsyncEngine, cutoff: datetime, limit: int) -> Run:
