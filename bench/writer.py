@@ -2,14 +2,14 @@
 
     python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60]
 
-Runs the gateway's own writer (``storage/writer.py``: spool, cache, batches, the same
-row building and SQL) in this process, against a throwaway database server with its
-durable defaults (or a SQLite file), and feeds it at a fixed rate the records the proxy
-would hand it: non-streamed chat completions with a ~1 KB prompt, each a new conversation
-(a conversation, a completion and three messages per record). Prints, once a second, what
-was submitted and written and the backlog (records in memory, bytes in the spool), then the
-rate sustained: records written over the time from the first submit until the writer had
-written everything. The feeder shares the writer's event loop, as the request path does.
+Runs the gateway's own writer as the gateway does (``gateway/writer_process.py``: a process
+of its own following the spool slot this process appends to), against a throwaway database
+server with its durable defaults (or a SQLite file), and feeds it at a fixed rate the
+records the proxy would hand it: non-streamed chat completions with a ~1 KB prompt, each a
+new conversation (a conversation, a completion and three messages per record). Prints, once
+a second, what was submitted and written and the backlog (records not yet written, bytes in
+the spool), then the rate sustained: records written over the time from the first submit
+until the writer had written everything.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fake_upstream.responses import Answer  # noqa: E402
-from gateway.capture import Exchange, from_entry, to_entry  # noqa: E402
+from gateway.capture import Exchange  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
-from storage.database import create_engine, ensure_database, migrate  # noqa: E402
-from storage.dsn import parse_dsn  # noqa: E402
+from gateway.settings import Settings  # noqa: E402
+from gateway.writer_process import WriterProcess  # noqa: E402
 from storage.spool import Spool  # noqa: E402
-from storage.writer import HistoryWriter  # noqa: E402
 
 PROMPT = (
     "The quarterly report shows revenue up four percent, churn down, and a backlog of "
@@ -83,28 +83,27 @@ def record(n: int, answer: bytes) -> Exchange:
 
 
 async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
-    engine = create_engine(parse_dsn(dsn), pool_size=5)
-    await ensure_database(dsn)
-    await migrate(engine, "history")
-    metrics = Metrics()
-    spool = Spool(workdir / "spool", max_bytes=2**36)
-    spool.open()
-    writer = HistoryWriter(
-        engine,
-        metrics,
-        spool,
-        encode=to_entry,
-        decode=from_entry,
-        cache_size=1_000,
-        batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
-        flush_interval=0.2,
-        retry_seconds=5.0,
+    settings = replace(
+        Settings(),
+        sql_dsn=dsn,
+        spool_dir=str(workdir / "spool"),
+        spool_max_bytes=2**36,
+        capture_batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
     )
+    metrics = Metrics()
+    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool.open()
+    writer = WriterProcess(settings, spool, metrics)
+    writer.start()
+    await writer.ready_event.wait()  # the database made and migrated
     answer = Answer(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}, 8
     ).completion()
-    writer.start()
-    print(f"{'s':>4}{'submitted':>11}{'written':>10}{'in memory':>11}{'spooled MiB':>13}")
+
+    def written() -> int:
+        return writer.state["records_written"]
+
+    print(f"{'s':>4}{'submitted':>11}{'written':>10}{'backlog':>11}{'spooled MiB':>13}")
     started = time.perf_counter()
     submitted = 0
     next_report = 1.0
@@ -114,27 +113,25 @@ async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
         while submitted < due:
             writer.submit(record(submitted, answer))
             submitted += 1
-        backlog = submitted - metrics.counters["records_written"]
-        peak_backlog = max(peak_backlog, backlog)
+        peak_backlog = max(peak_backlog, writer.depth)
         if elapsed >= next_report:
             print(
-                f"{next_report:>4.0f}{submitted:>11}{metrics.counters['records_written']:>10}"
+                f"{next_report:>4.0f}{submitted:>11}{written():>10}"
                 f"{writer.depth:>11}{spool.pending_bytes / 2**20:>13.1f}",
                 flush=True,
             )
             next_report += 1.0
         await asyncio.sleep(0.005)
-    while metrics.counters["records_written"] + metrics.counters["records_failed"] < submitted:  # noqa: ASYNC110 (polls a counter)
+    while writer.depth:  # noqa: ASYNC110 (polls a counter in another process's memory)
         await asyncio.sleep(0.05)
     total = time.perf_counter() - started
-    written = metrics.counters["records_written"]
+    failed = writer.state["records_failed"]
     print(
-        f"offered {rate}/s for {seconds:.0f} s: {written} written, "
-        f"{metrics.counters['records_failed']} failed, in {total:.1f} s: "
-        f"{written / total:.0f} records/s sustained; peak backlog {peak_backlog} records"
+        f"offered {rate}/s for {seconds:.0f} s: {written()} written, {failed} failed, "
+        f"in {total:.1f} s: {written() / total:.0f} records/s sustained; "
+        f"peak backlog {peak_backlog} records"
     )
     await writer.close(5)
-    await engine.dispose()
 
 
 def main() -> None:

@@ -24,25 +24,24 @@ from starlette.routing import Mount, Route
 from gateway.admin import create_admin_app
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.auth import Authenticator
-from gateway.capture import from_entry, to_entry
 from gateway.errors import NotFound
-from gateway.maintenance import Maintenance, utcnow
+from gateway.maintenance import Maintenance
 from gateway.metrics import Metrics
 from gateway.proxy import CHAT_PATH, Proxy
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
 from gateway.ui import Sessions, create_ui
 from gateway.upstream import Upstream
+from gateway.writer_process import WriterProcess
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate, ping
 from storage.dsn import parse_dsn
 from storage.partitions import Partitions
-from storage.redaction import Redactor
 from storage.schema import api_keys
 from storage.spool import Spool
-from storage.writer import HistoryWriter, adopt
+from storage.writer import adopt
 
 log = logging.getLogger("mes.app")
 
@@ -95,7 +94,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     engines: dict[str, AsyncEngine] = request.state.engines
-    writer: HistoryWriter = request.state.writer
+    writer: WriterProcess = request.state.writer
     databases = {}
     for name, engine in engines.items():
         try:
@@ -203,40 +202,20 @@ def create_app(settings: Settings | None = None) -> Gateway:
 
         partitions = Partitions(history_engine) if settings.mes_daily_partition else None
 
-        async def prepare_history() -> None:
-            await ensure_database(settings.history_dsn)
-            await migrate(history_engine, "history")
-            if partitions is not None:
-                await partitions.setup(utcnow().date())
-
         registry = Metrics()
         spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
         spool.open()
-        writer = HistoryWriter(
-            history_engine,
-            registry,
-            spool,
-            encode=to_entry,
-            decode=from_entry,
-            cache_size=settings.capture_queue_size,
-            cache_bytes=settings.capture_queue_bytes,
-            batch_size=settings.capture_batch_size,
-            flush_interval=settings.capture_flush_interval,
-            retry_seconds=settings.capture_retry_seconds,
-            prepare=prepare_history,
-            redactor=Redactor(settings.redact_patterns, capture_content=settings.capture_content),
-            partitions=partitions,
-        )
+        writer = WriterProcess(settings, spool, registry)
+        writer.start()  # its imports overlap the main database's setup
         registry.gauges["queue_depth"] = lambda: writer.depth
         registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
         # A database that is down at start does not stop the gateway: requests are served
         # and spooled, and the databases are set up as soon as they answer.
         background = [asyncio.create_task(_until_done(prepare_main, "main"))]
         await _first_try(background[0])
-        writer.start()
         await _first_try(writer.ready_event)
         for orphan in spool.orphans():
-            background.append(asyncio.create_task(adopt(orphan, writer, registry)))
+            background.append(asyncio.create_task(adopt(orphan, spool, registry, writer.appended)))
         maintenance = Maintenance(settings, history_engine, main_engine, registry, partitions)
         main_ready = background[0]
 

@@ -10,8 +10,7 @@ _HELP = {
     "requests_rejected": "Requests the gateway refused itself (bad key, JSON or size).",
     "records_captured": "Records accepted: appended to the durable spool.",
     "records_written": "Records written to the history database.",
-    "records_replayed": "Records the writer read back from the spool's disk (after a restart, "
-    "or while the in-memory cache was full).",
+    "records_replayed": "Records the writer found spooled when it started (after a restart).",
     "records_adopted": "Records taken over from the spool slot of a process that is gone.",
     "records_dead_lettered": "Records the database refused for good, kept in dead-letter.jsonl.",
     "records_failed": "Records the writer could not handle (a bug; logged with the reason).",
@@ -31,13 +30,17 @@ _HELP = {
 class Metrics:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_HELP, 0))
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+    # counters kept by another process (the history writer's), added in when rendered
+    shared: Callable[[], dict[str, int]] | None = None
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
 
     def render(self) -> str:
         lines = []
+        shared = self.shared() if self.shared is not None else {}
         for name, value in self.counters.items():
+            value += shared.get(name, 0)
             lines.append(f"# HELP mes_{name}_total {_HELP.get(name, name)}")
             lines.append(f"# TYPE mes_{name}_total counter")
             lines.append(f"mes_{name}_total {value}")

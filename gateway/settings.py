@@ -47,8 +47,6 @@ class Settings:
     upstream_timeout: float = 600.0
     upstream_max_connections: int = 512
     capture: bool = True
-    capture_queue_size: int = 1_000
-    capture_queue_bytes: int = 32 * 2**20
     capture_batch_size: int = 200
     capture_flush_interval: float = 0.2
     capture_retry_seconds: float = 5.0
@@ -103,8 +101,6 @@ class Settings:
                 "UPSTREAM_MAX_CONNECTIONS", cls.upstream_max_connections, minimum=1
             ),
             capture=env.flag("MES_CAPTURE", True),
-            capture_queue_size=env.integer("MES_QUEUE_SIZE", cls.capture_queue_size, minimum=1),
-            capture_queue_bytes=env.integer("MES_QUEUE_BYTES", cls.capture_queue_bytes, minimum=1),
             capture_batch_size=env.integer("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
             capture_flush_interval=env.number("MES_FLUSH_INTERVAL", cls.capture_flush_interval),
             capture_retry_seconds=env.number("MES_RETRY_SECONDS", cls.capture_retry_seconds),

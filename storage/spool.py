@@ -15,7 +15,9 @@ Layout, under the spool directory::
 
 Each gateway process takes the first free slot; a slot whose process died is free again
 (the kernel drops the lock), so its records are picked up by the next process to start.
-The request path only appends (a ``write`` into the page cache, no ``fsync``); the writer
+The request path only appends (a ``write`` into the page cache, no ``fsync``). The writer,
+a process of its own (``gateway/writer_process.py``), follows the slot its gateway appends
+to (``follow``): it reads records back from the page cache, moves the checkpoint and
 ``fsync``s the journal about once a second, off the request path. A process killed loses
 nothing; a machine that loses power may lose the last second.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,10 @@ class Spool:
         self._bytes = 0  # bytes past the checkpoint, all segments
         self._synced = True
         self.checkpoint = Position(1, 0)
+        self.following = False  # reading a slot another process appends to
+        self.released = 0  # bytes this object's commits released, since it opened
+        # the owner's view of the bytes a writer in another process has released
+        self.released_elsewhere: Callable[[], int] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -98,6 +105,13 @@ class Spool:
         if self._bytes:
             log.info("spool %s: %d bytes of records to write", self.slot, self._bytes)
         return True
+
+    def follow(self, slot: Path) -> None:
+        """Read and commit the records of ``slot``, which the process holding its lock
+        appends to: the writer's side of a slot. Where the records end is read from disk."""
+        self.slot, self.following = slot, True
+        self.checkpoint = self._read_checkpoint()
+        self._refresh()
 
     def clear(self) -> None:
         """Delete every record of this slot (after they were moved elsewhere)."""
@@ -137,7 +151,7 @@ class Spool:
         the spool is full."""
         assert self._fd is not None, "spool not open"
         line = entry + b"\n"
-        if self._bytes + len(line) > self.max_bytes:
+        if self.pending_bytes + len(line) > self.max_bytes:
             return None
         if self._end >= self.segment_bytes:
             self._rotate()
@@ -153,6 +167,8 @@ class Spool:
 
     @property
     def end(self) -> Position:
+        if self.following:
+            self._refresh()
         return Position(self._segment, self._end)
 
     def follows(self, position: Position, start: Position) -> bool:
@@ -167,30 +183,34 @@ class Spool:
 
     @property
     def pending_bytes(self) -> int:
-        return self._bytes
+        """Bytes of records appended and not yet written."""
+        if self.released_elsewhere is None:
+            return self._bytes
+        return self._bytes - self.released_elsewhere()
 
     def read(self, start: Position, limit: int) -> list[tuple[bytes, Position]]:
         """Up to ``limit`` whole records after ``start``, each with the position it ends at."""
         out: list[tuple[bytes, Position]] = []
         position = start
-        while len(out) < limit and position < self.end:
+        end = self.end
+        while len(out) < limit and position < end:
             path = self._path(position.segment)
             if not path.exists() or position.offset >= self._segment_size(position.segment):
                 if position.segment >= self._segment:
                     break
                 position = Position(position.segment + 1, 0)
                 continue
-            with open(path, "rb") as segment:
-                segment.seek(position.offset)
-                data = segment.read(1 << 20)
             offset = position.offset
-            for line in data.splitlines(keepends=True):
-                if not line.endswith(b"\n") or len(out) >= limit:
-                    break
-                offset += len(line)
-                out.append((line[:-1], Position(position.segment, offset)))
+            with open(path, "rb") as segment:
+                segment.seek(offset)
+                while len(out) < limit:
+                    line = segment.readline()
+                    if not line.endswith(b"\n"):
+                        break  # the end, or a record still being written
+                    offset += len(line)
+                    out.append((line[:-1], Position(position.segment, offset)))
             if offset == position.offset:
-                break  # a record still being written, or one larger than the read
+                break  # a record still being written
             position = Position(position.segment, offset)
         return out
 
@@ -200,6 +220,7 @@ class Spool:
         if position <= self.checkpoint:
             return
         released = self._distance(self.checkpoint, position)
+        self.released += released
         self.checkpoint = position
         assert self.slot is not None
         temporary = self.slot / "checkpoint.new"
@@ -212,7 +233,16 @@ class Spool:
 
     def sync(self) -> None:
         """``fsync`` the journal: called by the writer, off the request path."""
-        if self._fd is not None and not self._synced:
+        if self.following:
+            try:  # fsync writes a file's dirty pages whoever wrote them
+                fd = os.open(self._path(self.end.segment), os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif self._fd is not None and not self._synced:
             self._synced = True
             os.fsync(self._fd)
 
@@ -225,6 +255,15 @@ class Spool:
             file.write(line)
 
     # -- inside ---------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Where the records of a followed slot end: the end of its newest segment (the owner
+        starts a segment only once the one before is whole)."""
+        self._segment = max([self.checkpoint.segment, *self._segments()])
+        try:
+            self._end = self._path(self._segment).stat().st_size
+        except FileNotFoundError:
+            self._end = 0
 
     def _rotate(self) -> None:
         assert self._fd is not None

@@ -1,12 +1,12 @@
-"""The history writer: one per process, fed by the durable spool, writing in batches.
+"""The history writer: fed by the durable spool, writing in batches.
 
 The request path calls ``submit()``, which never waits on the database: it appends the
-record to the spool (``storage/spool.py``) and keeps it in an in-memory cache, bounded in
-records and in bytes, so
-that the writer need not read it back from disk. The writer takes records in spool order
-(from the cache when it holds them, from disk otherwise: after a restart, or when the cache
-was full), up to ``batch_size`` or whatever arrived within ``flush_interval``, builds their
-rows and writes them in one transaction; then it moves the spool's checkpoint past them.
+record to the spool (``storage/spool.py``). The writer reads records back in spool order, up
+to ``batch_size`` or whatever arrived within ``flush_interval``, builds their rows and writes
+them in one transaction; then it moves the spool's checkpoint past them. A gateway runs its
+writer in a process of its own (``gateway/writer_process.py``), following the spool slot
+the gateway appends to, so that building and writing rows never takes the request path's
+event loop; the same class runs in-process for the benches and tests of the writer alone.
 
 Retry policy: while the database is unreachable, down or timing out, the same batch is
 retried with jittered exponential backoff (at most ``retry_seconds`` between attempts),
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -49,6 +48,7 @@ log = logging.getLogger("mes.writer")
 Decode = Callable[[bytes], Record]
 Encode = Callable[[Record], bytes]
 SYNC_SECONDS = 1.0
+POLL_SECONDS = 0.02  # how often a writer following another process's spool looks for records
 BATCH_BYTES = 4 * 2**20
 
 
@@ -113,8 +113,6 @@ class HistoryWriter:
         *,
         encode: Encode,
         decode: Decode,
-        cache_size: int,
-        cache_bytes: int = 32 * 2**20,
         batch_size: int,
         flush_interval: float,
         retry_seconds: float,
@@ -126,11 +124,6 @@ class HistoryWriter:
         self.metrics = metrics
         self.spool = spool
         self.encode, self.decode = encode, decode
-        # start, end, record, size of its spool entry
-        self.cache: deque[tuple[Position, Position, Record, int]] = deque()
-        self.cache_size = cache_size
-        self.cache_bytes = cache_bytes
-        self._cached_bytes = 0
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_seconds = retry_seconds
@@ -140,17 +133,13 @@ class HistoryWriter:
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
+        self._replaying = spool.end  # records before here were spooled before this writer
         self._writing: tuple[asyncio.Task[None], Position] | None = None  # a write, its end
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self.ready_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_sync = time.monotonic()
-
-    @property
-    def depth(self) -> int:
-        """Records waiting in memory (the spool may hold more: see ``spool.pending_bytes``)."""
-        return len(self.cache)
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
@@ -160,17 +149,12 @@ class HistoryWriter:
             log.exception("could not spool record %s", record.id)
             self.metrics.inc("records_dropped")
             return False
-        start = self.spool.end
-        end = self.spool.append(entry)
-        if end is None:
+        if self.spool.append(entry) is None:
             self.metrics.inc("records_dropped")
             log.error(
                 "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
             )
             return False
-        if len(self.cache) < self.cache_size and self._cached_bytes < self.cache_bytes:
-            self.cache.append((start, end, record, len(entry)))
-            self._cached_bytes += len(entry)
         self.metrics.inc("records_captured")
         self.wake()
         return True
@@ -269,10 +253,18 @@ class HistoryWriter:
                 delay = min(self.retry_seconds, delay * 2)
 
     async def _wait_for_records(self) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), SYNC_SECONDS)
-        except TimeoutError:
-            pass
+        if self.spool.following:  # appended to by another process: look now and then
+            for _ in range(round(SYNC_SECONDS / POLL_SECONDS)):
+                if self._taken < self.spool.end:
+                    break
+                await asyncio.sleep(POLL_SECONDS)
+            if self._taken < self.spool.end:
+                self._wake.set()
+        else:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SYNC_SECONDS)
+            except TimeoutError:
+                pass
         if self._wake.is_set() and self.flush_interval > 0:
             await asyncio.sleep(self.flush_interval)  # let a batch gather
 
@@ -281,51 +273,33 @@ class HistoryWriter:
         await asyncio.to_thread(self.spool.sync)
 
     async def _next_batch(self) -> list[tuple[Position, Record]]:
-        """The next records in spool order: from the cache while it follows on, from disk
-        where it does not (records spooled before a restart, or while the cache was full).
-        At most ``batch_size`` records and about ``BATCH_BYTES`` of them: a batch of large
-        prompts is held twice (its record, its rows), and one is built while one is written."""
+        """The next records in spool order, read back from the spool (from the page cache,
+        as a rule): at most ``batch_size`` records and about ``BATCH_BYTES`` of them, since
+        a batch of large prompts is held twice (its records, its rows), and one is built
+        while one is written."""
         batch: list[tuple[Position, Record]] = []
         size = 0  # bytes of the batch's spool entries
+        position = self._taken
         while len(batch) < self.batch_size and size < BATCH_BYTES:
-            position = batch[-1][0] if batch else self._taken
-            while self.cache and self.cache[0][1] <= position:
-                self._uncache()  # read from disk already
-            if self.cache and self.spool.follows(position, self.cache[0][0]):
-                _, end, record, entry_size = self._uncache()
-                batch.append((end, record))
-                size += entry_size
-                continue
-            from_disk = self.spool.read(position, self.batch_size - len(batch))
-            if not from_disk:
+            entries = self.spool.read(position, self.batch_size - len(batch))
+            if not entries:
                 break
-            for entry, end in from_disk:
+            for entry, end in entries:
                 if size >= BATCH_BYTES:
                     break
                 size += len(entry)
-                if self.cache and self.cache[0][1] == end:
-                    batch.append((end, self._uncache()[2]))
-                    continue
+                position = end
                 try:
                     batch.append((end, self.decode(entry)))
                 except Exception as error:  # unreadable: keep it where an admin can see it
                     log.error("unreadable spooled record (%s): dead-lettered", error)
                     self.spool.dead_letter(entry, f"unreadable: {error}")
                     self.metrics.inc("records_dead_lettered")
-                    if batch:
-                        self._taken = batch[-1][0]
-                        return batch  # the next batch starts at the unreadable one
-                    self._taken = end  # committed once what comes before is written
-                    break
-                self.metrics.inc("records_replayed")
-        if batch:
-            self._taken = batch[-1][0]
+                    continue
+                if end <= self._replaying:
+                    self.metrics.inc("records_replayed")
+        self._taken = position
         return batch
-
-    def _uncache(self) -> tuple[Position, Position, Record, int]:
-        entry = self.cache.popleft()
-        self._cached_bytes -= entry[3]
-        return entry
 
     def _rows(self, batch: list[tuple[Position, Record]]) -> list[tuple[Record, RowSet]]:
         rowsets: list[tuple[Record, RowSet]] = []
@@ -417,22 +391,25 @@ class _StopOnRepeatedRefusal(stop_after_attempt):
         return isinstance(error, IntegrityError) and super().__call__(retry_state)
 
 
-async def adopt(slot: Path, writer: HistoryWriter, metrics: Metrics) -> None:
-    """Move the records of a dead process's spool slot into this process's spool, where the
-    writer takes them (a process that is gone, or a slot left over from more workers)."""
-    other = Spool(writer.spool.root, max_bytes=2**62)
+async def adopt(
+    slot: Path, spool: Spool, metrics: Metrics, appended: Callable[[int], None]
+) -> None:
+    """Move the records of a dead process's spool slot into ``spool``, where its writer takes
+    them (a process that is gone, or a slot left over from more workers); ``appended`` is
+    told how many."""
+    other = Spool(spool.root, max_bytes=2**62)
     if not await asyncio.to_thread(other.take, slot):
         return  # another process got there first
     moved = 0
     try:
         while entries := other.read(other.checkpoint, 500):
             for entry, _ in entries:
-                if writer.spool.append(entry) is None:
+                if spool.append(entry) is None:
                     log.error("spool full: %s keeps its remaining records for later", slot)
                     return
                 moved += 1
+                appended(1)
             other.commit(entries[-1][1])
-            writer.wake()
             await asyncio.sleep(0)
         other.clear()
     finally:

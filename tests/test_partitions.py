@@ -59,7 +59,6 @@ async def write_through_the_writer(
         spool,
         encode=to_entry,
         decode=from_entry,
-        cache_size=100,
         batch_size=50,
         flush_interval=0.01,
         retry_seconds=1.0,

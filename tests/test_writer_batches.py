@@ -43,8 +43,6 @@ async def test_batches_of_large_prompts_stay_under_the_byte_bound(
             spool,
             encode=to_entry,
             decode=from_entry,
-            cache_size=1_000,
-            cache_bytes=2**30,
             batch_size=200,
             flush_interval=0.05,
             retry_seconds=1.0,

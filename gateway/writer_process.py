@@ -1,0 +1,272 @@
+"""The history writer in a process of its own, beside each gateway process.
+
+The gateway's request path only appends records to its spool slot (``storage/spool.py``).
+Reading them back, building their rows (parsing answers, rebuilding streams, hashing
+message chains) and writing them happen in a child process that follows the same slot, so
+that none of it takes the event loop the requests are served on.
+
+- The gateway holds the slot's lock; the child reads, writes, moves the checkpoint and
+  ``fsync``s. Counters the child keeps (records written, retries, ...) and the bytes it has
+  released from the spool live in a few integers of shared memory, which the gateway reads
+  for ``/metrics``, ``/readyz`` and the spool's size limit.
+- The gateway stops its writer by closing the child's stdin: the child writes what is
+  spooled for at most ``MES_SHUTDOWN_GRACE_SECONDS`` and exits; what is left stays spooled.
+- A gateway that dies takes its writer with it (``PR_SET_PDEATHSIG``), so a slot whose lock
+  is free has no writer left on it; a writer that dies is started again by its gateway.
+  Either way nothing is lost: what was not written is still in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import mmap
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from gateway.capture import from_entry, to_entry
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from storage.database import create_engine, ensure_database, migrate
+from storage.dsn import parse_dsn
+from storage.partitions import Partitions
+from storage.redaction import Redactor
+from storage.rows import Record
+from storage.spool import Spool
+from storage.writer import POLL_SECONDS, HistoryWriter
+
+log = logging.getLogger("mes.writer")
+
+# The child's counters, as the gateway reports them, then what the child tells its gateway.
+COUNTERS = (
+    "records_written",
+    "records_replayed",
+    "records_dead_lettered",
+    "records_failed",
+    "write_retries",
+)
+_FIELDS = (*COUNTERS, "released_bytes", "ready")
+_INDEX = {name: index for index, name in enumerate(_FIELDS)}
+RESTART_SECONDS = 1.0
+
+
+class SharedState:
+    """A few 64-bit integers in shared memory (a ``memfd``): the child writes them, the
+    gateway reads them. An aligned 8-byte store is atomic, so a reader sees a whole value."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, 8 * len(_FIELDS))
+        self._values = memoryview(self._map).cast("q")
+
+    @classmethod
+    def create(cls) -> SharedState:
+        fd = os.memfd_create("mes-writer-state")
+        os.ftruncate(fd, 8 * len(_FIELDS))
+        return cls(fd)
+
+    def __getitem__(self, name: str) -> int:
+        return int(self._values[_INDEX[name]])
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self._values[_INDEX[name]] = value
+
+    def counters(self) -> dict[str, int]:
+        return {name: self[name] for name in COUNTERS}
+
+
+class SharedMetrics(Metrics):
+    """The child's metrics: every count goes to the shared state, for its gateway to report."""
+
+    def __init__(self, state: SharedState) -> None:
+        super().__init__()
+        self.state = state
+
+    def inc(self, name: str, amount: int = 1) -> None:
+        self.state[name] += amount
+
+
+class WriterProcess:
+    """The gateway's side: spools what the request path captures and keeps a writer process
+    following the spool's slot."""
+
+    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.state = SharedState.create()
+        spool.released_elsewhere = lambda: self.state["released_bytes"]
+        metrics.shared = self.state.counters
+        self.ready_event = asyncio.Event()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._appended = 0
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.state["ready"])
+
+    @property
+    def depth(self) -> int:
+        """Records this process spooled that are not written yet."""
+        state = self.state
+        done = state["records_written"] + state["records_dead_lettered"] + state["records_failed"]
+        return max(0, self._appended - done)
+
+    def submit(self, record: Record) -> bool:
+        """Spool ``record``; False (counted and logged) only when the spool is full."""
+        try:
+            entry = to_entry(record)
+        except Exception:  # a record that cannot be journaled is a bug: say which, go on
+            log.exception("could not spool record %s", record.id)
+            self.metrics.inc("records_dropped")
+            return False
+        if self.spool.append(entry) is None:
+            self.metrics.inc("records_dropped")
+            log.error(
+                "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
+            )
+            return False
+        self._appended += 1
+        self.metrics.inc("records_captured")
+        return True
+
+    def appended(self, count: int) -> None:
+        """``count`` records were appended to the spool by someone else (an adoption)."""
+        self._appended += count
+
+    def start(self) -> None:
+        self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="mes-writer-supervisor")
+
+    async def close(self, grace: float) -> None:
+        """Let the writer write what is spooled, for at most ``grace`` seconds."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        process = self.process
+        if process is not None and process.poll() is None:
+            assert process.stdin is not None
+            process.stdin.close()  # the writer's cue to finish
+            try:
+                await asyncio.to_thread(process.wait, grace + 5.0)
+            except subprocess.TimeoutExpired:
+                log.warning("writer process did not stop in time: killed")
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        self.spool.close()
+
+    def _spawn(self) -> None:
+        assert self.spool.slot is not None
+        settings = pickle.dumps(self.settings)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.writer_process",
+                str(self.spool.slot),
+                str(self.state.fd),
+            ],
+            stdin=subprocess.PIPE,
+            pass_fds=(self.state.fd,),
+        )
+        assert self.process.stdin is not None
+        self.process.stdin.write(len(settings).to_bytes(8, "big") + settings)
+        self.process.stdin.flush()
+
+    async def _supervise(self) -> None:
+        """Note when the writer is ready; start it again if it dies."""
+        while True:
+            await asyncio.sleep(POLL_SECONDS if not self.ready_event.is_set() else 0.5)
+            if self.ready:
+                self.ready_event.set()
+            assert self.process is not None
+            code = self.process.poll()
+            if code is not None:
+                log.error("writer process exited with %s: starting another", code)
+                await asyncio.sleep(RESTART_SECONDS)
+                self._spawn()
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux)."""
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning("cannot tie the writer's life to its gateway's on this system")
+
+
+async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
+    engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
+    partitions = Partitions(engine) if settings.mes_daily_partition else None
+
+    async def prepare() -> None:
+        await ensure_database(settings.history_dsn)
+        await migrate(engine, "history")
+        if partitions is not None:
+            await partitions.setup(datetime.now(UTC).date())
+
+    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool.follow(slot)
+    writer = HistoryWriter(
+        engine,
+        SharedMetrics(state),
+        spool,
+        encode=to_entry,
+        decode=from_entry,
+        batch_size=settings.capture_batch_size,
+        flush_interval=settings.capture_flush_interval,
+        retry_seconds=settings.capture_retry_seconds,
+        prepare=prepare,
+        redactor=Redactor(settings.redact_patterns, capture_content=settings.capture_content),
+        partitions=partitions,
+    )
+    released = state["released_bytes"]  # by the writers before this one
+
+    async def report() -> None:
+        while True:
+            state["released_bytes"] = released + spool.released
+            state["ready"] = int(writer.ready)
+            await asyncio.sleep(POLL_SECONDS)
+
+    writer.start()
+    reporter = asyncio.create_task(report())
+    await asyncio.to_thread(stdin.read)  # until the gateway closes it: time to stop
+    await writer.close(settings.shutdown_grace_seconds)
+    reporter.cancel()
+    state["released_bytes"] = released + spool.released
+    await engine.dispose()
+
+
+def main() -> None:
+    _die_with_parent()
+    # The gateway decides when its writer stops: a Ctrl-C or a SIGTERM sent to the whole
+    # process group reaches the gateway, which then closes this process's stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    size = int.from_bytes(stdin.read(8), "big")
+    settings: Settings = pickle.loads(stdin.read(size))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    state = SharedState(int(sys.argv[2]))
+    import uvloop
+
+    uvloop.run(_serve(settings, Path(sys.argv[1]), state, stdin))
+
+
+if __name__ == "__main__":
+    main()
