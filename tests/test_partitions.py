@@ -331,10 +331,13 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
     await writer
     assert dropped == {old: (100_000, 0), old + timedelta(days=1): (0, 0)}
     assert took < 1.0, f"dropping a day of 100,000 rows took {took:.2f} s"
-    # A write waits at most for the drop itself (measured: 30-90 ms), never for a long
-    # delete. MariaDB may refuse one that meets the drop as a deadlock: it goes again.
-    # SQLite has one writer at a time: a write waits for the whole drop (measured ~200 ms).
-    assert max(waits) < (1.0 if engine.dialect.name == "sqlite" else 0.25)
+    # A write waits at most for the drop itself (measured: 30-90 ms; 250 ms in a CI run on a
+    # slow day), never for a long delete. MariaDB may refuse one that meets the drop as a
+    # deadlock: it goes again. SQLite has one writer at a time: a write waits for the whole
+    # drop (measured ~200 ms).
+    longest = max(waits)
+    assert longest < took + 0.1, f"a write waited {longest:.3f} s, the drop took {took:.3f} s"
+    assert longest < (1.0 if engine.dialect.name == "sqlite" else 0.5)
     assert len(waits) > 20
     assert len(retried) <= 2
     async with engine.connect() as connection:
