@@ -40,7 +40,7 @@ from storage.partitions import Partitions
 from storage.redaction import Redactor
 from storage.rows import Record
 from storage.spool import Spool
-from storage.writer import POLL_SECONDS, HistoryWriter
+from storage.writer import POLL_SECONDS, HistoryWriter, spool_record
 
 log = logging.getLogger("mes.writer")
 
@@ -122,20 +122,9 @@ class WriterProcess:
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
-        try:
-            entry = to_entry(record)
-        except Exception:  # a record that cannot be journaled is a bug: say which, go on
-            log.exception("could not spool record %s", record.id)
-            self.metrics.inc("records_dropped")
-            return False
-        if self.spool.append(entry) is None:
-            self.metrics.inc("records_dropped")
-            log.error(
-                "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
-            )
+        if not spool_record(self.spool, self.metrics, to_entry, record):
             return False
         self._appended += 1
-        self.metrics.inc("records_captured")
         return True
 
     def appended(self, count: int) -> None:

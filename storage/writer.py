@@ -104,6 +104,22 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(code, int) and code in _TRANSIENT_MYSQL_ERRORS
 
 
+def spool_record(spool: Spool, metrics: Metrics, encode: Encode, record: Record) -> bool:
+    """Append ``record`` to ``spool``; False (counted and logged) when it cannot be."""
+    try:
+        entry = encode(record)
+    except Exception:  # a record that cannot be journaled is a bug: say which, go on
+        log.exception("could not spool record %s", record.id)
+        metrics.inc("records_dropped")
+        return False
+    if spool.append(entry) is None:
+        metrics.inc("records_dropped")
+        log.error("spool full (%d bytes): record %s not captured", spool.max_bytes, record.id)
+        return False
+    metrics.inc("records_captured")
+    return True
+
+
 class HistoryWriter:
     def __init__(
         self,
@@ -143,19 +159,8 @@ class HistoryWriter:
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
-        try:
-            entry = self.encode(record)
-        except Exception:  # a record that cannot be journaled is a bug: say which, go on
-            log.exception("could not spool record %s", record.id)
-            self.metrics.inc("records_dropped")
+        if not spool_record(self.spool, self.metrics, self.encode, record):
             return False
-        if self.spool.append(entry) is None:
-            self.metrics.inc("records_dropped")
-            log.error(
-                "spool full (%d bytes): record %s not captured", self.spool.max_bytes, record.id
-            )
-            return False
-        self.metrics.inc("records_captured")
         self.wake()
         return True
 
