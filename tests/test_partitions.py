@@ -336,8 +336,8 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
     # deadlock: it goes again. SQLite has one writer at a time: a write waits for the whole
     # drop (measured ~200 ms).
     longest = max(waits)
-    assert longest < took + 0.1, f"a write waited {longest:.3f} s, the drop took {took:.3f} s"
-    assert longest < (1.0 if engine.dialect.name == "sqlite" else 0.5)
+    limit = 1.0 if engine.dialect.name == "sqlite" else max(0.25, took + 0.1)
+    assert longest < limit, f"a write waited {longest:.3f} s, the drop took {took:.3f} s"
     assert len(waits) > 20
     assert len(retried) <= 2
     async with engine.connect() as connection:
