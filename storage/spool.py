@@ -171,16 +171,6 @@ class Spool:
             self._refresh()
         return Position(self._segment, self._end)
 
-    def follows(self, position: Position, start: Position) -> bool:
-        """Whether a record starting at ``start`` is the very next one after ``position``."""
-        if start == position:
-            return True
-        return (
-            start.offset == 0
-            and start.segment == position.segment + 1
-            and position.offset == self._segment_size(position.segment)
-        )
-
     @property
     def pending_bytes(self) -> int:
         """Bytes of records appended and not yet written."""
