@@ -109,7 +109,6 @@ async def test_a_database_outage_neither_fails_nor_slows_requests(
         "UPSTREAM_BASE_URL": upstream.base_url,
         "SQL_DSN": own_postgres.url("outage"),
         "MES_RETRY_SECONDS": "1",
-        "MES_QUEUE_SIZE": "20",
     }
 
     async def timed_requests(client: httpx.AsyncClient, count: int) -> list[float]:

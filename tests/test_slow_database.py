@@ -49,7 +49,7 @@ async def test_a_slow_database_slows_no_client(
     name = postgres.new_database_name("slow")
     with SlowProxy(postgres.port) as proxy:
         dsn = postgres.url(name).replace(f":{postgres.port}/", f":{proxy.port}/")
-        env = {"UPSTREAM_BASE_URL": upstream.base_url, "SQL_DSN": dsn, "MES_QUEUE_SIZE": "500"}
+        env = {"UPSTREAM_BASE_URL": upstream.base_url, "SQL_DSN": dsn}
         with GatewayProcess(env, tmp_path) as gateway:
             assert gateway.process is not None
             before = await timed_load(gateway.base_url, 10, "quick")
