@@ -7,10 +7,8 @@ import math
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
@@ -20,6 +18,9 @@ from sqlalchemy.pool import NullPool
 from migrations import MIGRATIONS_DIR
 from storage.dsn import DatabaseURL, parse_dsn
 from storage.locks import named_lock
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("mes.storage")
 
@@ -147,6 +148,8 @@ async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
 
 
 def alembic_config(target: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("path_separator", "os")
@@ -157,9 +160,16 @@ def alembic_config(target: str) -> Config:
 
 async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> None:
     """Apply ``target``'s migrations ("main" or "history") up to ``revision``. Replicas that
-    start together take turns: the first migrates, the others then find nothing to do."""
+    start together take turns: the first migrates, the others then find nothing to do.
+
+    A database already at the newest revision (every start but the first) is told so by one
+    query, without Alembic: importing it costs a process ~0.2 s and ~8 MiB for good."""
+    if revision == "head" and await _current_revision(engine, target) == newest_revision(target):
+        return
 
     def upgrade(connection: Connection) -> None:
+        from alembic import command
+
         config = alembic_config(target)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
@@ -167,6 +177,25 @@ async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> N
     async with named_lock(engine, f"mes-migrate-{target}", wait=True):
         async with engine.begin() as connection:
             await connection.run_sync(upgrade)
+
+
+def newest_revision(target: str) -> str:
+    """``target``'s head revision, named by its newest migration's file: ``history_0005``
+    for ``history_0005_usage_daily.py`` (``tests/test_migrations.py`` holds Alembic to it)."""
+    newest = max(path.stem for path in (MIGRATIONS_DIR / target / "versions").glob("*_[0-9]*.py"))
+    return "_".join(newest.split("_")[:2])
+
+
+async def _current_revision(engine: AsyncEngine, target: str) -> str | None:
+    """The revision ``target``'s version table records; None where there is none yet."""
+    try:
+        async with engine.connect() as connection:
+            found = await connection.scalar(
+                text(f"SELECT version_num FROM alembic_version_{target}")
+            )
+    except DBAPIError:  # no version table: a new database
+        return None
+    return str(found) if found is not None else None
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from storage.database import create_engine, ensure_database, migrate
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 REQUEST = [
     {"role": "system", "content": "Be brief."},
@@ -123,3 +127,35 @@ async def test_history_from_the_first_revision_reads_back_the_same_after_upgradi
             assert by_model[-1]["latency_p50_ms"] == pytest.approx(812.5, rel=usage.HALF_BUCKET)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("target", ["main", "history"])
+def test_the_newest_revision_is_alembics_head(target: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    from storage.database import alembic_config, newest_revision
+
+    heads = ScriptDirectory.from_config(alembic_config(target)).get_heads()
+    assert heads == [newest_revision(target)]
+
+
+def test_a_start_on_an_up_to_date_database_does_not_load_alembic(tmp_path: Any) -> None:
+    """The first start migrates; the next ones read the version and go on, without Alembic."""
+    script = f"""
+import asyncio, sys
+from storage.database import create_engine, ensure_database, migrate
+async def main():
+    engine = create_engine(await ensure_database({str(tmp_path / "h.db")!r}))
+    for target in ("main", "history"):
+        await migrate(engine, target)
+    await engine.dispose()
+asyncio.run(main())
+print("alembic" in sys.modules)
+"""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert runs == ["True", "False"]
