@@ -3,12 +3,10 @@
 The request path calls ``submit()``, which never waits on the database: it appends the
 record to the spool (``storage/spool.py``). The writer reads records back in spool order, up
 to ``batch_size`` or whatever arrived within ``flush_interval``, builds their rows and writes
-them in one transaction; then it moves the spool's checkpoint past them. On the servers two
-batches are written at once (``IN_FLIGHT``), and the checkpoint waits for the older. A
-gateway runs its writer in a process of its own (``gateway/writer_process.py``), following
-the spool slot the gateway appends to, so that building and writing rows never takes the
-request path's event loop; the same class runs in-process for the benches and tests of the
-writer alone.
+them in one transaction; then it moves the spool's checkpoint past them. A gateway runs its
+writer in a process of its own (``gateway/writer_process.py``), following the spool slot
+the gateway appends to, so that building and writing rows never takes the request path's
+event loop; the same class runs in-process for the benches and tests of the writer alone.
 
 Retry policy: while the database is unreachable, down or timing out, the same batch is
 retried with jittered exponential backoff (at most ``retry_seconds`` between attempts),
@@ -24,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -53,9 +50,6 @@ Encode = Callable[[Record], bytes]
 SYNC_SECONDS = 1.0
 POLL_SECONDS = 0.02  # how often a writer following another process's spool looks for records
 BATCH_BYTES = 4 * 2**20
-# Batches written at once, each in its own transaction, on PostgreSQL and MySQL: while the
-# database works on one, the writer sends the next (SQLite has one write lock: one there).
-IN_FLIGHT = 2
 
 
 # SQLSTATE classes and codes that say "not now" rather than "never": connection trouble,
@@ -156,9 +150,7 @@ class HistoryWriter:
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
         self._replaying = spool.end  # records before here were spooled before this writer
-        # Batches being written, oldest first, each with where it ends in the spool.
-        self._writing: deque[tuple[asyncio.Task[None], Position]] = deque()
-        self._in_flight = 1 if engine.dialect.name == "sqlite" else IN_FLIGHT
+        self._writing: tuple[asyncio.Task[None], Position] | None = None  # a write, its end
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -206,17 +198,15 @@ class HistoryWriter:
         try:
             await self._loop()
         finally:
-            tasks = [task for task, _ in self._writing if not task.done()]
-            for task in tasks:
-                task.cancel()  # stopped: what they were writing stays spooled
-            if tasks:
-                await asyncio.wait(tasks)
+            if self._writing is not None and not self._writing[0].done():
+                self._writing[0].cancel()  # stopped: what it was writing stays spooled
+                await asyncio.wait([self._writing[0]])
 
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
             if not batch:
-                if self._writing:
+                if self._writing is not None:
                     await self._written()
                     continue
                 self._commit(self._taken)  # past what was dead-lettered, if anything
@@ -226,24 +216,24 @@ class HistoryWriter:
                 if self._taken >= self.spool.end:
                     await self._wait_for_records()
                 continue
-            # This batch's rows are built while the ones before are being written: the loop
+            # This batch's rows are built while the one before is being written: the loop
             # would otherwise sit idle for the database's answer, then the database for it.
             rowsets = self._rows(batch)
-            while len(self._writing) >= self._in_flight:
+            if self._writing is not None:
                 await self._written()
             task = asyncio.create_task(self._write(rowsets, len(batch)), name="mes-write")
-            self._writing.append((task, batch[-1][0]))
+            self._writing = (task, batch[-1][0])
 
     async def _written(self) -> None:
-        """Wait for the oldest batch being written, then move the spool's checkpoint past
-        it: the checkpoint only ever passes batches written, and all those before them."""
-        task, end = self._writing[0]
+        """Wait for the batch being written, then move the spool's checkpoint past it."""
+        assert self._writing is not None
+        task, end = self._writing
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
             raise
-        self._writing.popleft()
+        self._writing = None
         self._commit(end)
         if time.monotonic() - self._last_sync > SYNC_SECONDS:
             await self._sync_now()
@@ -291,7 +281,7 @@ class HistoryWriter:
         """The next records in spool order, read back from the spool (from the page cache,
         as a rule): at most ``batch_size`` records and about ``BATCH_BYTES`` of them, since
         a batch of large prompts is held twice (its records, its rows), and one is built
-        while others are written."""
+        while one is written."""
         batch: list[tuple[Position, Record]] = []
         size = 0  # bytes of the batch's spool entries
         position = self._taken

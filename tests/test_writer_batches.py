@@ -1,10 +1,8 @@
 """The writer's batches: bounded in bytes as well as in records, and every record written
-once, in spool order, while the next batch is built during the write before it; on the
-servers two batches are written at once, and the checkpoint passes only what is written."""
+once, in spool order, while the next batch is built during the write before it."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -60,62 +58,3 @@ async def test_batches_of_large_prompts_stay_under_the_byte_bound(
     # Three spooled entries of a little over 1 MiB pass 3 MiB: a batch of large prompts
     # holds three; then the small ones go 200 at a time (100 here, with the last large).
     assert sizes[: len(large) // 3] == [3] * (len(large) // 3)
-
-
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-async def test_two_batches_in_flight_and_the_checkpoint_waits_for_the_older(
-    history_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On the servers a batch is sent while the one before is still being written. The
-    first batch is held up here: the second is written meanwhile, yet the spool's checkpoint
-    stays before the first until it is written too (a crash then replays both: stored once)."""
-    real_write_batch = writer_module.write_batch
-    first_held = asyncio.Event()
-    release_first = asyncio.Event()
-    finished: list[int] = []
-    calls = 0
-
-    async def held(connection: Any, rowsets: Any, day_table: Any = None) -> int:
-        nonlocal calls
-        calls += 1
-        number = calls
-        if number == 1:
-            first_held.set()
-            await release_first.wait()
-        written = await real_write_batch(connection, rowsets, day_table)
-        finished.append(number)
-        return written
-
-    monkeypatch.setattr(writer_module, "write_batch", held)
-    records = [exchange([{"role": "user", "content": f"question {n}"}]) for n in range(20)]
-    async with migrated(history_dsn) as engine:
-        spool = Spool(tmp_path / "spool", 2**30)
-        spool.open()
-        start = spool.checkpoint
-        writer = HistoryWriter(
-            engine,
-            Metrics(),
-            spool,
-            encode=to_entry,
-            decode=from_entry,
-            batch_size=10,
-            flush_interval=0.0,
-            retry_seconds=1.0,
-        )
-        for record in records:
-            assert writer.submit(record)
-        writer.start()
-        await asyncio.wait_for(first_held.wait(), 10)
-        for _ in range(200):  # the second batch is written while the first is held
-            if finished:
-                break
-            await asyncio.sleep(0.05)
-        assert finished == [2]
-        assert spool.checkpoint == start
-        release_first.set()
-        await writer.close(grace=30)
-        async with engine.connect() as connection:
-            stored = await connection.scalar(select(func.count()).select_from(completions))
-    assert finished == [2, 1]
-    assert stored == len(records)
-    assert spool.checkpoint == spool.end
