@@ -83,36 +83,44 @@ async def _in_steps(
     as long as it took, a window in which the writer's next poll finds the lock free."""
     deleted, steps, longest = Deleted(), 0, 0.0
     while True:
-        async with _transaction(engine) as (connection, took):
-            done = await step(connection)
-        longest = max(longest, took[0])
+        async with _transaction(engine) as timed:
+            done = await step(timed.connection)
+        longest = max(longest, timed.seconds)
         steps += 1
         if not done:
             return Run(deleted=deleted, steps=steps, longest_step=longest)
         deleted += done
         if engine.dialect.name == "sqlite":
-            await asyncio.sleep(took[0])
+            await asyncio.sleep(timed.seconds)
+
+
+@dataclass(slots=True)
+class _Timed:
+    """A step's connection; once the step has committed, how long its transaction took."""
+
+    connection: AsyncConnection
+    seconds: float = 0.0
 
 
 @asynccontextmanager
-async def _transaction(engine: AsyncEngine) -> AsyncIterator[tuple[AsyncConnection, list[float]]]:
+async def _transaction(engine: AsyncEngine) -> AsyncIterator[_Timed]:
     """A step's transaction, and (once it has committed) how long it took: the time it may
     have held its locks. SQLite copies its write-ahead log back into the database file
     (a checkpoint, with an ``fsync``) in the COMMIT that grew the log past its threshold,
     after the write lock is released; a slow disk made a step look long that way (0.25 s
     seen) when its locks were held for ~15 ms. So on SQLite a step's connection leaves the
     checkpoint to the end of the step, outside the time measured."""
-    took = [0.0]
     async with engine.connect() as connection:
         driver: Any = None
         if engine.dialect.name == "sqlite":
             driver = (await connection.get_raw_connection()).driver_connection
             await driver.execute("PRAGMA wal_autocheckpoint=0")
+        step = _Timed(connection)
         try:
             started = time.perf_counter()
             async with connection.begin():
-                yield connection, took
-            took[0] = time.perf_counter() - started
+                yield step
+            step.seconds = time.perf_counter() - started
         finally:
             if driver is not None:
                 await driver.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
@@ -162,7 +170,8 @@ async def _walk_conversations(
     deleted, steps, longest = Deleted(), 0, 0.0
     after: tuple[Any, str] | None = None
     while True:
-        async with _transaction(engine) as (connection, took):
+        async with _transaction(engine) as timed:
+            connection = timed.connection
             query = (
                 select(c.id, order.label("position"), c.completion_count)
                 .where(condition)
@@ -175,7 +184,7 @@ async def _walk_conversations(
             if rows:
                 after = (rows[-1].position, rows[-1].id)
                 deleted += await handle(connection, rows)
-        longest = max(longest, took[0])
+        longest = max(longest, timed.seconds)
         steps += 1
         if len(rows) < limit:
             return Run(deleted=deleted, steps=steps, longest_step=longest)
@@ -187,9 +196,9 @@ async def drop_content(engine: AsyncEngine, cutoff: datetime, step: int = 100) -
     title of a conversation begun before it (the title is its first user message)."""
     dropped, steps, longest = 0, 0, 0.0
     while True:
-        async with _transaction(engine) as (connection, took):
-            count = await _drop_content_step(connection, cutoff, step * 10)
-        longest = max(longest, took[0])
+        async with _transaction(engine) as timed:
+            count = await _drop_content_step(timed.connection, cutoff, step * 10)
+        longest = max(longest, timed.seconds)
         steps += 1
         dropped += count
         if not count:
