@@ -299,6 +299,7 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
         await connection.execute(text(_bulk_rows(engine.dialect.name, old, 100_000)))
         assert await connection.scalar(select(func.count()).select_from(completions)) == 100_000
     waits: list[float] = []
+    spans: list[tuple[float, float]] = []  # each write's start and end
     retried: list[BaseException] = []
     stop = asyncio.Event()
 
@@ -317,7 +318,9 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
                     if not is_unavailable(error):
                         raise
                     retried.append(error)
-            waits.append(time.perf_counter() - started)
+            ended = time.perf_counter()
+            waits.append(ended - started)
+            spans.append((started, ended))
             n += 1
             await asyncio.sleep(0.005)
 
@@ -339,13 +342,22 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
     await writer
     assert dropped == {old: (100_000, 0), old + timedelta(days=1): (0, 0)}
     assert took < 1.0, f"dropping a day of 100,000 rows took {took:.2f} s"
-    # A write waits at most for the drop itself (measured: 30-90 ms; 250 ms in a CI run on a
-    # slow day), never for a long delete. MariaDB may refuse one that meets the drop as a
-    # deadlock: it goes again. SQLite has one writer at a time: a write waits for the whole
-    # drop (measured ~200 ms).
-    longest = max(waits)
-    limit = 1.0 if engine.dialect.name == "sqlite" else max(0.25, took + 0.1)
-    assert longest < limit, f"a write waited {longest:.3f} s, the drop took {took:.3f} s"
+    # A write that met the drop waits at most for the drop itself (measured: 30-90 ms), on
+    # top of what writes wait on this server anyway: the writes before and after it are the
+    # baseline (in the full suite, the shared MariaDB once kept a write 0.34 s while the
+    # drop took 0.1 s). A long delete instead of a drop would hold the writes that met it
+    # for its whole length. MariaDB may refuse one that meets the drop as a deadlock: it
+    # goes again. SQLite has one writer at a time: a write waits for the whole drop
+    # (measured ~200 ms).
+    ended = started + took
+    met = [end - start for start, end in spans if start < ended and end > started]
+    others = [end - start for start, end in spans if not (start < ended and end > started)]
+    assert met and others
+    limit = 1.0 if engine.dialect.name == "sqlite" else took + max(others) + 0.1
+    assert max(met) < limit, (
+        f"a write that met the drop waited {max(met):.3f} s, the drop took {took:.3f} s, "
+        f"other writes at most {max(others):.3f} s"
+    )
     assert len(waits) > 20
     assert len(retried) <= 2
     async with engine.connect() as connection:
