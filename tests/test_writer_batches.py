@@ -3,13 +3,14 @@ once, in spool order, while the next batch is built during the write before it."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from gateway.capture import from_entry, to_entry
+from gateway.capture import Exchange, from_entry, to_entry
 from gateway.metrics import Metrics
 from storage import writer as writer_module
 from storage.schema import completions
@@ -58,3 +59,52 @@ async def test_batches_of_large_prompts_stay_under_the_byte_bound(
     # Three spooled entries of a little over 1 MiB pass 3 MiB: a batch of large prompts
     # holds three; then the small ones go 200 at a time (100 here, with the last large).
     assert sizes[: len(large) // 3] == [3] * (len(large) // 3)
+
+
+async def test_the_next_batch_is_shaped_while_the_one_before_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_write_batch = writer_module.write_batch
+    real_rows = Exchange.rows
+
+    async def slow(connection: Any, rowsets: Any, day_table: Any = None) -> int:
+        events.append("write")
+        await asyncio.sleep(0.2)  # the database takes its time to answer
+        written = await real_write_batch(connection, rowsets, day_table)
+        events.append("written")
+        return written
+
+    def rows(record: Exchange) -> Any:
+        events.append("rows")
+        return real_rows(record)
+
+    monkeypatch.setattr(writer_module, "write_batch", slow)
+    monkeypatch.setattr(Exchange, "rows", rows)
+    records = [exchange([{"role": "user", "content": f"turn {n}"}]) for n in range(40)]
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        spool = Spool(tmp_path / "spool", 2**30)
+        spool.open()
+        writer = HistoryWriter(
+            engine,
+            Metrics(),
+            spool,
+            encode=to_entry,
+            decode=from_entry,
+            batch_size=20,
+            flush_interval=0.05,
+            retry_seconds=1.0,
+        )
+        for record in records:
+            assert writer.submit(record)
+        writer.start()
+        await writer.close(grace=60)
+        async with engine.connect() as connection:
+            stored = await connection.scalar(select(func.count()).select_from(completions))
+    assert stored == len(records)
+    assert events.count("write") == 2
+    # The first batch was being written (sent, not yet answered) while every row of the
+    # second was shaped: the write did not wait for the shaping, nor the shaping for it.
+    first, answered = events.index("write"), events.index("written")
+    assert events[:first] == ["rows"] * 20
+    assert events[first:answered].count("rows") == 20
