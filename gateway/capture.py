@@ -323,9 +323,19 @@ def _title(messages: list[JSON]) -> str | None:
         if message.get("role") == "user":
             text = content_text(message)
             if text:
-                text = " ".join(text.split())
-                return text if len(text) <= TITLE_LENGTH else text[: TITLE_LENGTH - 1] + "…"
+                return _first_words(text)
     return None
+
+
+def _first_words(text: str) -> str:
+    """``text`` with its whitespace collapsed, cut to ``TITLE_LENGTH``. A prompt may be
+    200 KB: its head is looked at first, and all of it only when the head, collapsed,
+    is too short to tell (the head's words are the first words of the whole)."""
+    head = text[: 4 * TITLE_LENGTH]
+    words = " ".join(head.split())
+    if len(words) <= TITLE_LENGTH and len(head) < len(text):
+        words = " ".join(text.split())
+    return words if len(words) <= TITLE_LENGTH else words[: TITLE_LENGTH - 1] + "…"
 
 
 def _get(mapping: JSON, *path: str) -> Any:

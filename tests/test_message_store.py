@@ -93,3 +93,18 @@ async def test_a_batch_written_again_changes_nothing(history_dsn: str) -> None:
     # One conversation, the second turn resending the first: hello, done, more, done.
     assert stored == 4
     assert (conversation["completion_count"], conversation["message_count"]) == (2, 4)
+
+
+def test_a_conversation_is_titled_by_the_first_words_of_its_first_user_message() -> None:
+    def title(content: str) -> str | None:
+        sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+        conversation = exchange(sent).rows().conversation
+        assert conversation is not None
+        return conversation["title"]
+
+    assert title("  plan a\n\ttrip  ") == "plan a trip"
+    words = " ".join(f"word{n}" for n in range(40_000))  # a prompt of ~300 KB
+    assert title(words.replace(" ", " \n ")) == words[:79] + "…"
+    # Whitespace enough to hide the first words from a look at the head alone.
+    assert title(" " * 5_000 + "late start " * 3) == "late start late start late start"
+    assert title(" " * 5_000 + "x" * 200) == "x" * 79 + "…"
