@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
 
+import orjson
 from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -149,10 +150,16 @@ async def _upsert_conversations(connection: AsyncConnection, totals: dict[str, R
 
 def _without_nul(rowset: RowSet) -> RowSet:
     """PostgreSQL's text cannot hold NUL (a client may send one in any field): it is dropped
-    from plain text columns on every backend alike. JSON columns hold it escaped."""
+    from plain text columns on every backend alike. JSON columns hold it escaped. Whether a
+    record has one at all is asked of its rows as JSON, where orjson writes NUL as
+    ``\\u0000``: one pass in C over a few KB, where a look at each value cost the writer
+    ~7 % of its CPU (a string holding those six characters only costs a closer look)."""
     rows = [rowset.completion, rowset.conversation, rowset.request_log, *rowset.messages]
-    if not any(isinstance(v, str) and "\x00" in v for row in rows if row for v in row.values()):
-        return rowset
+    try:
+        if b"\\u0000" not in orjson.dumps(rows, default=str):
+            return rowset
+    except orjson.JSONEncodeError:  # an integer past 64 bits, say: look at every value
+        pass
 
     def clean(row: Row | None) -> Row | None:
         if row is None:
