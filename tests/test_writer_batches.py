@@ -1,5 +1,5 @@
 """The writer's batches: bounded in bytes as well as in records, and every record written
-once, in spool order, while the next batch is built during the write before it."""
+once, in spool order, and, when behind, the next batch built during the write before it."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ async def test_batches_of_large_prompts_stay_under_the_byte_bound(
     assert sizes[: len(large) // 3] == [3] * (len(large) // 3)
 
 
-async def test_the_next_batch_is_shaped_while_the_one_before_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("behind", [True, False])
+async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
+    behind: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
     real_write_batch = writer_module.write_batch
@@ -81,6 +82,8 @@ async def test_the_next_batch_is_shaped_while_the_one_before_is_written(
 
     monkeypatch.setattr(writer_module, "write_batch", slow)
     monkeypatch.setattr(Exchange, "rows", rows)
+    # Behind at once, or never (caught up less than a minute ago, as a test always is).
+    monkeypatch.setattr(writer_module, "BEHIND_SECONDS", 0.0 if behind else 60.0)
     records = [exchange([{"role": "user", "content": f"turn {n}"}]) for n in range(40)]
     async with migrated(str(tmp_path / "history.db")) as engine:
         spool = Spool(tmp_path / "spool", 2**30)
@@ -103,8 +106,14 @@ async def test_the_next_batch_is_shaped_while_the_one_before_is_written(
             stored = await connection.scalar(select(func.count()).select_from(completions))
     assert stored == len(records)
     assert events.count("write") == 2
-    # The first batch was being written (sent, not yet answered) while every row of the
-    # second was shaped: the write did not wait for the shaping, nor the shaping for it.
     first, answered = events.index("write"), events.index("written")
-    assert events[:first] == ["rows"] * 20
-    assert events[first:answered].count("rows") == 20
+    if behind:
+        # The first batch was being written (sent, not yet answered) while every row of
+        # the second was shaped: the write did not wait for the shaping, nor it for the
+        # write.
+        assert events[:first] == ["rows"] * 20
+        assert events[first:answered].count("rows") == 20
+    else:
+        # Keeping up, the writer and the database take turns: the second batch was
+        # shaped before the first was sent.
+        assert events[:first] == ["rows"] * 40
