@@ -219,8 +219,8 @@ class HistoryWriter:
                 if self._taken >= self.spool.end:
                     await self._wait_for_records()
                 continue
-            # This batch's rows are built while the one before is being written: the loop
-            # would otherwise sit idle for the database's answer, then the database for it.
+            # Behind, this batch's rows are built while the one before is being written
+            # (see ``_rows``); keeping up, the write before begins once they are built.
             rowsets = await self._rows(batch)
             if self._writing is not None:
                 await self._written()
