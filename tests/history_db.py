@@ -6,16 +6,22 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.capture import from_entry, to_entry
+from gateway.metrics import Metrics
 from storage import history
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
+from storage.partitions import Partitions
 from storage.schema import completions
+from storage.spool import Spool
+from storage.writer import HistoryWriter
 
 
 @asynccontextmanager
@@ -28,6 +34,29 @@ async def migrated(dsn: str, pool_size: int = 2) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+def spooled_writer(
+    engine: AsyncEngine,
+    folder: Path,
+    batch_size: int,
+    flush_interval: float = 0.05,
+    partitions: Partitions | None = None,
+) -> HistoryWriter:
+    """The gateway's writer on ``engine``, over a fresh spool in ``folder``, not started."""
+    spool = Spool(folder / "spool", 2**30)
+    spool.open()
+    return HistoryWriter(
+        engine,
+        Metrics(),
+        spool,
+        encode=to_entry,
+        decode=from_entry,
+        batch_size=batch_size,
+        flush_interval=flush_interval,
+        retry_seconds=1.0,
+        partitions=partitions,
+    )
 
 
 class HistoryDB:

@@ -16,7 +16,6 @@ import orjson
 import pytest
 from sqlalchemy import func, inspect, select, text, update
 
-from gateway.capture import from_entry, to_entry
 from gateway.maintenance import Maintenance
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -25,11 +24,10 @@ from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
 from storage.partitions import Partitions, partition_name
 from storage.schema import completions, conversations, messages, usage_daily
-from storage.spool import Spool
-from storage.writer import HistoryWriter, is_unavailable
+from storage.writer import is_unavailable
 from tests.conftest import database_dsn
 from tests.gateway_process import GatewayProcess
-from tests.history_db import migrated
+from tests.history_db import migrated, spooled_writer
 from tests.test_retention import PARIS, ROME, turn
 
 TODAY = date(2026, 6, 15)
@@ -51,19 +49,7 @@ async def write_through_the_writer(
     engine: Any, partitions: Partitions, records: list[Any], tmp: Path
 ) -> None:
     """The gateway's own writer, which makes a missing day's partitions as it goes."""
-    spool = Spool(tmp / "spool", 2**26)
-    spool.open()
-    writer = HistoryWriter(
-        engine,
-        Metrics(),
-        spool,
-        encode=to_entry,
-        decode=from_entry,
-        batch_size=50,
-        flush_interval=0.01,
-        retry_seconds=1.0,
-        partitions=partitions,
-    )
+    writer = spooled_writer(engine, tmp, batch_size=50, flush_interval=0.01, partitions=partitions)
     writer.start()
     for record in records:
         assert writer.submit(record)

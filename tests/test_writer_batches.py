@@ -10,13 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from gateway.capture import Exchange, from_entry, to_entry
-from gateway.metrics import Metrics
+from gateway.capture import Exchange
 from storage import writer as writer_module
 from storage.schema import completions
-from storage.spool import Spool
-from storage.writer import HistoryWriter
-from tests.history_db import migrated
+from tests.history_db import migrated, spooled_writer
 from tests.test_message_store import exchange
 
 
@@ -36,18 +33,7 @@ async def test_batches_of_large_prompts_stay_under_the_byte_bound(
     large = [exchange([{"role": "user", "content": f"{n} {prompt}"}]) for n in range(24)]
     small = [exchange([{"role": "user", "content": f"small {n}"}]) for n in range(100)]
     async with migrated(str(tmp_path / "history.db")) as engine:
-        spool = Spool(tmp_path / "spool", 2**30)
-        spool.open()
-        writer = HistoryWriter(
-            engine,
-            Metrics(),
-            spool,
-            encode=to_entry,
-            decode=from_entry,
-            batch_size=200,
-            flush_interval=0.05,
-            retry_seconds=1.0,
-        )
+        writer = spooled_writer(engine, tmp_path, batch_size=200)
         for record in large + small:
             assert writer.submit(record)
         writer.start()
@@ -86,18 +72,7 @@ async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
     monkeypatch.setattr(writer_module, "BEHIND_SECONDS", 0.0 if behind else 60.0)
     records = [exchange([{"role": "user", "content": f"turn {n}"}]) for n in range(40)]
     async with migrated(str(tmp_path / "history.db")) as engine:
-        spool = Spool(tmp_path / "spool", 2**30)
-        spool.open()
-        writer = HistoryWriter(
-            engine,
-            Metrics(),
-            spool,
-            encode=to_entry,
-            decode=from_entry,
-            batch_size=20,
-            flush_interval=0.05,
-            retry_seconds=1.0,
-        )
+        writer = spooled_writer(engine, tmp_path, batch_size=20)
         for record in records:
             assert writer.submit(record)
         writer.start()
