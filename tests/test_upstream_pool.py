@@ -1,0 +1,359 @@
+"""The upstream pool against a raw HTTP/1.1 server that answers what each test scripts: what
+it writes, how answers end (a length, chunks, the connection's close), informational and
+bodiless answers, answers cut short or stalled, the connection limit, and proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+
+from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.settings import Settings
+from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
+from tests.gateway_process import free_port
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Runs a test on asyncio's own loop, and on uvloop, the gateway's."""
+    return uvloop.run if request.param == "uvloop" else asyncio.run
+
+
+Respond = Callable[[asyncio.StreamWriter, int], Awaitable[bool]]
+
+
+@dataclass
+class Seen:
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+
+async def _serve(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, respond: Respond, seen: Seen
+) -> None:
+    """Read requests one after another; ``respond`` writes each answer and says whether to
+    keep the connection open."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        seen.requests.append(head + await reader.readexactly(length))
+        keep = await respond(writer, len(seen.requests))
+        await writer.drain()
+        if not keep:
+            return
+
+
+@asynccontextmanager
+async def raw_server(respond: Respond) -> AsyncIterator[tuple[str, Seen]]:
+    seen = Seen()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.connections += 1
+        try:
+            await _serve(reader, writer, respond, seen)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}", seen
+
+
+def answer(writer: asyncio.StreamWriter, raw: bytes, keep: bool = True) -> Awaitable[bool]:
+    writer.write(raw)
+
+    async def kept() -> bool:
+        return keep
+
+    return kept()
+
+
+@asynccontextmanager
+async def pool(**settings: object) -> AsyncIterator[Upstream]:
+    upstream = Upstream(replace(Settings(), **settings))  # type: ignore[arg-type]
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+async def body(response: UpstreamResponse) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in response.chunks()])
+    finally:
+        response.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_a_request_carries_what_the_gateway_gave_it_and_connections_are_reused(
+    run: Run,
+) -> None:
+    run(_a_request_carries_what_the_gateway_gave_it_and_connections_are_reused())
+
+
+async def _a_request_carries_what_the_gateway_gave_it_and_connections_are_reused() -> None:
+    async with raw_server(lambda w, n: answer(w, OK)) as (url, seen), pool() as upstream:
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"X-Trace", b"one"),
+            (b"Expect", b"100-continue"),  # the gateway has the body already
+            (b"X-Trace", b"two"),
+        ]
+        for _ in range(3):
+            response = await upstream.send("POST", url + "/v1/chat?x=1", headers, b'{"a":1}')
+            assert (response.status, response.content_type) == (200, "application/json")
+            assert await body(response) == b"{}"
+        response = await upstream.send("GET", url + "/v1/models", [], b"")
+        assert await body(response) == b"{}"
+    port = url.rsplit(":", 1)[1]
+    assert seen.requests[0] == (
+        b"POST /v1/chat?x=1 HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:" + port.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nX-Trace: one\r\nX-Trace: two\r\n"
+        b'Content-Length: 7\r\n\r\n{"a":1}'
+    )
+    assert seen.requests[3] == b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:" + port.encode() + (
+        b"\r\n\r\n"
+    )
+    assert seen.connections == 1
+
+
+def test_chunked_and_close_delimited_bodies_arrive_whole(
+    run: Run,
+) -> None:
+    run(_chunked_and_close_delimited_bodies_arrive_whole())
+
+
+async def _chunked_and_close_delimited_bodies_arrive_whole() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"6\r\n world\r\n0\r\n\r\n")
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"end")
+        return False  # the body ends where the connection does
+
+    async with raw_server(respond) as (url, seen), pool() as upstream:
+        first = await upstream.send("GET", url + "/a", [], b"")
+        assert (b"Transfer-Encoding", b"chunked") in first.headers
+        assert [chunk async for chunk in first.chunks()] == [b"hello", b" world"]
+        first.close()
+        assert await body(await upstream.send("GET", url + "/b", [], b"")) == b"until the end"
+        assert await body(await upstream.send("GET", url + "/c", [], b"")) == b"until the end"
+    assert seen.connections == 2  # the second answer closed its connection
+
+
+def test_bodiless_and_informational_answers(
+    run: Run,
+) -> None:
+    run(_bodiless_and_informational_answers())
+
+
+async def _bodiless_and_informational_answers() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 1:  # HEAD: a length, and no body
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        elif n == 2:
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
+        return True
+
+    async with raw_server(respond) as (url, seen), pool() as upstream:
+        head = await upstream.send("HEAD", url + "/", [], b"")
+        assert (head.status, await body(head)) == (200, b"")
+        empty = await upstream.send("DELETE", url + "/", [], b"")
+        assert (empty.status, await body(empty)) == (204, b"")
+        hinted = await upstream.send("POST", url + "/", [], b"{}")
+        assert (hinted.status, await body(hinted)) == (200, b"{}")
+        assert all(name != b"Link" for name, _ in hinted.headers)
+    assert len(seen.requests) == 3
+
+
+def test_an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused(
+    run: Run,
+) -> None:
+    run(_an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused())
+
+
+async def _an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            return False  # closed three bytes in
+        if n == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            await asyncio.sleep(5)  # then nothing for longer than UPSTREAM_TIMEOUT
+            return False
+        if n == 3:
+            await asyncio.sleep(5)  # not even a head
+            return False
+        writer.write(OK)
+        return True
+
+    async with raw_server(respond) as (url, seen), pool(upstream_timeout=0.3) as upstream:
+        cut = await upstream.send("GET", url + "/", [], b"")
+        with pytest.raises(UpstreamBroke) as broke:
+            await body(cut)
+        assert not broke.value.timed_out
+        stalled = await upstream.send("GET", url + "/", [], b"")
+        with pytest.raises(UpstreamBroke) as broke:
+            await body(stalled)
+        assert broke.value.timed_out
+        with pytest.raises(UpstreamTimeout):
+            await upstream.send("GET", url + "/", [], b"")
+        assert await body(await upstream.send("GET", url + "/", [], b"")) == b"{}"
+    assert seen.connections == 4
+
+
+def test_at_the_connection_limit_a_request_waits_for_a_free_connection(
+    run: Run,
+) -> None:
+    run(_at_the_connection_limit_a_request_waits_for_a_free_connection())
+
+
+async def _at_the_connection_limit_a_request_waits_for_a_free_connection() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        await asyncio.sleep(0.1)
+        writer.write(OK)
+        return True
+
+    async with raw_server(respond) as (url, seen), pool(upstream_max_connections=1) as upstream:
+
+        async def one() -> bytes:
+            return await body(await upstream.send("GET", url + "/", [], b""))
+
+        assert await asyncio.gather(*(one() for _ in range(4))) == [b"{}"] * 4
+        assert seen.connections == 1
+    async with (
+        raw_server(respond) as (url, seen),
+        pool(upstream_max_connections=1, upstream_timeout=0.3) as upstream,
+    ):
+        held = await upstream.send("GET", url + "/", [], b"")  # its body never read
+        with pytest.raises(UpstreamTimeout):
+            await upstream.send("GET", url + "/", [], b"")
+        held.close()  # not read to its end: closed, and the next request connects anew
+        assert await body(await upstream.send("GET", url + "/", [], b"")) == b"{}"
+        assert seen.connections == 2
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused(
+    run: Run,
+) -> None:
+    run(_a_connection_the_upstream_closed_while_idle_is_not_reused())
+
+
+async def _a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(OK)
+        return False  # no Connection: close, but closed anyway (an idle timeout, say)
+
+    async with raw_server(respond) as (url, seen), pool() as upstream:
+        for _ in range(3):
+            assert await body(await upstream.send("GET", url + "/", [], b"")) == b"{}"
+            await asyncio.sleep(0.05)
+    assert seen.connections == 3
+
+
+def test_an_unreachable_upstream(run: Run) -> None:
+    run(_an_unreachable_upstream())
+
+
+async def _an_unreachable_upstream() -> None:
+    async with pool(upstream_connect_timeout=2.0) as upstream:
+        with pytest.raises(UpstreamUnreachable):
+            await upstream.send("GET", f"http://127.0.0.1:{free_port()}/v1/models", [], b"")
+        with pytest.raises(UpstreamUnreachable):
+            await upstream.send("GET", "ftp://127.0.0.1/v1/models", [], b"")
+
+
+def test_plain_http_goes_through_the_proxy_with_its_credentials(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(_plain_http_goes_through_the_proxy_with_its_credentials(monkeypatch))
+
+
+async def _plain_http_goes_through_the_proxy_with_its_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with raw_server(lambda w, n: answer(w, OK)) as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy.replace("http://", "http://me:p%40ss@"))
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        async with pool() as upstream:
+            response = await upstream.send("GET", "http://api.example.test/v1/models", [], b"")
+            assert await body(response) == b"{}"
+            with pytest.raises(UpstreamUnreachable):  # straight there, not through the proxy
+                await upstream.send("GET", f"http://127.0.0.1:{free_port()}/v1/models", [], b"")
+    assert seen.requests == [
+        b"GET http://api.example.test/v1/models HTTP/1.1\r\nHost: api.example.test\r\n"
+        b"Proxy-Authorization: Basic bWU6cEBzcw==\r\n\r\n"
+    ]
+
+
+def test_https_goes_through_a_connect_tunnel(
+    run: Run,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    run(_https_goes_through_a_connect_tunnel(monkeypatch, tmp_path))
+
+
+async def _https_goes_through_a_connect_tunnel(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("api.example.test").configure_cert(server_tls)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the pool trusts our CA
+    seen = Seen()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await writer.start_tls(server_tls)
+        try:
+            await _serve(reader, writer, lambda w, n: answer(w, OK), seen)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    proxy = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    monkeypatch.setenv("HTTPS_PROXY", f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+    async with proxy, pool() as upstream:
+        for _ in range(2):
+            response = await upstream.send("POST", "https://api.example.test/v1/chat", [], b"{}")
+            assert await body(response) == b"{}"
+    assert seen.requests[0].startswith(
+        b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n"
+    )
+    assert (
+        seen.requests[1:]
+        == [b"POST /v1/chat HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 2\r\n\r\n{}"] * 2
+    )  # one tunnel, reused
