@@ -61,16 +61,16 @@ class Exchange:
         valid_messages = isinstance(sent, list) and all(isinstance(m, dict) for m in sent)
         messages: list[JSON] = sent if valid_messages else []  # type: ignore[assignment]
         answered = [answer.choices[0][0]] if answer.choices else []
-        conversation_id = self._conversation_id(messages + answered)
+        linked = list(chain(messages))
+        conversation_id = self._conversation_id(messages + answered, [d for d, _, _ in linked])
         params = {k: v for k, v in self.request.items() if k != "messages" or not valid_messages}
         message_rows: list[JSON] = []
         request_hash: str | None = None
-        if messages:
-            for digest, parent, message in chain(messages):
-                message_rows.append(
-                    message_row(conversation_id, digest, parent, message, self.started_at)
-                )
-                request_hash = digest
+        for digest, parent, message in linked:
+            message_rows.append(
+                message_row(conversation_id, digest, parent, message, self.started_at)
+            )
+            request_hash = digest
         response_hash: str | None = None
         extra_choices = []
         for index, (message, finish_reason) in enumerate(answer.choices):
@@ -148,7 +148,7 @@ class Exchange:
         fields["chunks"] = [(at, raw.encode("latin-1")) for at, raw in entry["chunks"]]
         return cls(**fields)
 
-    def _conversation_id(self, exchange: list[JSON]) -> str:
+    def _conversation_id(self, exchange: list[JSON], digests: list[str]) -> str:
         """Named by the client's header, else by the conversation's first exchange.
 
         Both are namespaced by owner: two callers naming the same conversation, or sending
@@ -160,7 +160,7 @@ class Exchange:
         if self.conversation_header:
             scoped = f"{self.owner}\n{self.conversation_header}"
         else:
-            key = continuation_key(exchange)
+            key = continuation_key(exchange, digests)
             if key is None:
                 return self.id
             scoped = f"{self.owner}\nthread\n{key}"

@@ -76,19 +76,35 @@ def match_form(message: Any) -> Any:
     return _without_empties(form)
 
 
-def continuation_key(messages: Sequence[Any]) -> str | None:
+def continuation_key(messages: Sequence[Any], digests: Sequence[str] = ()) -> str | None:
     """The identity of the first exchange in ``messages``: everything up to and including
     the first assistant message, in match form. None when there is no assistant message.
 
     A first request together with its answer, and every later request that resends them,
     share this key, whichever gateway process sees them and in whatever order.
+
+    ``digests``, when given, are the hashes ``chain`` gave the same messages. A message that
+    is its own match form (not an assistant's, every value a non-empty string: a system or
+    user message, mostly) links the same in both, so its hash is taken, not computed again.
     """
     parent = ROOT
-    for message in messages:
-        parent = link(parent, canonical(match_form(message)))
-        if isinstance(message, dict) and message.get("role") == "assistant":
+    taken = True  # every hash so far was taken from ``digests``: the parents agree
+    for index, message in enumerate(messages):
+        assistant = isinstance(message, dict) and message.get("role") == "assistant"
+        if taken and not assistant and index < len(digests) and _own_match_form(message):
+            parent = digests[index]
+        else:
+            taken = False
+            parent = link(parent, canonical(match_form(message)))
+        if assistant:
             return parent
     return None
+
+
+def _own_match_form(message: Any) -> bool:
+    return isinstance(message, dict) and all(
+        type(value) is str and value for value in message.values()
+    )
 
 
 def _call_identity(call: Any) -> Any:

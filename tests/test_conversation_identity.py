@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fake_upstream.responses import Answer
 from gateway.capture import Exchange
-from storage.chain import continuation_key, match_form
+from storage.chain import chain, continuation_key, match_form
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
@@ -120,3 +122,22 @@ def test_match_form_keeps_what_identifies_a_message() -> None:
         {"role": "assistant", "content": "b"}
     )
     assert continuation_key([{"role": "user", "content": "only a question"}]) is None
+
+
+values = st.none() | st.sampled_from(["", "hi", " "]) | st.lists(st.just("x"), max_size=1)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool"])},
+        optional={"content": values | st.text(max_size=5), "name": values, "refusal": values},
+    ),
+    max_size=5,
+)
+
+
+@given(sent=messages)
+@settings(max_examples=300, deadline=None)
+def test_the_key_from_the_chain_hashes_is_the_key_computed_whole(sent: list[Any]) -> None:
+    """The writer hands ``continuation_key`` the hashes ``chain`` made, to take those of the
+    messages that are their own match form: the key must be the one computed from scratch."""
+    digests = [digest for digest, _, _ in chain(sent)]
+    assert continuation_key(sent, digests) == continuation_key(sent)
