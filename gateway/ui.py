@@ -12,18 +12,12 @@ built from escaped parts.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import os
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-import orjson
 from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -33,81 +27,19 @@ from starlette.templating import Jinja2Templates
 from gateway.admin import export_response
 from gateway.auth import Authenticator
 from gateway.errors import GatewayError
+from gateway.sessions import COOKIE, SESSION_SECONDS, Sessions, Viewer
 from gateway.settings import Settings
 from storage import browse, search, usage
 from storage.browse import CompletionFilter
 from storage.scope import Scope
 
-COOKIE = "mes_ui"
-SESSION_SECONDS = 12 * 3600
 PAGE = 50
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
-@dataclass(frozen=True, slots=True)
-class Viewer:
-    """Who is looking: an admin (every owner) or one owner."""
-
-    admin: bool
-    owner: str
-    fingerprint: str | None
-
-    @property
-    def scope(self) -> Scope:
-        return Scope.everyone() if self.admin else Scope.of(self.owner)
-
-    def may_see(self, owner: str) -> bool:
-        return self.admin or owner == self.owner
-
-
 class NotFoundPage(Exception):
     pass
-
-
-class Sessions:
-    """Signed, expiring session cookies. The secret is ``MES_UI_SECRET``, else made from the
-    admin key (so every replica with the same settings accepts the same cookie), else
-    random per process (sessions then end when the process does)."""
-
-    def __init__(self, settings: Settings) -> None:
-        if settings.ui_secret:
-            seed = settings.ui_secret.encode()
-        elif settings.gateway_admin_key:
-            seed = b"mes-ui\n" + settings.gateway_admin_key.encode()
-        else:
-            seed = os.urandom(32)
-        self.secret = hashlib.sha256(seed).digest()
-
-    def issue(self, viewer: Viewer) -> str:
-        body = orjson.dumps(
-            {
-                "a": viewer.admin,
-                "o": viewer.owner,
-                "f": viewer.fingerprint,
-                "e": int(time.time()) + SESSION_SECONDS,
-            }
-        )
-        payload = base64.urlsafe_b64encode(body).decode().rstrip("=")
-        return f"{payload}.{self._sign(payload)}"
-
-    def read(self, cookie: str | None) -> Viewer | None:
-        if not cookie or "." not in cookie:
-            return None
-        payload, signature = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(signature, self._sign(payload)):
-            return None
-        try:
-            body = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except ValueError:
-            return None
-        if body.get("e", 0) < time.time():
-            return None
-        return Viewer(bool(body["a"]), str(body["o"]), body.get("f"))
-
-    def _sign(self, payload: str) -> str:
-        digest = hmac.new(self.secret, payload.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def _state(request: Request, name: str) -> Any:

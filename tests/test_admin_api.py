@@ -4,6 +4,9 @@ statistics, export, deletion that keeps shared messages, pruning, and the audit 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -223,3 +226,19 @@ def test_prune_removes_what_is_older_and_only_that(
             )
             == 1
         )
+
+
+def test_a_gateway_loads_the_admin_api_and_the_viewer_on_their_first_request_only(
+    tmp_path: Path,
+) -> None:
+    """FastAPI, pydantic and Jinja2 (~18 MiB) stay out of a gateway nobody administers."""
+    heavy = ("fastapi", "pydantic", "jinja2")
+    check = (
+        "import sys; from gateway.app import create_app; create_app(); "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "MES_SQLITE_PATH": str(tmp_path / "x.db")}
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
