@@ -103,7 +103,10 @@ class Proxy:
 
     def _upstream_url(self, scope: Scope) -> str:
         path: bytes = scope.get("raw_path") or scope["path"].encode()
-        url = self._upstream_prefix + path.decode("latin-1").removeprefix("/v1")
+        rest = path.decode("latin-1").removeprefix("/v1")
+        if not rest.startswith("/"):  # "/v1%2F@elsewhere/": still a path on the upstream
+            rest = "/" + rest
+        url = self._upstream_prefix + rest
         query: bytes = scope.get("query_string", b"")
         return url + "?" + query.decode("latin-1") if query else url
 

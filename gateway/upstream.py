@@ -24,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import ssl
 import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 from gateway.asgi import Headers
@@ -47,6 +49,7 @@ BUFFER_BYTES = 2**20
 # (the gateway has the whole body already: it expects no 100 Continue).
 _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class UpstreamBroke(Exception):
@@ -154,8 +157,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:  # bytes past the end of the answer
             self.close()
-            return
-        self.headers.append((name, value))
+        elif not self.status:  # after the head, a chunked body's trailers: not relayed
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.complete or self._parser is None:
@@ -224,15 +227,23 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def sent_whole(self) -> bool:
+        """The request went out whole (an upstream may answer before reading all of it)."""
+        return self.transport is not None and self.transport.get_write_buffer_size() == 0
+
     def more(self) -> asyncio.Future[bool]:
         """A future done when more of the body has arrived, or the body ended or broke."""
         self._waiter = self.pool.loop.create_future()
         return self._waiter
 
     def close(self) -> None:
+        """Drop the connection now: what is left of a request body unsent is not sent (an
+        upstream never gets a request its client gave up on), and its place in the pool is
+        free at once, not when the upstream has read a buffer nobody wants."""
         self.reusable = False
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+        self.pool._forget(self)
 
     def _finish(self) -> None:
         self.complete = True
@@ -294,7 +305,8 @@ class UpstreamResponse:
         """Give the connection back if the answer was read to its end; otherwise close it,
         so that an upstream still generating a stream nobody reads stops."""
         connection = self._connection
-        if connection.complete and connection.reusable and not connection.chunks:
+        read = connection.complete and not connection.chunks
+        if read and connection.reusable and connection.sent_whole():
             connection.pool._release(connection)
         else:
             connection.close()
@@ -321,27 +333,32 @@ class Upstream:
         except ValueError as error:
             log.warning("upstream unreachable: %s", error)
             raise UpstreamUnreachable("The upstream could not be reached.") from None
-        connection = await self._acquire(origin, self.loop.time() + self._timeout)
         request = _request_bytes(method, target, origin, headers, body)
-        try:
-            head = connection.send(request, head_only=method == "HEAD")
-            if not await _within(head, self._timeout):
-                raise UpstreamTimeout("The upstream did not answer in time.")
-        except UpstreamTimeout:
-            connection.close()
-            raise
-        except ConnectionError as error:
-            connection.close()
-            log.warning("upstream unreachable: %s", error)
-            raise UpstreamUnreachable("The upstream could not be reached.") from None
-        except BaseException:
-            connection.close()
-            raise
-        return UpstreamResponse(connection, self._timeout)
+        deadline = self.loop.time() + self._timeout  # for a free connection
+        for attempt in (1, 2):
+            connection = await self._acquire(origin, deadline)
+            reused = connection.idle_since > 0
+            try:
+                head = connection.send(request, head_only=method == "HEAD")
+                if not await _within(head, self._timeout):
+                    raise UpstreamTimeout("The upstream did not answer in time.")
+            except ConnectionError as error:
+                connection.close()
+                # An idle connection the upstream closed as it was reused: a request that
+                # may be sent twice is, once, on a new connection (never a POST).
+                if attempt == 1 and reused and method in _IDEMPOTENT:
+                    continue
+                log.warning("upstream unreachable: %s", error)
+                raise UpstreamUnreachable("The upstream could not be reached.") from None
+            except BaseException:
+                connection.close()
+                raise
+            return UpstreamResponse(connection, self._timeout)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
+        for idle in list(self._idle.values()):
+            for connection in list(idle):
                 connection.close()
         self._idle.clear()
 
@@ -365,7 +382,12 @@ class Upstream:
             now = self.loop.time()
             while idle:
                 connection = idle.pop()
-                if not connection.lost and now - connection.idle_since < KEEPALIVE_SECONDS:
+                if (
+                    not connection.lost
+                    and connection.transport is not None
+                    and not connection.transport.is_closing()
+                    and now - connection.idle_since < KEEPALIVE_SECONDS
+                ):
                     return connection
                 connection.close()
             if self._open < self._limit:
@@ -374,6 +396,10 @@ class Upstream:
             self._waiting.append(waiter)
             try:
                 woken = await _within(waiter, deadline - now)
+            except BaseException:  # cancelled: a wake-up this waiter got goes to the next
+                if waiter.done() and not waiter.cancelled() and waiter.result():
+                    self._wake_one()
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()
@@ -397,8 +423,7 @@ class Upstream:
                 if origin.proxy is None or not origin.tls:
                     _, connection = await self.loop.create_connection(
                         lambda: _Connection(self, origin),
-                        host,
-                        port,
+                        sock=await self._socket(host, port),
                         ssl=tls,
                         server_hostname=origin.host if tls else None,
                     )
@@ -414,10 +439,11 @@ class Upstream:
     async def _tunnel(self, origin: _Origin, host: str, port: int) -> _Connection:
         """HTTPS through a proxy: CONNECT, then TLS to the upstream inside the tunnel."""
         _, connection = await self.loop.create_connection(
-            lambda: _Connection(self, origin), host, port
+            lambda: _Connection(self, origin), sock=await self._socket(host, port)
         )
         try:
-            authority = f"{origin.host}:{origin.port}".encode("idna")
+            named = f"[{origin.host}]" if ":" in origin.host else origin.host
+            authority = f"{named}:{origin.port}".encode("idna")
             lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
             if origin.proxy_auth:
                 lines.append(b"Proxy-Authorization: " + origin.proxy_auth)
@@ -434,6 +460,12 @@ class Upstream:
         assert transport is not None
         connection.transport = transport
         return connection
+
+    async def _socket(self, host: str, port: int) -> socket.socket:
+        """A connected socket: the host's addresses tried as RFC 8305 says (an IPv6 route
+        that drops packets costs 250 ms, not the whole connect timeout)."""
+        addresses = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=0.25)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:

@@ -11,12 +11,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trustme
 import uvloop
 
 from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
 from tests.gateway_process import free_port
@@ -357,3 +360,97 @@ async def _https_goes_through_a_connect_tunnel(
         seen.requests[1:]
         == [b"POST /v1/chat HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 2\r\n\r\n{}"] * 2
     )  # one tunnel, reused
+
+
+def test_a_client_path_never_leaves_the_upstreams_origin() -> None:
+    """An upstream URL without a path, and a client path whose slash after /v1 is escaped:
+    the gateway's key must still go to the upstream, not to a host named in the path."""
+    settings = replace(Settings(), upstream_base_url="http://vllm.internal:8000")
+    proxy = Proxy(settings, None, None, lambda record: True, Metrics())  # type: ignore[arg-type]
+    for raw in (b"/v1%2F@evil.example/x", b"/v1%2f@evil.example:80/v1/models", b"/v1/models"):
+        url = proxy._upstream_url({"raw_path": raw, "path": raw.decode(), "query_string": b""})
+        assert urlsplit(url).hostname == "vllm.internal", url
+
+
+def test_the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent(run: Run) -> None:
+    run(_the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent())
+
+
+async def _the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+            b"X-Trailer: late\r\n\r\n"
+        )
+        return True
+
+    async with raw_server(respond) as (url, seen), pool(upstream_max_connections=1) as upstream:
+        response = await upstream.send("GET", url + "/", [], b"")
+        assert await body(response) == b"{}"
+        assert all(name != b"X-Trailer" for name, _ in response.headers)
+    # An upstream that never reads: a request body it is sent stays in the buffer. The
+    # client gives up (its task cancelled); the one connection the pool may open is free
+    # at once, not when the upstream has read the rest.
+    accepted = 0
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await asyncio.sleep(30)
+
+    stuck = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    stuck_url = f"http://127.0.0.1:{stuck.sockets[0].getsockname()[1]}"
+    async with stuck, pool(upstream_max_connections=1, upstream_timeout=1.0) as upstream:
+        request = asyncio.ensure_future(upstream.send("POST", stuck_url + "/", [], b"x" * 2**24))
+        await asyncio.sleep(0.2)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        with pytest.raises(UpstreamTimeout):  # no head comes: but it got a connection
+            await upstream.send("GET", stuck_url + "/", [], b"")
+        assert accepted == 2
+
+
+def test_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on(run: Run) -> None:
+    run(_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on())
+
+
+async def _a_waiter_cancelled_as_it_is_woken_passes_its_turn_on() -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        raw_server(lambda w, n: answer(w, OK)) as (url, seen),
+        pool(upstream_max_connections=1, upstream_timeout=3.0) as upstream,
+    ):
+        held = await upstream.send("GET", url + "/", [], b"")
+        second = asyncio.ensure_future(upstream.send("GET", url + "/", [], b""))
+        third = asyncio.ensure_future(upstream.send("GET", url + "/", [], b""))
+        await asyncio.sleep(0.05)  # both wait for the one connection
+        assert await body(held) == b"{}"  # given back: the second is woken...
+        second.cancel()  # ...and its client leaves in the same turn of the loop
+        started = loop.time()
+        assert await body(await third) == b"{}"
+        assert loop.time() - started < 1.0  # not left waiting for UPSTREAM_TIMEOUT
+        assert second.cancelled()
+
+
+def test_a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice(
+    run: Run,
+) -> None:
+    run(_a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice())
+
+
+async def _a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice() -> None:
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        if n in (2, 4):  # an idle connection the upstream was closing as it was reused
+            return False
+        writer.write(OK)
+        return True
+
+    async with raw_server(respond) as (url, seen), pool() as upstream:
+        assert await body(await upstream.send("GET", url + "/", [], b"")) == b"{}"
+        # A GET is sent again, on a new connection...
+        assert await body(await upstream.send("GET", url + "/", [], b"")) == b"{}"
+        # ...a POST is not: it may have been read and acted on.
+        with pytest.raises(UpstreamUnreachable):
+            await upstream.send("POST", url + "/", [], b"{}")
+    assert (len(seen.requests), seen.connections) == (4, 2)
