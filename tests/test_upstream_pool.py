@@ -5,6 +5,8 @@ bodiless answers, answers cut short or stalled, the connection limit, and proxie
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -24,13 +26,23 @@ from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
 from tests.gateway_process import free_port
 
-Run = Callable[[Coroutine[Any, Any, None]], None]
 
+def on_both_loops(scenario: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """The test: ``scenario`` run on asyncio's own loop, and on uvloop, the gateway's (it
+    takes the fixtures the scenario names)."""
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Run:
-    """Runs a test on asyncio's own loop, and on uvloop, the gateway's."""
-    return uvloop.run if request.param == "uvloop" else asyncio.run
+    @functools.wraps(scenario)
+    def test(loop: str, **fixtures: Any) -> None:
+        (uvloop.run if loop == "uvloop" else asyncio.run)(scenario(**fixtures))
+
+    named = [inspect.Parameter("loop", inspect.Parameter.KEYWORD_ONLY)]
+    named += [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=inspect.Parameter.empty)
+        for parameter in inspect.signature(scenario).parameters.values()
+    ]
+    test.__signature__ = inspect.Signature(named)  # type: ignore[attr-defined]
+    marked: Callable[..., None] = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])(test)
+    return marked
 
 
 Respond = Callable[[asyncio.StreamWriter, int], Awaitable[bool]]
@@ -107,13 +119,8 @@ async def body(response: UpstreamResponse) -> bytes:
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
-def test_a_request_carries_what_the_gateway_gave_it_and_connections_are_reused(
-    run: Run,
-) -> None:
-    run(_a_request_carries_what_the_gateway_gave_it_and_connections_are_reused())
-
-
-async def _a_request_carries_what_the_gateway_gave_it_and_connections_are_reused() -> None:
+@on_both_loops
+async def test_a_request_carries_what_the_gateway_gave_it_and_connections_are_reused() -> None:
     async with raw_server(lambda w, n: answer(w, OK)) as (url, seen), pool() as upstream:
         headers = [
             (b"Content-Type", b"application/json"),
@@ -140,13 +147,8 @@ async def _a_request_carries_what_the_gateway_gave_it_and_connections_are_reused
     assert seen.connections == 1
 
 
-def test_chunked_and_close_delimited_bodies_arrive_whole(
-    run: Run,
-) -> None:
-    run(_chunked_and_close_delimited_bodies_arrive_whole())
-
-
-async def _chunked_and_close_delimited_bodies_arrive_whole() -> None:
+@on_both_loops
+async def test_chunked_and_close_delimited_bodies_arrive_whole() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 1:
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
@@ -170,13 +172,8 @@ async def _chunked_and_close_delimited_bodies_arrive_whole() -> None:
     assert seen.connections == 2  # the second answer closed its connection
 
 
-def test_bodiless_and_informational_answers(
-    run: Run,
-) -> None:
-    run(_bodiless_and_informational_answers())
-
-
-async def _bodiless_and_informational_answers() -> None:
+@on_both_loops
+async def test_bodiless_and_informational_answers() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 1:  # HEAD: a length, and no body
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
@@ -197,13 +194,8 @@ async def _bodiless_and_informational_answers() -> None:
     assert len(seen.requests) == 3
 
 
-def test_an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused(
-    run: Run,
-) -> None:
-    run(_an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused())
-
-
-async def _an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused() -> None:
+@on_both_loops
+async def test_an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reused() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 1:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
@@ -233,13 +225,8 @@ async def _an_answer_cut_short_or_stalled_breaks_and_its_connection_is_not_reuse
     assert seen.connections == 4
 
 
-def test_at_the_connection_limit_a_request_waits_for_a_free_connection(
-    run: Run,
-) -> None:
-    run(_at_the_connection_limit_a_request_waits_for_a_free_connection())
-
-
-async def _at_the_connection_limit_a_request_waits_for_a_free_connection() -> None:
+@on_both_loops
+async def test_at_the_connection_limit_a_request_waits_for_a_free_connection() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         await asyncio.sleep(0.1)
         writer.write(OK)
@@ -264,13 +251,8 @@ async def _at_the_connection_limit_a_request_waits_for_a_free_connection() -> No
         assert seen.connections == 2
 
 
-def test_a_connection_the_upstream_closed_while_idle_is_not_reused(
-    run: Run,
-) -> None:
-    run(_a_connection_the_upstream_closed_while_idle_is_not_reused())
-
-
-async def _a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
+@on_both_loops
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(OK)
         return False  # no Connection: close, but closed anyway (an idle timeout, say)
@@ -282,11 +264,8 @@ async def _a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
     assert seen.connections == 3
 
 
-def test_an_unreachable_upstream(run: Run) -> None:
-    run(_an_unreachable_upstream())
-
-
-async def _an_unreachable_upstream() -> None:
+@on_both_loops
+async def test_an_unreachable_upstream() -> None:
     async with pool(upstream_connect_timeout=2.0) as upstream:
         with pytest.raises(UpstreamUnreachable):
             await upstream.send("GET", f"http://127.0.0.1:{free_port()}/v1/models", [], b"")
@@ -294,13 +273,8 @@ async def _an_unreachable_upstream() -> None:
             await upstream.send("GET", "ftp://127.0.0.1/v1/models", [], b"")
 
 
-def test_plain_http_goes_through_the_proxy_with_its_credentials(
-    run: Run, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run(_plain_http_goes_through_the_proxy_with_its_credentials(monkeypatch))
-
-
-async def _plain_http_goes_through_the_proxy_with_its_credentials(
+@on_both_loops
+async def test_plain_http_goes_through_the_proxy_with_its_credentials(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with raw_server(lambda w, n: answer(w, OK)) as (proxy, seen):
@@ -317,15 +291,8 @@ async def _plain_http_goes_through_the_proxy_with_its_credentials(
     ]
 
 
-def test_https_goes_through_a_connect_tunnel(
-    run: Run,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    run(_https_goes_through_a_connect_tunnel(monkeypatch, tmp_path))
-
-
-async def _https_goes_through_a_connect_tunnel(
+@on_both_loops
+async def test_https_goes_through_a_connect_tunnel(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     authority = trustme.CA()
@@ -372,11 +339,8 @@ def test_a_client_path_never_leaves_the_upstreams_origin() -> None:
         assert urlsplit(url).hostname == "vllm.internal", url
 
 
-def test_the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent(run: Run) -> None:
-    run(_the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent())
-
-
-async def _the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent() -> None:
+@on_both_loops
+async def test_the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_sent() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
@@ -411,11 +375,8 @@ async def _the_pool_drops_trailers_and_frees_a_connection_whose_body_was_never_s
         assert accepted == 2
 
 
-def test_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on(run: Run) -> None:
-    run(_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on())
-
-
-async def _a_waiter_cancelled_as_it_is_woken_passes_its_turn_on() -> None:
+@on_both_loops
+async def test_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on() -> None:
     loop = asyncio.get_running_loop()
     async with (
         raw_server(lambda w, n: answer(w, OK)) as (url, seen),
@@ -433,13 +394,8 @@ async def _a_waiter_cancelled_as_it_is_woken_passes_its_turn_on() -> None:
         assert second.cancelled()
 
 
-def test_a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice(
-    run: Run,
-) -> None:
-    run(_a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice())
-
-
-async def _a_reused_connection_closed_under_a_request_retries_only_what_may_be_sent_twice() -> None:
+@on_both_loops
+async def test_a_stale_reused_connection_is_retried_only_for_what_may_be_sent_twice() -> None:
     async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
         if n in (2, 4):  # an idle connection the upstream was closing as it was reused
             return False
