@@ -37,7 +37,7 @@ from tenacity import (
 )
 
 from gateway.metrics import Metrics
-from storage.batch import write_batch
+from storage.batch import StaleRowType, write_batch
 from storage.partitions import Partitions
 from storage.redaction import Redactor
 from storage.rows import Record, RowSet
@@ -374,9 +374,9 @@ class HistoryWriter:
 
     async def _write_until_through(self, rowsets: list[RowSet]) -> None:
         """Retry while the database is unavailable (forever); a refusal three times over
-        (an integrity error that is not a race) is raised."""
+        (an integrity error that is not a race, a row type that is not stale) is raised."""
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(lambda e: is_unavailable(e) or isinstance(e, IntegrityError)),
+            retry=retry_if_exception(lambda e: is_unavailable(e) or isinstance(e, _REFUSALS)),
             stop=_StopOnRepeatedRefusal(),
             wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_seconds),
             before_sleep=self._count_retry,
@@ -408,8 +408,13 @@ def _days(rowsets: list[RowSet]) -> set[date]:
     return {row["started_at"].date() for row in rows}
 
 
+# Refusals that may not recur: a race between writers inserting the same key, a row type
+# learnt before a migration. Retried; the third in a row is taken as meant.
+_REFUSALS = (IntegrityError, StaleRowType)
+
+
 class _StopOnRepeatedRefusal(stop_after_attempt):
-    """Never stop while the database is unavailable; stop after three integrity errors."""
+    """Never stop while the database is unavailable; stop after three refusals."""
 
     def __init__(self) -> None:
         super().__init__(3)
@@ -417,7 +422,7 @@ class _StopOnRepeatedRefusal(stop_after_attempt):
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome else None
-        return isinstance(error, IntegrityError) and super().__call__(retry_state)
+        return isinstance(error, _REFUSALS) and super().__call__(retry_state)
 
 
 async def adopt(

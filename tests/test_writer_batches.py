@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from gateway.capture import Exchange
 from storage import writer as writer_module
-from storage.schema import completions
+from storage.schema import completions, messages
 from tests.history_db import migrated, spooled_writer
 from tests.test_message_store import exchange
 
@@ -92,3 +92,39 @@ async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
         # Keeping up, the writer and the database take turns: the second batch was
         # shaped before the first was sent.
         assert events[:first] == ["rows"] * 40
+
+
+async def test_a_column_added_while_the_writer_runs_loses_no_record(
+    history_dsn: str, tmp_path: Path
+) -> None:
+    """A newer gateway's migration may add a column to a table this writer is writing (a
+    rolling upgrade). On PostgreSQL the writer sends each table's rows as its row type,
+    whose fields asyncpg learnt once per connection: the batch after the change still
+    goes through, not into the dead letters."""
+    async with migrated(history_dsn, pool_size=1) as engine:
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
+        writer.start()
+        for n in range(5):
+            assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
+        await _until_written(writer, 5)
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE messages ADD COLUMN later_field TEXT"))
+            await connection.execute(text("ALTER TABLE completions ADD COLUMN later_field TEXT"))
+        for n in range(5):
+            assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
+        await _until_written(writer, 10)
+        await writer.close(grace=10)
+        async with engine.connect() as connection:
+            stored = await connection.scalar(select(func.count()).select_from(completions))
+            texts = set((await connection.execute(select(messages.c.content_text))).scalars())
+    assert stored == 10
+    assert {f"after {n}" for n in range(5)} <= texts
+    assert writer.metrics.counters["records_dead_lettered"] == 0
+
+
+async def _until_written(writer: writer_module.HistoryWriter, count: int) -> None:
+    for _ in range(200):
+        if writer.metrics.counters["records_written"] >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{writer.metrics.counters['records_written']} of {count} written")
