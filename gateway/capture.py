@@ -54,6 +54,7 @@ class Exchange:
     error_type: str | None = None
     error_message: str | None = None
     cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
+    nul_free: bool = False  # read back from a spool entry with no NUL in it (not journaled)
 
     def rows(self) -> RowSet:
         answer = self._answer()
@@ -127,14 +128,19 @@ class Exchange:
             "created_at": self.started_at,
             "updated_at": self.started_at,
         }
-        return RowSet(completion=completion, conversation=conversation, messages=message_rows)
+        return RowSet(
+            completion=completion,
+            conversation=conversation,
+            messages=message_rows,
+            nul_free=self.nul_free,
+        )
 
     def journal(self) -> JSON:
         """Everything ``rows()`` needs, as JSON, for the spool (bytes kept as latin-1 text,
         which maps each byte to one character and back)."""
         return {
             "kind": "chat",
-            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            **{name: getattr(self, name) for name in _JOURNALED},
             "started_at": self.started_at.isoformat(),
             "response_body": self.response_body.decode("latin-1"),
             "chunks": [[at, raw.decode("latin-1")] for at, raw in self.chunks],
@@ -170,6 +176,9 @@ class Exchange:
         if self.stream and self.chunks and 200 <= self.status < 300:
             return _streamed_answer(self.chunks, self.cut_short)
         return _json_answer(self.response_body, self.status, self.cut_short)
+
+
+_JOURNALED = tuple(name for name in Exchange.__dataclass_fields__ if name != "nul_free")
 
 
 @dataclass(slots=True)
@@ -312,7 +321,11 @@ def from_entry(entry: bytes) -> Record:
     """A spooled record back as the record it was."""
     data = orjson.loads(entry)
     if data.get("kind") == "chat":
-        return Exchange.from_journal(data)
+        exchange = Exchange.from_journal(data)
+        # JSON writes a NUL in any string as \u0000, and a response body's bytes are kept
+        # as text: an entry without those six characters has no NUL anywhere in it.
+        exchange.nul_free = b"\\u0000" not in entry
+        return exchange
     if data.get("kind") == "log":
         return RequestLog.from_journal(data)
     raise ValueError(f"unknown record kind {data.get('kind')!r}")

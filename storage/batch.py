@@ -53,7 +53,7 @@ async def write_batch(
     """Write what is new in ``rowsets``; returns how many records were new. SQLite split
     by day needs ``day_table``: completions and request logs go straight to the table of
     their day (SQLite cannot upsert into the view over all days)."""
-    rowsets = [_without_nul(rowset) for rowset in rowsets]
+    rowsets = [rowset if rowset.nul_free else _without_nul(rowset) for rowset in rowsets]
     returning = connection.dialect.name != "mysql"
     completion_rows = [r.completion for r in rowsets if r.completion]
     log_rows = [r.request_log for r in rowsets if r.request_log]

@@ -14,6 +14,7 @@ class RowSet:
     conversation: Row | None = None
     messages: list[Row] = field(default_factory=list)
     request_log: Row | None = None
+    nul_free: bool = False  # known to hold no NUL character: the writer need not look
 
 
 class Record(Protocol):

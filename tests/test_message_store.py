@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
-from gateway.capture import Exchange
+from gateway.capture import Exchange, from_entry, to_entry
 from storage import history
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
@@ -42,10 +43,12 @@ async def store_and_rebuild(history_dsn: str, record: Exchange) -> list[Any]:
         await engine.dispose()
 
 
+@pytest.mark.parametrize("spooled", [False, True])
 async def test_nul_and_odd_characters_in_any_field_are_stored_and_rebuilt_exactly(
-    history_dsn: str,
+    history_dsn: str, spooled: bool
 ) -> None:
-    """PostgreSQL's text cannot hold NUL; a client may send one anyway."""
+    """PostgreSQL's text cannot hold NUL; a client may send one anyway. The writer reads
+    records back from the spool, where an entry tells whether any field holds one."""
     sent = [
         {"role": "system", "content": "nul \x00 here", "name": "a\x00b"},
         {"role": "user", "content": [{"type": "text", "text": "parts \x00 too 🎉 \u2028"}]},
@@ -53,7 +56,31 @@ async def test_nul_and_odd_characters_in_any_field_are_stored_and_rebuilt_exactl
     ]
     record = exchange(sent, user="end\x00user")
     record.user_agent = "agent\x00x"
+    if spooled:
+        record = from_entry(to_entry(record))
     assert await store_and_rebuild(history_dsn, record) == sent
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["", "content", "name", "user", "user_agent", "response", "escaped in the response"],
+)
+def test_a_spooled_record_is_nul_free_only_when_no_field_holds_a_nul(where: str) -> None:
+    record = exchange([{"role": "user", "content": "hi \x00" if where == "content" else "hi"}])
+    if where == "name":
+        record.request["messages"][0]["name"] = "a\x00b"
+    if where == "user":
+        record.request["user"] = "end\x00user"
+    if where == "user_agent":
+        record.user_agent = "agent\x00"
+    if where == "response":
+        record.response_body = b'{"choices": []}\x00'
+    if where == "escaped in the response":
+        record.response_body = b'{"choices": [{"message": {"content": "a\\u0000b"}}]}'
+    read_back = from_entry(to_entry(record))
+    assert isinstance(read_back, Exchange)
+    assert read_back.nul_free is (where == "")
+    assert read_back.rows().nul_free is (where == "")
 
 
 async def test_a_request_of_thousands_of_messages_rebuilds_on_every_backend(
