@@ -1,21 +1,25 @@
 """How many records per second the capture pipeline writes into each history database.
 
-    python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60]
+    python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60] [--turns 1]
 
 Runs the gateway's own writer as the gateway does (``gateway/writer_process.py``: a process
 of its own following the spool slot this process appends to), against a throwaway database
 server with its durable defaults (or a SQLite file), and feeds it at a fixed rate the
 records the proxy would hand it: non-streamed chat completions with a ~1 KB prompt, each a
-new conversation (a conversation, a completion and three messages per record). Prints, once
-a second, what was submitted and written and the backlog (records not yet written, bytes in
-the spool), then the rate sustained: records written over the time from the first submit
-until the writer had written everything.
+new conversation (a conversation, a completion and three messages per record). With
+``--turns N``, records are the turns of conversations N turns long, each request resending
+the conversation so far as a chat client does (turn k holds 2k messages and its answer),
+the turns of ``SPREAD`` conversations interleaved, so that a turn's history was written in
+an earlier batch. Prints, once a second, what was submitted and written and the backlog
+(records not yet written, bytes in the spool), then the rate sustained: records written
+over the time from the first submit until the writer had written everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
@@ -26,6 +30,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,6 +43,7 @@ from gateway.settings import Settings  # noqa: E402
 from gateway.writer_process import WriterProcess  # noqa: E402
 from storage.spool import Spool  # noqa: E402
 
+SPREAD = 1000  # --turns: conversations whose turns are interleaved
 PROMPT = (
     "The quarterly report shows revenue up four percent, churn down, and a backlog of "
     "support tickets about the export feature that the team wants to clear before June. "
@@ -57,15 +65,18 @@ def database(backend: str, workdir: Path) -> Iterator[str]:
         server.shutdown()
 
 
-def record(n: int, answer: bytes) -> Exchange:
-    request = {
-        "model": "gpt-4o-mini",
-        "messages": [
-            {"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": f"Question {n}: summarise this. {PROMPT}"},
-        ],
-        "user": f"user-{n % 50}",
-    }
+def record(n: int, answer: bytes, turns: int = 1) -> Exchange:
+    """Record ``n``: turn ``n // SPREAD % turns`` of a conversation (the first, if turns is
+    1), with the answer ``answer`` to each question of its history."""
+    conversation = f"{n // (SPREAD * turns)}-{n % SPREAD}"
+    said = _message(answer)
+    messages = [{"role": "system", "content": "You are a concise assistant."}]
+    for turn in range(n // SPREAD % turns + 1):
+        if turn:
+            messages.append(said)
+        question = f"Question {conversation}/{turn}: summarise this. {PROMPT}"
+        messages.append({"role": "user", "content": question})
+    request = {"model": "gpt-4o-mini", "messages": messages, "user": f"user-{n % 50}"}
     return Exchange(
         owner="bench",
         key_fingerprint=None,
@@ -82,7 +93,13 @@ def record(n: int, answer: bytes) -> Exchange:
     )
 
 
-async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
+@functools.cache
+def _message(answer: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = orjson.loads(answer)["choices"][0]["message"]
+    return message
+
+
+async def run(dsn: str, rate: int, seconds: float, turns: int, workdir: Path) -> None:
     settings = replace(
         Settings(),
         sql_dsn=dsn,
@@ -111,7 +128,7 @@ async def run(dsn: str, rate: int, seconds: float, workdir: Path) -> None:
     while (elapsed := time.perf_counter() - started) < seconds:
         due = int(elapsed * rate)
         while submitted < due:
-            writer.submit(record(submitted, answer))
+            writer.submit(record(submitted, answer, turns))
             submitted += 1
         peak_backlog = max(peak_backlog, writer.depth)
         if elapsed >= next_report:
@@ -139,6 +156,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "mysql"], default="sqlite")
     parser.add_argument("--rate", type=int, default=10_000, help="records offered per second")
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--turns", type=int, default=1, help="turns a conversation lasts (1: each record new)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-writer-"))
     workdir.chmod(0o755)  # the database servers run as their own users
@@ -146,7 +166,7 @@ def main() -> None:
         with database(args.backend, workdir) as dsn:
             import uvloop
 
-            uvloop.run(run(dsn, args.rate, args.seconds, workdir))
+            uvloop.run(run(dsn, args.rate, args.seconds, args.turns, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
