@@ -332,11 +332,12 @@ def from_entry(entry: bytes) -> Record:
 
 
 def _title(messages: list[JSON]) -> str | None:
+    """The first words of the first user message that has any."""
     for message in messages:
         if message.get("role") == "user":
             text = content_text(message)
-            if text:
-                return _first_words(text)
+            if text and (words := _first_words(text)):
+                return words
     return None
 
 

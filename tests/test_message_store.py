@@ -123,8 +123,9 @@ async def test_a_batch_written_again_changes_nothing(history_dsn: str) -> None:
 
 
 def test_a_conversation_is_titled_by_the_first_words_of_its_first_user_message() -> None:
-    def title(content: str) -> str | None:
+    def title(content: str, *more: str) -> str | None:
         sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+        sent += [{"role": "user", "content": text} for text in more]
         conversation = exchange(sent).rows().conversation
         assert conversation is not None
         return conversation["title"]
@@ -135,3 +136,6 @@ def test_a_conversation_is_titled_by_the_first_words_of_its_first_user_message()
     # Whitespace enough to hide the first words from a look at the head alone.
     assert title(" " * 5_000 + "late start " * 3) == "late start late start late start"
     assert title(" " * 5_000 + "x" * 200) == "x" * 79 + "…"
+    # A user message of whitespace alone says nothing: the next one names the conversation.
+    assert title(" \n\t ", "", "  second  try ") == "second try"
+    assert title(" \n ") is None
