@@ -43,7 +43,10 @@ from storage.schema import (
 from storage.usage import COUNTED, LATENCY_KEY, USAGE_KEY, Tally, tally
 
 DayTable = Callable[[str, date], Table]
-DATATYPE_MISMATCH = "42804"
+# What PostgreSQL says to a statement prepared against a table's row type that has changed
+# since: a column added or dropped (datatype_mismatch), the table replaced by another of
+# its name, as turning daily partitions on does (cannot_coerce).
+STALE_ROW_TYPE = frozenset({"42804", "42846"})
 TOTALS = ("completion_count", "message_count", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -198,8 +201,9 @@ async def _returning(
 
 
 class StaleRowType(Exception):
-    """A table's row type changed since the connection learnt it (asyncpg keeps each
-    type's fields per connection): a newer gateway's migration added a column, say. The
+    """A table's row type changed since the connection prepared a statement with it
+    (asyncpg keeps each type's fields, and statements, per connection): a newer gateway's
+    migration added a column, or another gateway turned daily partitions on. The
     connection is dropped; the batch goes through on a new one."""
 
 
@@ -220,9 +224,9 @@ async def _unnest(
         try:
             result = await connection.exec_driver_sql(sql, (some,))
         except DBAPIError as error:
-            if getattr(error.orig, "sqlstate", None) != DATATYPE_MISMATCH:
+            if getattr(error.orig, "sqlstate", None) not in STALE_ROW_TYPE:
                 raise
-            await connection.invalidate()  # a new connection learns the row type anew
+            await connection.invalidate()  # a new connection prepares the statement anew
             raise StaleRowType(f"{table.name}: {error.orig}") from error
         if result.returns_rows:
             returned.extend(result.all())

@@ -59,6 +59,16 @@ def spooled_writer(
     )
 
 
+async def until_written(writer: HistoryWriter, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``writer`` has written ``count`` records in all."""
+    deadline = time.monotonic() + timeout
+    while writer.metrics.counters["records_written"] < count:
+        if time.monotonic() > deadline:
+            written = writer.metrics.counters["records_written"]
+            raise AssertionError(f"{written} of {count} records written in {timeout} s")
+        await asyncio.sleep(0.05)
+
+
 class HistoryDB:
     def __init__(self, dsn: str) -> None:
         self.database = parse_dsn(dsn)

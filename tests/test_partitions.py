@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from storage.schema import completions, conversations, messages, usage_daily
 from storage.writer import is_unavailable
 from tests.conftest import database_dsn
 from tests.gateway_process import GatewayProcess
-from tests.history_db import migrated, spooled_writer
+from tests.history_db import migrated, spooled_writer, until_written
+from tests.test_message_store import exchange
 from tests.test_retention import PARIS, ROME, turn
 
 TODAY = date(2026, 6, 15)
@@ -228,6 +229,37 @@ async def test_turning_partitions_on_keeps_the_history_there_before(
         assert await connection.scalar(select(func.count()).select_from(conversations)) == 0
         tables = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
     assert not [name for name in tables if "legacy" in name]
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+async def test_partitions_turned_on_by_another_gateway_lose_no_record_of_a_running_writer(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A rolling restart that turns MES_DAILY_PARTITION on: the first gateway back splits
+    the tables while the others' writers still run, with statements prepared against the
+    tables as they were. (SQLite's day tables are written only by a writer that knows
+    them: its gateways share one host and restart together.)"""
+    dsn = database_dsn(request, kind, tmp_path, "rolling")
+    today = datetime.now(UTC).date()
+    async with migrated(dsn, pool_size=1) as engine:
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
+        writer.start()
+        for n in range(5):
+            assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
+        await until_written(writer, 5)
+        other = create_engine(await ensure_database(dsn), pool_size=1)
+        try:
+            await Partitions(other).setup(today)
+        finally:
+            await other.dispose()
+        for n in range(5):
+            assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
+        await until_written(writer, 10)
+        await writer.close(grace=10)
+        async with engine.connect() as connection:
+            stored = await connection.scalar(select(func.count()).select_from(completions))
+    assert stored == 10
+    assert writer.metrics.counters["records_dead_lettered"] == 0
 
 
 async def test_replicas_setting_up_at_once_split_the_tables_once(server_dsn: str) -> None:

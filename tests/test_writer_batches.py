@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from gateway.capture import Exchange
 from storage import writer as writer_module
 from storage.schema import completions, messages
-from tests.history_db import migrated, spooled_writer
+from tests.history_db import migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
 
 
@@ -106,13 +106,13 @@ async def test_a_column_added_while_the_writer_runs_loses_no_record(
         writer.start()
         for n in range(5):
             assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
-        await _until_written(writer, 5)
+        await until_written(writer, 5)
         async with engine.begin() as connection:
             await connection.execute(text("ALTER TABLE messages ADD COLUMN later_field TEXT"))
             await connection.execute(text("ALTER TABLE completions ADD COLUMN later_field TEXT"))
         for n in range(5):
             assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
-        await _until_written(writer, 10)
+        await until_written(writer, 10)
         await writer.close(grace=10)
         async with engine.connect() as connection:
             stored = await connection.scalar(select(func.count()).select_from(completions))
@@ -120,11 +120,3 @@ async def test_a_column_added_while_the_writer_runs_loses_no_record(
     assert stored == 10
     assert {f"after {n}" for n in range(5)} <= texts
     assert writer.metrics.counters["records_dead_lettered"] == 0
-
-
-async def _until_written(writer: writer_module.HistoryWriter, count: int) -> None:
-    for _ in range(200):
-        if writer.metrics.counters["records_written"] >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{writer.metrics.counters['records_written']} of {count} written")
