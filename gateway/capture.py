@@ -54,7 +54,8 @@ class Exchange:
     error_type: str | None = None
     error_message: str | None = None
     cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
-    nul_free: bool = False  # read back from a spool entry with no NUL in it (not journaled)
+    # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
+    nul_free: bool = field(default=False, compare=False)
 
     def rows(self) -> RowSet:
         answer = self._answer()

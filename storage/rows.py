@@ -14,7 +14,8 @@ class RowSet:
     conversation: Row | None = None
     messages: list[Row] = field(default_factory=list)
     request_log: Row | None = None
-    nul_free: bool = False  # known to hold no NUL character: the writer need not look
+    # Known to hold no NUL character: the writer need not look. Not part of the rows.
+    nul_free: bool = field(default=False, compare=False)
 
 
 class Record(Protocol):
