@@ -27,9 +27,9 @@ from storage.schema import completions, conversations, messages, usage_daily
 from storage.writer import is_unavailable
 from tests.conftest import database_dsn
 from tests.gateway_process import GatewayProcess
-from tests.history_db import migrated, spooled_writer, until_written
-from tests.test_message_store import exchange
+from tests.history_db import migrated, spooled_writer
 from tests.test_retention import PARIS, ROME, turn
+from tests.test_writer_batches import write_across
 
 TODAY = date(2026, 6, 15)
 NOW = datetime(2026, 6, 15, 12, 0)
@@ -240,26 +240,16 @@ async def test_partitions_turned_on_by_another_gateway_lose_no_record_of_a_runni
     tables as they were. (SQLite's day tables are written only by a writer that knows
     them: its gateways share one host and restart together.)"""
     dsn = database_dsn(request, kind, tmp_path, "rolling")
-    today = datetime.now(UTC).date()
     async with migrated(dsn, pool_size=1) as engine:
-        writer = spooled_writer(engine, tmp_path, batch_size=10)
-        writer.start()
-        for n in range(5):
-            assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
-        await until_written(writer, 5)
-        other = create_engine(await ensure_database(dsn), pool_size=1)
-        try:
-            await Partitions(other).setup(today)
-        finally:
-            await other.dispose()
-        for n in range(5):
-            assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
-        await until_written(writer, 10)
-        await writer.close(grace=10)
-        async with engine.connect() as connection:
-            stored = await connection.scalar(select(func.count()).select_from(completions))
-    assert stored == 10
-    assert writer.metrics.counters["records_dead_lettered"] == 0
+
+        async def another_gateway_turns_partitions_on() -> None:
+            other = create_engine(await ensure_database(dsn), pool_size=1)
+            try:
+                await Partitions(other).setup(datetime.now(UTC).date())
+            finally:
+                await other.dispose()
+
+        await write_across(engine, tmp_path, another_gateway_turns_partitions_on)
 
 
 async def test_replicas_setting_up_at_once_split_the_tables_once(server_dsn: str) -> None:

@@ -4,11 +4,13 @@ once, in spool order, and, when behind, the next batch built during the write be
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.capture import Exchange
 from storage import writer as writer_module
@@ -102,21 +104,33 @@ async def test_a_column_added_while_the_writer_runs_loses_no_record(
     whose fields asyncpg learnt once per connection: the batch after the change still
     goes through, not into the dead letters."""
     async with migrated(history_dsn, pool_size=1) as engine:
-        writer = spooled_writer(engine, tmp_path, batch_size=10)
-        writer.start()
-        for n in range(5):
-            assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
-        await until_written(writer, 5)
-        async with engine.begin() as connection:
-            await connection.execute(text("ALTER TABLE messages ADD COLUMN later_field TEXT"))
-            await connection.execute(text("ALTER TABLE completions ADD COLUMN later_field TEXT"))
-        for n in range(5):
-            assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
-        await until_written(writer, 10)
-        await writer.close(grace=10)
-        async with engine.connect() as connection:
-            stored = await connection.scalar(select(func.count()).select_from(completions))
-            texts = set((await connection.execute(select(messages.c.content_text))).scalars())
+
+        async def add_columns() -> None:
+            async with engine.begin() as connection:
+                for table in ("messages", "completions"):
+                    await connection.execute(text(f"ALTER TABLE {table} ADD COLUMN later TEXT"))
+
+        await write_across(engine, tmp_path, add_columns)
+
+
+async def write_across(
+    engine: AsyncEngine, folder: Path, change: Callable[[], Awaitable[None]]
+) -> None:
+    """The writer running on ``engine`` writes five records, ``change`` happens, and five
+    more: all ten are stored, none dead-lettered."""
+    writer = spooled_writer(engine, folder, batch_size=10)
+    writer.start()
+    for n in range(5):
+        assert writer.submit(exchange([{"role": "user", "content": f"before {n}"}]))
+    await until_written(writer, 5)
+    await change()
+    for n in range(5):
+        assert writer.submit(exchange([{"role": "user", "content": f"after {n}"}]))
+    await until_written(writer, 10)
+    await writer.close(grace=10)
+    async with engine.connect() as connection:
+        stored = await connection.scalar(select(func.count()).select_from(completions))
+        texts = set((await connection.execute(select(messages.c.content_text))).scalars())
     assert stored == 10
     assert {f"after {n}" for n in range(5)} <= texts
     assert writer.metrics.counters["records_dead_lettered"] == 0
