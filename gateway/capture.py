@@ -133,6 +133,7 @@ class Exchange:
             completion=completion,
             conversation=conversation,
             messages=message_rows,
+            resent=_resent(messages),
             nul_free=self.nul_free,
         )
 
@@ -330,6 +331,15 @@ def from_entry(entry: bytes) -> Record:
     if data.get("kind") == "log":
         return RequestLog.from_journal(data)
     raise ValueError(f"unknown record kind {data.get('kind')!r}")
+
+
+def _resent(messages: list[JSON]) -> int:
+    """How many messages, from the first, end with the request's last assistant message:
+    history a chat client resends, which the turn that answered it stored."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "assistant":
+            return index + 1
+    return 0
 
 
 def _title(messages: list[JSON]) -> str | None:

@@ -13,6 +13,10 @@ then updated. Where the database says which rows an INSERT added (PostgreSQL and
 messages tell how many each conversation gained: three statements a batch. MySQL has no
 ``RETURNING``: there the new completions are looked up first, the upsert locks each
 conversation's row, and the messages are then counted under that lock.
+
+A turn's request resends its conversation so far. Where that history is stored, it is not
+sent again: one lookup a batch says which records' history is (see ``_message_rows``), and
+PostgreSQL locks their conversations before it, as deletion does.
 """
 
 from __future__ import annotations
@@ -25,7 +29,18 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -68,8 +83,10 @@ async def write_batch(
         new_logs = await _new_ids(connection, request_logs, log_rows, day_table)
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
     totals = _conversation_totals(fresh)
-    message_rows = _unique((m for r in fresh for m in r.messages), ("conversation_id", "hash"))
     if returning:
+        if connection.dialect.name == "postgresql" and any(r.resent for r in fresh):
+            await _lock(connection, sorted(totals))
+        message_rows = await _message_rows(connection, fresh)
         if message_rows:
             added = await _returning(connection, messages, message_rows, "conversation_id")
             for conversation_id, count in Counter(added).items():
@@ -80,6 +97,7 @@ async def write_batch(
     else:
         if totals:
             await _upsert_conversations(connection, totals)  # locks each row
+        message_rows = await _message_rows(connection, fresh)
         if message_rows:
             await connection.execute(insert_ignore(connection, messages), message_rows)
         for table, rows, new in (
@@ -176,7 +194,60 @@ def _without_nul(rowset: RowSet) -> RowSet:
         conversation=clean(rowset.conversation),
         messages=[m for m in map(clean, rowset.messages) if m is not None],
         request_log=clean(rowset.request_log),
+        resent=rowset.resent,
     )
+
+
+async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> list[Row]:
+    """The message rows to send: each record's, but the history it resent where that is
+    stored already. A chat client resends the whole conversation every turn (at turn 40,
+    80 messages of ~1 KB a record), which cost the writer and the database several times
+    what the turn's own rows did. A stored message's history is stored (``_tidy`` deletes
+    no message that a kept one follows), so one lookup a record, of the last message it
+    resent, says whether all of them are. The conversations are locked first (by the
+    MySQL upsert, or ``_lock``), as deletion locks them: what is found stays until the
+    batch commits."""
+    stored: set[tuple[str, str]] = set()
+    keys = sorted({_key(r.messages[r.resent - 1]) for r in fresh if r.resent})
+    if keys and connection.dialect.name == "postgresql":
+        columns = ([c for c, _ in keys], [h for _, h in keys])
+        stored.update(map(tuple, await connection.exec_driver_sql(_STORED, columns)))
+    else:  # pairs ORed: SQLite scans the table for "(a, b) IN (...)", not for this
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            pairs = (
+                and_(messages.c.conversation_id == c, messages.c.hash == h)
+                for c, h in keys[start : start + LOOKUP_CHUNK]
+            )
+            found = await connection.execute(
+                select(messages.c.conversation_id, messages.c.hash).where(or_(*pairs))
+            )
+            stored.update(map(tuple, found))
+
+    def unsent(rowset: RowSet) -> list[Row]:
+        resent = rowset.resent
+        if resent and _key(rowset.messages[resent - 1]) in stored:
+            return rowset.messages[resent:]
+        return rowset.messages
+
+    return _unique((m for r in fresh for m in unsent(r)), ("conversation_id", "hash"))
+
+
+def _key(message: Row) -> tuple[str, str]:
+    return message["conversation_id"], message["hash"]
+
+
+async def _lock(connection: AsyncConnection, ids: list[str]) -> None:
+    """PostgreSQL: lock the stored conversations among ``ids`` (in key order, as deletion
+    does), for the rest of the transaction."""
+    await connection.exec_driver_sql(_LOCK, (ids,))
+
+
+_STORED = (
+    "SELECT m.conversation_id, m.hash FROM unnest($1::text[], $2::text[]) AS k(c, h) "
+    "JOIN messages AS m ON m.conversation_id = k.c AND m.hash = k.h"
+)
+_LOCK = "SELECT 1 FROM conversations WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+LOOKUP_CHUNK = 400  # pairs a lookup: two bound values each, well under every driver's limit
 
 
 async def _insert_new(

@@ -14,6 +14,9 @@ class RowSet:
     conversation: Row | None = None
     messages: list[Row] = field(default_factory=list)
     request_log: Row | None = None
+    # How many of ``messages``, from the first, the request resent: its history up to its
+    # last assistant message, stored already as a rule (by the turn that answered it).
+    resent: int = 0
     # Known to hold no NUL character: the writer need not look. Not part of the rows.
     nul_free: bool = field(default=False, compare=False)
 
