@@ -23,29 +23,37 @@ JSON = dict[str, Any]
 def message_row(
     conversation_id: str, digest: str, parent: str, message: Any, created_at: datetime
 ) -> JSON:
-    role = message.get("role") if isinstance(message, dict) else None
+    role = content = None
+    if isinstance(message, dict):
+        role, content = message.get("role"), message.get("content")
     # PostgreSQL's text cannot hold NUL: such content stays in the JSON, where it is escaped.
-    split = (
-        isinstance(message, dict)
-        and isinstance(message.get("content"), str)
-        and "\x00" not in message["content"]
-    )
-    if split:
-        rest = {key: value for key, value in message.items() if key != "content"}
-        body, text = canonical(rest), message["content"]
+    split = isinstance(content, str) and "\x00" not in content
+    if not split:
+        body, text = canonical(message).decode(), content_text(message)
+    elif len(message) == 2 and type(role) is str and role in _ROLE_ONLY:  # most messages
+        body, text = _ROLE_ONLY[role], content
     else:
-        body, text = canonical(message), content_text(message)
+        rest = dict(message)
+        del rest["content"]
+        body, text = canonical(rest).decode(), content
     return {
         "conversation_id": conversation_id,
         "hash": digest,
         "parent_hash": parent or None,
         "role": str(role)[:32] if role else "unknown",
-        "body": body.decode(),
+        "body": body,
         "content_text": text,
         "content_in_text": split,
         "created_at": created_at,
         "content_dropped": False,
     }
+
+
+# The body of a message that is a role and its text, most of them: the role alone.
+_ROLE_ONLY = {
+    role: canonical({"role": role}).decode()
+    for role in ("system", "developer", "user", "assistant", "tool", "function")
+}
 
 
 def stored_message(row: Mapping[Any, Any]) -> JSON:
