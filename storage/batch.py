@@ -84,12 +84,13 @@ async def write_batch(
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
     totals = _conversation_totals(fresh)
     if returning:
-        if connection.dialect.name == "postgresql" and any(r.resent for r in fresh):
+        locked = connection.dialect.name == "postgresql" and any(r.resent for r in fresh)
+        if locked:
             await _lock(connection, sorted(totals))
         message_rows = await _message_rows(connection, fresh)
         if message_rows:
-            added = await _returning(connection, messages, message_rows, "conversation_id")
-            for conversation_id, count in Counter(added).items():
+            added = await _insert_messages(connection, message_rows, locked)
+            for conversation_id, count in added.items():
                 if conversation_id in totals:
                     totals[conversation_id]["message_count"] += count
         if totals:
@@ -232,6 +233,30 @@ async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> lis
     return _unique((m for r in fresh for m in unsent(r)), ("conversation_id", "hash"))
 
 
+async def _insert_messages(
+    connection: AsyncConnection, rows: list[Row], locked: bool
+) -> Counter[str]:
+    """Insert the messages whose key is new; how many each conversation gained.
+
+    On PostgreSQL, a message found stored (and so skipped) may yet be deleted before this
+    batch commits, by a deletion that cannot see the batch's completions: this completion
+    would then point at a message that is gone. Unless their conversations were locked
+    before, those found stored are inserted again once they are, as deletion locks them:
+    nothing then, unless a deletion had taken them meanwhile. Without resent history,
+    found stored means a conversation its client names (``X-Conversation-Id``), or a first
+    request asked again and answered the same: rare."""
+    added = await _returning(connection, messages, rows, "conversation_id", "hash")
+    gained = Counter(conversation_id for conversation_id, _ in added)
+    if locked or len(added) == len(rows) or connection.dialect.name != "postgresql":
+        return gained  # SQLite: the batch holds the only write lock there is
+    inserted = set(map(tuple, added))
+    skipped = [row for row in rows if _key(row) not in inserted]
+    await _lock(connection, sorted({row["conversation_id"] for row in skipped}))
+    again = await _returning(connection, messages, skipped, "conversation_id", "hash")
+    gained.update(conversation_id for conversation_id, _ in again)
+    return gained
+
+
 def _key(message: Row) -> tuple[str, str]:
     return message["conversation_id"], message["hash"]
 
@@ -256,19 +281,19 @@ async def _insert_new(
     """Insert the rows whose id is new; the ids inserted."""
     new: set[str] = set()
     for target, some in _by_table(table, _unique(rows, ("id",)), day_table):
-        new.update(await _returning(connection, target, some, "id"))
+        new.update(row[0] for row in await _returning(connection, target, some, "id"))
     return new
 
 
 async def _returning(
-    connection: AsyncConnection, table: Table, rows: list[Row], column: str
+    connection: AsyncConnection, table: Table, rows: list[Row], *columns: str
 ) -> list[Any]:
-    """INSERT the rows whose key is new; ``column`` of each row inserted."""
+    """INSERT the rows whose key is new; ``columns`` of each row inserted."""
     if connection.dialect.name == "postgresql":
-        tail = f'ON CONFLICT DO NOTHING RETURNING "{column}"'
-        return [row[0] for row in await _unnest(connection, table, rows, tail)]
-    statement = insert_ignore(connection, table).returning(table.c[column])
-    return list((await connection.execute(statement, rows)).scalars())
+        listed = ", ".join(f'"{column}"' for column in columns)
+        return await _unnest(connection, table, rows, f"ON CONFLICT DO NOTHING RETURNING {listed}")
+    statement = insert_ignore(connection, table).returning(*(table.c[c] for c in columns))
+    return list((await connection.execute(statement, rows)).all())
 
 
 class StaleRowType(Exception):

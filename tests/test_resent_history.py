@@ -1,13 +1,16 @@
-"""A turn's resent history: not sent to the database again when it is stored, sent in full
-when it is not, on every backend, also while the conversation is being deleted."""
+"""Messages stored already: a turn's resent history is not sent to the database again when
+it is stored, and is sent in full when it is not, on every backend; and no completion is
+left pointing at a message deleted while it was written."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -16,6 +19,7 @@ from storage import deletion, history
 from storage.batch import write_batch
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
+from tests.conftest import database_dsn
 from tests.history_db import migrated
 from tests.test_message_store import exchange
 
@@ -121,3 +125,34 @@ async def test_a_turn_written_while_its_history_is_deleted_waits_and_keeps_it(
             await asyncio.wait_for(writing, 30)
         assert await rebuilt(engine, second) == second.request["messages"]
         assert await stored(engine) == (5, 5)
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+async def test_a_first_request_asked_again_while_deleted_keeps_its_messages(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The same first request, answered the same, joins the conversation of the first and
+    finds all its messages stored: nothing resent, so nothing looked up. A deletion of
+    that conversation takes its lock, the writer writes, then the deletion (not seeing the
+    writer's completion) deletes every message and commits: the writer, which found them
+    stored, must store them again."""
+    first = exchange([{"role": "user", "content": "hello"}])
+    again = exchange([{"role": "user", "content": "hello"}])
+    conversation_id = first.rows().conversation["id"]  # type: ignore[index]
+    assert again.rows().conversation["id"] == conversation_id  # type: ignore[index]
+    async with migrated(database_dsn(request, kind, tmp_path, "again")) as engine:
+        await write(engine, first)
+        async with engine.connect() as deleter:
+            async with deleter.begin():
+                await deleter.execute(
+                    select(conversations.c.id)
+                    .where(conversations.c.id == conversation_id)
+                    .with_for_update()
+                )
+                writing = asyncio.create_task(write(engine, again))
+                await asyncio.sleep(1.0)
+                assert not writing.done()  # waiting for the conversation
+                await deletion.delete_completion(deleter, Scope.of("alice"), first.id)
+            await asyncio.wait_for(writing, 30)
+        assert await rebuilt(engine, again) == again.request["messages"]
+        assert await stored(engine) == (2, 2)
