@@ -153,16 +153,18 @@ async def test_retention_removes_old_turns_and_every_kept_completion_still_rebui
 
 
 async def test_the_prune_commits_in_short_steps(engine: Any) -> None:
-    """3,000 old conversations, removed 100 at a time: no transaction of the prune takes
-    100 ms (so none holds its locks longer); then 3,000 more while a writer stores new turns:
-    its writes are never held up for long."""
+    """3,000 old conversations, removed 100 at a time, each step a transaction of its own
+    that holds its locks briefly; then 3,000 more while a writer stores new turns: its
+    writes are never held up for long. (A step takes ~20-60 ms here, the whole prune ~1 s;
+    the bounds are loose enough for a busy machine, and tight enough that one transaction
+    for the whole prune would fail them.)"""
     await bulk.fill(engine, 3000)
     cutoff = datetime.now(UTC).replace(tzinfo=None)
     alone = await retention.prune(engine, cutoff, step=100)
     assert alone.deleted.completions == 3000 and alone.deleted.conversations == 3000
     assert alone.deleted.messages == 6000
     assert alone.steps >= 30
-    assert alone.longest_step < 0.1, f"a prune step took {alone.longest_step:.3f} s"
+    assert alone.longest_step < 0.5, f"a prune step took {alone.longest_step:.3f} s"
 
     await bulk.fill(engine, 3000, owner="second")
     waits: list[float] = []
@@ -182,8 +184,8 @@ async def test_the_prune_commits_in_short_steps(engine: Any) -> None:
     async with engine.connect() as connection:
         assert await connection.scalar(select(func.count()).select_from(completions)) == 200
     waits.sort()
-    assert waits[len(waits) // 2] < 0.05, f"median write {waits[len(waits) // 2]:.3f} s"
-    assert waits[-1] < 0.5, f"a write waited {waits[-1]:.3f} s"
+    assert waits[len(waits) // 2] < 0.1, f"median write {waits[len(waits) // 2]:.3f} s"
+    assert waits[-1] < 0.75, f"a write waited {waits[-1]:.3f} s"
 
 
 async def test_content_retention_drops_what_was_said_and_keeps_the_metadata(
