@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date
 from typing import Any
 
@@ -86,7 +86,7 @@ async def write_batch(
     if returning:
         locked = connection.dialect.name == "postgresql" and any(r.resent for r in fresh)
         if locked:
-            await _lock(connection, sorted(totals))
+            await lock_conversations(connection, totals)
         message_rows = await _message_rows(connection, fresh)
         if message_rows:
             added = await _insert_messages(connection, message_rows, locked)
@@ -206,8 +206,8 @@ async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> lis
     what the turn's own rows did. A stored message's history is stored (``_tidy`` deletes
     no message that a kept one follows), so one lookup a record, of the last message it
     resent, says whether all of them are. The conversations are locked first (by the
-    MySQL upsert, or ``_lock``), as deletion locks them: what is found stays until the
-    batch commits."""
+    MySQL upsert, or ``lock_conversations``), as deletion locks them: what is found stays
+    until the batch commits."""
     stored: set[tuple[str, str]] = set()
     keys = sorted({_key(r.messages[r.resent - 1]) for r in fresh if r.resent})
     if keys and connection.dialect.name == "postgresql":
@@ -251,7 +251,7 @@ async def _insert_messages(
         return gained  # SQLite: the batch holds the only write lock there is
     inserted = set(map(tuple, added))
     skipped = [row for row in rows if _key(row) not in inserted]
-    await _lock(connection, sorted({row["conversation_id"] for row in skipped}))
+    await lock_conversations(connection, {row["conversation_id"] for row in skipped})
     again = await _returning(connection, messages, skipped, "conversation_id", "hash")
     gained.update(conversation_id for conversation_id, _ in again)
     return gained
@@ -261,10 +261,21 @@ def _key(message: Row) -> tuple[str, str]:
     return message["conversation_id"], message["hash"]
 
 
-async def _lock(connection: AsyncConnection, ids: list[str]) -> None:
-    """PostgreSQL: lock the stored conversations among ``ids`` (in key order, as deletion
-    does), for the rest of the transaction."""
-    await connection.exec_driver_sql(_LOCK, (ids,))
+async def lock_conversations(connection: AsyncConnection, ids: Iterable[str]) -> None:
+    """Lock the stored conversations among ``ids``, in key order, for the rest of the
+    transaction: deletion takes them so, and the writer where it relies on what it found
+    stored, so each waits for the other. SQLite has no row locks, and one writer at a time."""
+    keys = sorted(ids)
+    name = connection.dialect.name
+    if name == "postgresql":
+        await connection.exec_driver_sql(_LOCK, (keys,))
+    elif name != "sqlite":
+        await connection.execute(
+            select(conversations.c.id)
+            .where(conversations.c.id.in_(keys))
+            .order_by(conversations.c.id)
+            .with_for_update()
+        )
 
 
 _STORED = (

@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import usage
-from storage.batch import add_usage
+from storage.batch import add_usage, lock_conversations
 from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope
 
@@ -124,7 +124,7 @@ async def _delete_chunk(
     )
     if not ids:
         return Deleted()
-    await _lock(connection, ids)
+    await lock_conversations(connection, ids)
     # Counted from the rows found, not the driver's rowcount: on SQLite split by day,
     # completions is a view, and changes made through its triggers count as none.
     found = (
@@ -150,7 +150,7 @@ async def _delete_chunk(
 async def drop_conversations(connection: AsyncConnection, ids: Sequence[str]) -> Deleted:
     """Conversations whose completions went another way (a day's partition dropped): the
     ones left without any go with their messages; the others are tidied."""
-    await _lock(connection, sorted(ids))
+    await lock_conversations(connection, ids)
     return await _tidy_all(connection, ids)
 
 
@@ -168,7 +168,7 @@ async def tidy_if_changed(connection: AsyncConnection, recorded: dict[str, int])
     changed = sorted(i for i, count in recorded.items() if counts.get(i, 0) != count)
     if not changed:
         return Deleted()
-    await _lock(connection, changed)
+    await lock_conversations(connection, changed)
     return await _tidy_all(connection, changed)
 
 
@@ -197,17 +197,6 @@ async def _tidy_all(connection: AsyncConnection, ids: Sequence[str]) -> Deleted:
     for conversation_id in sorted(kept):
         total += await _tidy(connection, conversation_id)
     return total
-
-
-async def _lock(connection: AsyncConnection, ids: Sequence[str]) -> None:
-    if connection.dialect.name == "sqlite":
-        return
-    await connection.execute(
-        select(conversations.c.id)
-        .where(conversations.c.id.in_(ids))
-        .order_by(conversations.c.id)
-        .with_for_update()
-    )
 
 
 async def _tidy(connection: AsyncConnection, conversation_id: str) -> Deleted:
