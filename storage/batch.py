@@ -257,8 +257,7 @@ async def _insert_messages(
     return gained
 
 
-def _key(message: Row) -> tuple[str, str]:
-    return message["conversation_id"], message["hash"]
+_key = operator.itemgetter("conversation_id", "hash")  # a message row's key
 
 
 async def lock_conversations(connection: AsyncConnection, ids: Iterable[str]) -> None:

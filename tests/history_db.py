@@ -16,9 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.capture import from_entry, to_entry
 from gateway.metrics import Metrics
 from storage import history
+from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import Partitions
+from storage.rows import Record
 from storage.schema import completions
 from storage.spool import Spool
 from storage.writer import HistoryWriter
@@ -57,6 +59,12 @@ def spooled_writer(
         retry_seconds=1.0,
         partitions=partitions,
     )
+
+
+async def write_records(engine: AsyncEngine, *records: Record) -> None:
+    """Write ``records`` in one batch, in one transaction, as the writer does."""
+    async with engine.begin() as connection:
+        await write_batch(connection, [record.rows() for record in records])
 
 
 async def until_written(writer: HistoryWriter, count: int, timeout: float = 10.0) -> None:

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from storage.batch import write_batch
 from storage.browse import CompletionFilter, list_completions
 from storage.scope import Scope
-from tests.history_db import migrated
+from tests.history_db import migrated, write_records
 from tests.test_retention import PARIS, turn
 
 
@@ -29,8 +28,7 @@ async def test_pages_across_the_last_day_boundary_list_everything_once(engine: A
         turn([{"role": "user", "content": f"asked {h} hours ago"}], PARIS, h / 24, now=now)
         for h in hours_ago
     ]
-    async with engine.begin() as connection:
-        await write_batch(connection, [record.rows() for record in records])
+    await write_records(engine, *records)
     for limit in (1, 2, 4, 5, 9, 20):
         seen: list[datetime] = []
         after = None

@@ -16,11 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.capture import Exchange
 from storage import deletion, history
-from storage.batch import write_batch
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
 from tests.conftest import database_dsn
-from tests.history_db import migrated
+from tests.history_db import migrated, write_records
 from tests.test_message_store import exchange
 
 ANSWER = {"role": "assistant", "content": "done"}  # what ``exchange`` records as the answer
@@ -35,11 +34,6 @@ def turns(count: int) -> list[Exchange]:
         records.append(exchange(sent))
         sent = [*sent, ANSWER]
     return records
-
-
-async def write(engine: AsyncEngine, *records: Exchange) -> None:
-    async with engine.begin() as connection:
-        await write_batch(connection, [record.rows() for record in records])
 
 
 async def rebuilt(engine: AsyncEngine, record: Exchange) -> list[Any]:
@@ -84,7 +78,7 @@ async def test_a_turn_whose_history_is_stored_sends_only_what_is_new(history_dsn
     async with migrated(history_dsn) as engine:
         with messages_sent(engine) as sent:
             for record in records:
-                await write(engine, record)
+                await write_records(engine, record)
         for record in records:
             assert await rebuilt(engine, record) == record.request["messages"]
         assert await stored(engine) == (9, 9)  # system, then a question and an answer a turn
@@ -98,11 +92,11 @@ async def test_history_that_is_gone_is_sent_again_in_full(history_dsn: str) -> N
     them, stores them again; as does a turn whose history was never captured."""
     first, second, third = turns(3)
     async with migrated(history_dsn) as engine:
-        await write(engine, first)
+        await write_records(engine, first)
         async with engine.begin() as connection:
             await deletion.delete_completion(connection, Scope.of("alice"), first.id)
         assert await stored(engine) == (0, 0)
-        await write(engine, second, third)  # one batch: the third's history is in it
+        await write_records(engine, second, third)  # one batch: the third's history is in it
         assert await rebuilt(engine, second) == second.request["messages"]
         assert await rebuilt(engine, third) == third.request["messages"]
         assert await stored(engine) == (7, 7)
@@ -115,11 +109,11 @@ async def test_a_turn_written_while_its_history_is_deleted_waits_and_keeps_it(
     it only under that lock, so it waits, then finds it gone and stores it in full."""
     first, second = turns(2)
     async with migrated(history_dsn) as engine:
-        await write(engine, first)
+        await write_records(engine, first)
         async with engine.connect() as deleter:
             async with deleter.begin():
                 await deletion.delete_completion(deleter, Scope.of("alice"), first.id)
-                writing = asyncio.create_task(write(engine, second))
+                writing = asyncio.create_task(write_records(engine, second))
                 await asyncio.sleep(1.0)
                 assert not writing.done()  # waiting for the conversation
             await asyncio.wait_for(writing, 30)
@@ -141,7 +135,7 @@ async def test_a_first_request_asked_again_while_deleted_keeps_its_messages(
     conversation_id = first.rows().conversation["id"]  # type: ignore[index]
     assert again.rows().conversation["id"] == conversation_id  # type: ignore[index]
     async with migrated(database_dsn(request, kind, tmp_path, "again")) as engine:
-        await write(engine, first)
+        await write_records(engine, first)
         async with engine.connect() as deleter:
             async with deleter.begin():
                 await deleter.execute(
@@ -149,7 +143,7 @@ async def test_a_first_request_asked_again_while_deleted_keeps_its_messages(
                     .where(conversations.c.id == conversation_id)
                     .with_for_update()
                 )
-                writing = asyncio.create_task(write(engine, again))
+                writing = asyncio.create_task(write_records(engine, again))
                 await asyncio.sleep(1.0)
                 assert not writing.done()  # waiting for the conversation
                 await deletion.delete_completion(deleter, Scope.of("alice"), first.id)

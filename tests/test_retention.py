@@ -20,12 +20,11 @@ from gateway.maintenance import ACTOR, Maintenance
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
 from storage import accounts, history, retention
-from storage.batch import write_batch
 from storage.database import alembic_config, create_engine, ensure_database, migrate
 from storage.locks import named_lock
 from storage.schema import completions, conversations, messages, request_logs
 from tests import bulk
-from tests.history_db import migrated
+from tests.history_db import migrated, write_records
 
 NOW = datetime(2026, 6, 15, 12, 0, 0)
 
@@ -88,11 +87,6 @@ async def engine(history_dsn: str) -> AsyncIterator[Any]:
         yield engine
 
 
-async def write(engine: Any, *records: Any) -> None:
-    async with engine.begin() as connection:
-        await write_batch(connection, [record.rows() for record in records])
-
-
 def maintenance(engine: Any, **env: str) -> tuple[Maintenance, Metrics]:
     metrics = Metrics()
     settings = Settings.from_env({"MES_RETENTION_STEP": "2", **env})
@@ -113,7 +107,7 @@ async def test_retention_removes_old_turns_and_every_kept_completion_still_rebui
     retention: its first turn goes, its second keeps every message it resent; a
     conversation wholly older goes with its messages; old request logs go."""
     kept_request = [SYSTEM, FIRST, PARIS, SECOND]
-    await write(
+    await write_records(
         engine,
         turn([SYSTEM, FIRST], PARIS, days_ago=40),
         turn(kept_request, ROME, days_ago=10, tokens=30),
@@ -173,7 +167,7 @@ async def test_the_prune_commits_in_short_steps(engine: Any) -> None:
         for n in range(200):
             started = time.perf_counter()
             new = turn([{"role": "user", "content": f"new {n}"}], PARIS, -1, now=cutoff)
-            await write(engine, new)
+            await write_records(engine, new)
             waits.append(time.perf_counter() - started)
             await asyncio.sleep(0.002)
 
@@ -209,7 +203,7 @@ async def test_content_retention_drops_what_was_said_and_keeps_the_metadata(
         extra_choices=[{"role": "assistant", "content": "Second choice, secret plan C"}],
     )
     recent = turn([{"role": "user", "content": "What is new today?"}], PARIS, days_ago=1)
-    await write(engine, old, recent)
+    await write_records(engine, old, recent)
     gateway, metrics = maintenance(engine, MES_RETENTION_DAYS="30", MES_CONTENT_RETENTION_DAYS="7")
     assert await gateway.run_once()
     assert metrics.counters["retention_contents_dropped"] == 3
@@ -256,7 +250,7 @@ async def test_content_retention_drops_what_was_said_and_keeps_the_metadata(
 
 
 async def test_one_replica_at_a_time_runs_maintenance(engine: Any) -> None:
-    await write(engine, turn([FIRST], PARIS, days_ago=40))
+    await write_records(engine, turn([FIRST], PARIS, days_ago=40))
     first, _ = maintenance(engine, MES_RETENTION_DAYS="30")
     second, _ = maintenance(engine, MES_RETENTION_DAYS="30")
     async with named_lock(engine, "mes-maintenance", wait=False) as held:
