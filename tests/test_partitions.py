@@ -345,7 +345,12 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
     started = time.perf_counter()
     dropped = await partitions.drop_before(TODAY - timedelta(days=30))
     took = time.perf_counter() - started
-    await asyncio.sleep(0.3)
+    # Writes go on after the drop: ten of them, as the baseline a write that met it is
+    # compared with. Counted, not timed: on a busy machine 0.3 s held 17 writes, not 20.
+    before = len(waits)
+    deadline = time.perf_counter() + 10
+    while len(waits) < before + 10 and not writer.done() and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
     stop.set()
     await writer
     assert dropped == {old: (100_000, 0), old + timedelta(days=1): (0, 0)}
@@ -371,7 +376,7 @@ async def test_dropping_a_day_of_100000_rows_takes_under_a_second_and_blocks_no_
         f"a write that met the drop waited {max(met):.3f} s, the drop took {took:.3f} s, "
         f"other writes at most {max(others):.3f} s"
     )
-    assert len(waits) > 20
+    assert len(waits) >= before + 10, f"{len(waits) - before} writes in 10 s after the drop"
     assert len(retried) <= 2
     async with engine.connect() as connection:
         assert await connection.scalar(select(func.count()).select_from(completions)) == len(waits)
