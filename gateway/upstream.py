@@ -45,6 +45,9 @@ log = logging.getLogger("mes.upstream")
 KEEPALIVE_SECONDS = 4.0
 # An answer's body buffered past this, unread, pauses reading from the upstream.
 BUFFER_BYTES = 2**20
+# An answer whose head (status line and headers) is still not whole after this many bytes
+# is refused: a broken upstream's endless header cannot fill the gateway's memory.
+HEAD_BYTES = 64 * 2**10
 # Headers the pool writes itself, or that cannot be forwarded on a connection of its own
 # (the gateway has the whole body already: it expects no 100 Continue).
 _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
@@ -113,6 +116,7 @@ class _Connection(asyncio.Protocol):
         self.headers: Headers = []
         self.chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._head_bytes = 0  # bytes read of an answer whose head is not whole yet
         self._paused = False
         self._head_only = False
         self._length_known = False
@@ -138,6 +142,13 @@ class _Connection(asyncio.Protocol):
             self._break(f"invalid answer: {error}")
             if self.transport is not None:
                 self.transport.close()
+            return
+        if not self.status and not self.complete:  # the head is not whole yet
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_BYTES:
+                self._break(f"the answer's head is over {HEAD_BYTES} bytes")
+                if self.transport is not None:
+                    self.transport.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -208,6 +219,7 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.chunks.clear()
         self._buffered = 0
+        self._head_bytes = 0
         self._head_only = head_only
         self._length_known = False
         self.complete = self.reusable = False

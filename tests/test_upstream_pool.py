@@ -265,6 +265,27 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> No
 
 
 @on_both_loops
+async def test_an_answer_whose_head_never_ends_is_refused_without_waiting_for_it() -> None:
+    header = b"X-Padding: " + b"a" * 8_000 + b"\r\n"
+
+    async def respond(writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 1:  # 60 KB of headers, then a body: a head that is large but whole
+            writer.write(b"HTTP/1.1 200 OK\r\n" + header * 7 + b"Content-Length: 2\r\n\r\n{}")
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\n" + header * 25)  # 200 KB, and no end in sight
+        await writer.drain()
+        await asyncio.sleep(10)
+        return False
+
+    async with raw_server(respond) as (url, _), pool() as upstream:
+        large = await upstream.send("POST", url + "/", [], b"{}")
+        assert (large.status, len(large.headers), await body(large)) == (200, 8, b"{}")
+        async with asyncio.timeout(5):  # not the upstream timeout: refused past 64 KiB
+            with pytest.raises(UpstreamUnreachable):
+                await upstream.send("POST", url + "/", [], b"{}")
+
+
+@on_both_loops
 async def test_an_unreachable_upstream() -> None:
     async with pool(upstream_connect_timeout=2.0) as upstream:
         with pytest.raises(UpstreamUnreachable):
