@@ -15,7 +15,8 @@ no ``User-Agent``, ``Accept`` or ``Accept-Encoding`` of its own, and no cookies 
 upstream's ``Set-Cookie`` is relayed to its client, never kept and replayed for the next
 caller). Bodies come back as the upstream sent them (chunked transfer decoded, never
 decompressed). ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` are honoured: plain HTTP
-through the proxy, HTTPS through a ``CONNECT`` tunnel. A request is never retried: a
+through the proxy, HTTPS through a ``CONNECT`` tunnel; an ``https://`` proxy is spoken to
+over TLS. A request is never retried: a
 chat completion sent twice may be paid twice.
 """
 
@@ -67,7 +68,17 @@ class UpstreamBroke(Exception):
 class _Origin:
     """Where requests for one scheme://host:port go, and how."""
 
-    __slots__ = ("key", "host", "port", "tls", "host_header", "proxy", "proxy_auth", "absolute")
+    __slots__ = (
+        "key",
+        "host",
+        "port",
+        "tls",
+        "host_header",
+        "proxy",
+        "proxy_tls",
+        "proxy_auth",
+        "absolute",
+    )
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -79,11 +90,15 @@ class _Origin:
         self.key = f"{parts.scheme}://{parts.netloc}"
         self.host_header = parts.netloc.rsplit("@", 1)[-1].encode("idna")
         self.proxy: tuple[str, int] | None = None
+        self.proxy_tls = False  # an https:// proxy: TLS to the proxy itself
         self.proxy_auth: bytes | None = None
         proxy_url = _proxy_for(parts.scheme, self.host)
         if proxy_url:
             proxy = urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
-            self.proxy = (proxy.hostname or "", proxy.port or 80)
+            if proxy.scheme not in ("http", "https") or not proxy.hostname:
+                raise ValueError(f"not an http(s) proxy: {proxy_url!r}")
+            self.proxy_tls = proxy.scheme == "https"
+            self.proxy = (proxy.hostname, proxy.port or (443 if self.proxy_tls else 80))
             if proxy.username is not None:
                 secret = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
                 self.proxy_auth = b"Basic " + base64.b64encode(secret.encode())
@@ -428,19 +443,14 @@ class Upstream:
         return connection
 
     async def _connect(self, origin: _Origin) -> _Connection:
-        host, port = origin.proxy or (origin.host, origin.port)
-        tls = self._tls_context() if origin.tls else None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if origin.proxy is None or not origin.tls:
-                    _, connection = await self.loop.create_connection(
-                        lambda: _Connection(self, origin),
-                        sock=await self._socket(host, port),
-                        ssl=tls,
-                        server_hostname=origin.host if tls else None,
-                    )
+                if origin.proxy is None:
+                    connection = await self._dial(origin, origin.host, origin.port, origin.tls)
+                elif not origin.tls:  # plain HTTP, through the proxy
+                    connection = await self._dial(origin, *origin.proxy, origin.proxy_tls)
                 else:
-                    connection = await self._tunnel(origin, host, port)
+                    connection = await self._tunnel(origin)
         except TimeoutError:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except (OSError, EOFError, ValueError) as error:  # refused, reset, bad TLS, tunnel
@@ -448,11 +458,21 @@ class Upstream:
             raise UpstreamUnreachable("The upstream could not be reached.") from None
         return connection
 
-    async def _tunnel(self, origin: _Origin, host: str, port: int) -> _Connection:
-        """HTTPS through a proxy: CONNECT, then TLS to the upstream inside the tunnel."""
+    async def _dial(self, origin: _Origin, host: str, port: int, tls: bool) -> _Connection:
+        """A connection to ``host``, over TLS (checked against ``host``'s name) or not."""
         _, connection = await self.loop.create_connection(
-            lambda: _Connection(self, origin), sock=await self._socket(host, port)
+            lambda: _Connection(self, origin),
+            sock=await self._socket(host, port),
+            ssl=self._tls_context() if tls else None,
+            server_hostname=host if tls else None,
         )
+        return connection
+
+    async def _tunnel(self, origin: _Origin) -> _Connection:
+        """HTTPS through a proxy: CONNECT, then TLS to the upstream inside the tunnel (TLS
+        inside TLS, through an https:// proxy)."""
+        assert origin.proxy is not None
+        connection = await self._dial(origin, *origin.proxy, origin.proxy_tls)
         try:
             named = f"[{origin.host}]" if ":" in origin.host else origin.host
             authority = f"{named}:{origin.port}".encode("idna")

@@ -286,12 +286,15 @@ async def test_an_answer_whose_head_never_ends_is_refused_without_waiting_for_it
 
 
 @on_both_loops
-async def test_an_unreachable_upstream() -> None:
+async def test_an_unreachable_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
     async with pool(upstream_connect_timeout=2.0) as upstream:
         with pytest.raises(UpstreamUnreachable):
             await upstream.send("GET", f"http://127.0.0.1:{free_port()}/v1/models", [], b"")
         with pytest.raises(UpstreamUnreachable):
             await upstream.send("GET", "ftp://127.0.0.1/v1/models", [], b"")
+        monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:1080")  # not spoken: refused
+        with pytest.raises(UpstreamUnreachable):
+            await upstream.send("GET", "http://api.example.test/v1/models", [], b"")
 
 
 @on_both_loops
@@ -348,6 +351,49 @@ async def test_https_goes_through_a_connect_tunnel(
         seen.requests[1:]
         == [b"POST /v1/chat HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 2\r\n\r\n{}"] * 2
     )  # one tunnel, reused
+
+
+@on_both_loops
+async def test_an_https_proxy_is_spoken_to_over_tls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    proxy_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(proxy_tls)
+    upstream_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("api.example.test").configure_cert(upstream_tls)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    seen = Seen()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:  # a CONNECT opens a tunnel, with TLS inside this one; else plain HTTP is relayed
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"CONNECT "):
+                seen.requests.append(head)
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await writer.drain()
+                await writer.start_tls(upstream_tls)
+                head = await reader.readuntil(b"\r\n\r\n")
+            seen.requests.append(head + await reader.readexactly(2))
+            writer.write(OK)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0, ssl=proxy_tls)
+    address = f"https://localhost:{server.sockets[0].getsockname()[1]}"
+    monkeypatch.setenv("HTTP_PROXY", address)
+    monkeypatch.setenv("HTTPS_PROXY", address)
+    async with server, pool() as upstream:
+        for url in ("http://api.example.test/v1/chat", "https://api.example.test/v1/chat"):
+            assert await body(await upstream.send("POST", url, [], b"{}")) == b"{}"
+    assert seen.requests == [
+        b"POST http://api.example.test/v1/chat HTTP/1.1\r\nHost: api.example.test\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n",
+        b"POST /v1/chat HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 2\r\n\r\n{}",
+    ]
 
 
 def test_a_client_path_never_leaves_the_upstreams_origin() -> None:
