@@ -108,7 +108,7 @@ async def test_a_database_outage_neither_fails_nor_slows_requests(
     env = {
         "UPSTREAM_BASE_URL": upstream.base_url,
         "SQL_DSN": own_postgres.url("outage"),
-        "MES_RETRY_SECONDS": "1",
+        "MES_RETRY_SECONDS": "3",
     }
 
     async def timed_requests(client: httpx.AsyncClient, count: int) -> list[float]:
@@ -134,15 +134,15 @@ async def test_a_database_outage_neither_fails_nor_slows_requests(
             own_postgres.stop("immediate")
             down = await timed_requests(client, 60)
             ready = httpx.get(gateway.url + "/readyz")
-            await asyncio.sleep(2)  # the writer retries, at most MES_RETRY_SECONDS apart
+            await asyncio.sleep(2)  # the writer's first retries come within a second
             metrics = httpx.get(gateway.url + "/metrics").text
     assert ready.status_code == 503
     assert ready.json()["databases"]["main"].startswith("unreachable")
     # The request path never waits for the database: a request that did would take at
-    # least the writer's 1 s retry window.
+    # least the writer's 3 s retry window (2 s leaves room for a busy machine's stall).
     assert statistics.median(healthy) < 0.25
     assert statistics.median(down) < 0.25
-    assert max(down) < 1.0
+    assert max(down) < 2.0
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("mes_"))
     assert int(values["mes_records_written_total"]) == 30
     # Nothing given up: the records wait in the spool (tests/test_durability.py shows them

@@ -164,7 +164,10 @@ async def test_the_gateway_stopped_mid_load_keeps_every_answered_record(
     load = Load()
     gateway = GatewayProcess(env, tmp_path).start()
 
-    def stop() -> None:
+    def stop() -> None:  # due after 200 requests; once 150 are answered, on a slow machine
+        deadline = time.monotonic() + 30
+        while len(load.answered) < 150 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a thread: the requests in flight go on meanwhile
         assert gateway.process is not None
         if how == "kill -9":
             os.kill(gateway.process.pid, signal.SIGKILL)

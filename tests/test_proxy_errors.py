@@ -40,7 +40,7 @@ def managed(upstream: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "UPSTREAM_API_KEY": UPSTREAM_KEY,
         "GATEWAY_KEYS": f"{GATEWAY_KEY},gw-beta-key",
         "GATEWAY_MAX_BODY_BYTES": "20000",
-        "UPSTREAM_TIMEOUT": "1",
+        "UPSTREAM_TIMEOUT": "3",
         "LOG_LEVEL": "debug",
     }
     with GatewayProcess(env, tmp_path_factory.mktemp("managed")) as process:
@@ -171,7 +171,7 @@ def test_upstream_errors_reach_the_client_unchanged(managed: GatewayProcess, ups
 
 
 def test_an_upstream_that_does_not_answer_in_time_gets_a_504(managed: GatewayProcess) -> None:
-    error = assert_openai_error(post(managed, CHAT, headers={"X-Fake-Hang": "3"}), 504)
+    error = assert_openai_error(post(managed, CHAT, headers={"X-Fake-Hang": "8"}), 504)
     assert error["code"] == "upstream_timeout"
     assert post(managed, CHAT).status_code == 200
 
@@ -202,7 +202,7 @@ async def test_no_key_reaches_the_logs_or_the_database_and_errors_are_recorded(
 ) -> None:
     post(managed, CHAT)
     post(managed, CHAT, headers={"X-Fake-Status": "429"})
-    post(managed, CHAT, headers={"X-Fake-Hang": "3"})
+    post(managed, CHAT, headers={"X-Fake-Hang": "8"})
     post(managed, {**CHAT, "stream": True}, headers={"X-Fake-Reset-After": "2"})
     db = HistoryDB(str(managed.workdir / "mes_gateway.db"))
     try:

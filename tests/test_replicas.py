@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,13 @@ async def test_two_replicas_store_every_record_once_without_deadlocks(
             )
         expected = SHARED_REQUESTS + THREADS * TURNS
         assert await history.wait_for("completions", expected) == expected
-        metrics = [httpx.get(replica.url + "/metrics").text for replica in (first, second)]
+        deadline = time.monotonic() + 10  # a writer counts a batch just after its commit
+        while True:
+            metrics = [httpx.get(replica.url + "/metrics").text for replica in (first, second)]
+            counted = [re.search(r"mes_records_written_total (\d+)", t) for t in metrics]
+            if sum(int(m[1]) for m in counted if m) >= expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
 
     for text in metrics:
         assert "mes_records_failed_total 0" in text

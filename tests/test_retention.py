@@ -179,7 +179,11 @@ async def test_the_prune_commits_in_short_steps(engine: Any) -> None:
         assert await connection.scalar(select(func.count()).select_from(completions)) == 200
     waits.sort()
     assert waits[len(waits) // 2] < 0.1, f"median write {waits[len(waits) // 2]:.3f} s"
-    assert waits[-1] < 0.75, f"a write waited {waits[-1]:.3f} s"
+    # A write waits for one step at most (a step a busy machine slowed is waited for too),
+    # never for the whole prune.
+    assert shared.steps >= 30
+    limit = max(0.75, 2 * shared.longest_step + 0.25)
+    assert waits[-1] < limit, f"a write waited {waits[-1]:.3f} s (limit {limit:.3f})"
 
 
 async def test_content_retention_drops_what_was_said_and_keeps_the_metadata(

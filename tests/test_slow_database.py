@@ -75,5 +75,11 @@ async def test_a_slow_database_slows_no_client(
         f"RSS +{growth_mib:.1f} MiB; {backlog} bytes spooled at the end of the slow minute"
     )
     assert backlog > 0  # the database really was behind
-    assert rise_ms < 50
+    # A request that waited on the database would take its 2 s round trip at least. The
+    # typical request is no slower (the median, which a busy machine's stalls barely move),
+    # and not even the slowest 1 % waited (p99; a stall of the load's own process, which
+    # shares the fake upstream's GIL, can lift it by tens of ms, not by seconds).
+    median_rise_ms = (statistics.median(during) - statistics.median(before)) * 1000
+    assert median_rise_ms < 50
+    assert p99(during) < 0.5
     assert growth_mib < 64

@@ -239,8 +239,8 @@ async def test_at_the_connection_limit_a_request_waits_for_a_free_connection() -
 
         assert await asyncio.gather(*(one() for _ in range(4))) == [b"{}"] * 4
         assert seen.connections == 1
-    async with (
-        raw_server(respond) as (url, seen),
+    async with (  # answered at once: the 0.3 s timeout is only the waiting request's
+        raw_server(lambda w, n: answer(w, OK)) as (url, seen),
         pool(upstream_max_connections=1, upstream_timeout=0.3) as upstream,
     ):
         held = await upstream.send("GET", url + "/", [], b"")  # its body never read
@@ -457,7 +457,7 @@ async def test_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on() -> None:
         second.cancel()  # ...and its client leaves in the same turn of the loop
         started = loop.time()
         assert await body(await third) == b"{}"
-        assert loop.time() - started < 1.0  # not left waiting for UPSTREAM_TIMEOUT
+        assert loop.time() - started < 2.0  # not left waiting for UPSTREAM_TIMEOUT
         assert second.cancelled()
 
 
