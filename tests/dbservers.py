@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.gateway_process import free_port
+
 PG_USER = "postgres"
 MYSQL_USER = "mes"
 MYSQL_PASSWORD = "mes-test-pw"
@@ -26,13 +28,6 @@ MYSQL_PASSWORD = "mes-test-pw"
 
 class ServerUnavailable(RuntimeError):
     """The server's binaries are missing, or it would not start."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _as_service_user(user: str, command: list[str]) -> list[str]:

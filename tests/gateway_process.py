@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,10 +18,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now, below the range the kernel picks outgoing connections' ports from:
+    a server restarted on its port (a database after an outage) cannot find it taken by a
+    client's connection meanwhile, as a port the kernel chose (from that range) could be."""
+    try:
+        lowest = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest = 0
+    for _ in range(100):
+        port = random.randrange(10_000, lowest) if lowest > 11_000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            if chosen not in _GIVEN:
+                _GIVEN.add(chosen)
+                return chosen
+    raise RuntimeError("no free port found")
+
+
+_GIVEN: set[int] = set()  # ports this process has handed out: not handed out twice
 
 
 class GatewayProcess:
