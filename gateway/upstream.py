@@ -16,8 +16,7 @@ upstream's ``Set-Cookie`` is relayed to its client, never kept and replayed for 
 caller). Bodies come back as the upstream sent them (chunked transfer decoded, never
 decompressed). ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` are honoured: plain HTTP
 through the proxy, HTTPS through a ``CONNECT`` tunnel; an ``https://`` proxy is spoken to
-over TLS. A request is never retried: a
-chat completion sent twice may be paid twice.
+over TLS. A request is never retried: a chat completion sent twice may be paid twice.
 """
 
 from __future__ import annotations
