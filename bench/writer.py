@@ -1,6 +1,7 @@
 """How many records per second the capture pipeline writes into each history database.
 
     python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60] [--turns 1]
+                           [--prompt-bytes 984]
 
 Runs the gateway's own writer as the gateway does (``gateway/writer_process.py``: a process
 of its own following the spool slot this process appends to), against a throwaway database
@@ -44,10 +45,11 @@ from gateway.writer_process import WriterProcess  # noqa: E402
 from storage.spool import Spool  # noqa: E402
 
 SPREAD = 1000  # --turns: conversations whose turns are interleaved
-PROMPT = (
+FILLER = (
     "The quarterly report shows revenue up four percent, churn down, and a backlog of "
     "support tickets about the export feature that the team wants to clear before June. "
-) * 6
+)
+PROMPT = FILLER * 6  # ~1 KB; --prompt-bytes sets another size
 
 
 @contextmanager
@@ -65,7 +67,7 @@ def database(backend: str, workdir: Path) -> Iterator[str]:
         server.shutdown()
 
 
-def record(n: int, answer: bytes, turns: int = 1) -> Exchange:
+def record(n: int, answer: bytes, turns: int = 1, prompt: str = PROMPT) -> Exchange:
     """Record ``n``: turn ``n // SPREAD % turns`` of a conversation (the first, if turns is
     1), with the answer ``answer`` to each question of its history."""
     conversation = f"{n // (SPREAD * turns)}-{n % SPREAD}"
@@ -74,7 +76,7 @@ def record(n: int, answer: bytes, turns: int = 1) -> Exchange:
     for turn in range(n // SPREAD % turns + 1):
         if turn:
             messages.append(said)
-        question = f"Question {conversation}/{turn}: summarise this. {PROMPT}"
+        question = f"Question {conversation}/{turn}: summarise this. {prompt}"
         messages.append({"role": "user", "content": question})
     request = {"model": "gpt-4o-mini", "messages": messages, "user": f"user-{n % 50}"}
     return Exchange(
@@ -99,7 +101,9 @@ def _message(answer: bytes) -> dict[str, Any]:
     return message
 
 
-async def run(dsn: str, rate: int, seconds: float, turns: int, workdir: Path) -> None:
+async def run(
+    dsn: str, rate: int, seconds: float, turns: int, workdir: Path, prompt: str = PROMPT
+) -> None:
     settings = replace(
         Settings(),
         sql_dsn=dsn,
@@ -128,7 +132,7 @@ async def run(dsn: str, rate: int, seconds: float, turns: int, workdir: Path) ->
     while (elapsed := time.perf_counter() - started) < seconds:
         due = int(elapsed * rate)
         while submitted < due:
-            writer.submit(record(submitted, answer, turns))
+            writer.submit(record(submitted, answer, turns, prompt))
             submitted += 1
         peak_backlog = max(peak_backlog, writer.depth)
         if elapsed >= next_report:
@@ -159,14 +163,18 @@ def main() -> None:
     parser.add_argument(
         "--turns", type=int, default=1, help="turns a conversation lasts (1: each record new)"
     )
+    parser.add_argument(
+        "--prompt-bytes", type=int, default=len(PROMPT), help="size of each question's text"
+    )
     args = parser.parse_args()
+    prompt = (FILLER * (args.prompt_bytes // len(FILLER) + 1))[: args.prompt_bytes]
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-writer-"))
     workdir.chmod(0o755)  # the database servers run as their own users
     try:
         with database(args.backend, workdir) as dsn:
             import uvloop
 
-            uvloop.run(run(dsn, args.rate, args.seconds, args.turns, workdir))
+            uvloop.run(run(dsn, args.rate, args.seconds, args.turns, workdir, prompt))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from gateway.capture import Exchange, from_entry, to_entry
 from storage import history
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
+from storage.dsn import parse_dsn
 from storage.schema import completions, conversations, messages
+from tests.conftest import database_dsn
+from tests.dbservers import DatabaseServer
 
 
 def exchange(sent: list[Any], **extra: Any) -> Exchange:
@@ -120,6 +124,35 @@ async def test_a_batch_written_again_changes_nothing(history_dsn: str) -> None:
     # One conversation, the second turn resending the first: hello, done, more, done.
     assert stored == 4
     assert (conversation["completion_count"], conversation["message_count"]) == (2, 4)
+
+
+async def test_long_content_is_compressed_with_lz4_on_postgresql(
+    postgres: DatabaseServer, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """pglz, PostgreSQL's default, cost the database most of a record's time once prompts
+    are long (over ~2 KB a value is compressed as it is stored): what was said is
+    compressed with LZ4, and reads back the same."""
+    words = " ".join(f"word{i % 997}" for i in range(4000))  # ~36 KB, compressible
+    sent = [
+        {"role": "user", "content": [{"type": "text", "text": words}]},
+        {"role": "user", "content": words},
+    ]
+    dsn = database_dsn(request, "postgresql", tmp_path, "lz4")
+    assert await store_and_rebuild(dsn, exchange(sent)) == sent
+    engine = create_engine(parse_dsn(dsn), pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            methods = await connection.execute(
+                text(
+                    "SELECT pg_column_compression(body), pg_column_compression(content_text) "
+                    "FROM messages WHERE length(body) + coalesce(length(content_text), 0) > 30000"
+                )
+            )
+            stored = {tuple(row) for row in methods}
+    finally:
+        await engine.dispose()
+    # A string's text is kept once, in content_text; the parts' in their body too.
+    assert stored == {(None, "lz4"), ("lz4", "lz4")}, stored
 
 
 def test_a_conversation_is_titled_by_the_first_words_of_its_first_user_message() -> None:
