@@ -37,6 +37,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.speed import FILLER  # noqa: E402
 from fake_upstream.responses import Answer  # noqa: E402
 from gateway.capture import Exchange  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
@@ -45,10 +46,6 @@ from gateway.writer_process import WriterProcess  # noqa: E402
 from storage.spool import Spool  # noqa: E402
 
 SPREAD = 1000  # --turns: conversations whose turns are interleaved
-FILLER = (
-    "The quarterly report shows revenue up four percent, churn down, and a backlog of "
-    "support tickets about the export feature that the team wants to clear before June. "
-)
 PROMPT = FILLER * 6  # ~1 KB; --prompt-bytes sets another size
 
 

@@ -315,15 +315,26 @@ async def test_plain_http_goes_through_the_proxy_with_its_credentials(
     ]
 
 
+def trusted_servers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *names: str
+) -> list[ssl.SSLContext]:
+    """A server's TLS context for each of ``names``, from a CA the pool is made to trust."""
+    authority = trustme.CA()
+    contexts = []
+    for name in names:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert(name).configure_cert(context)
+        contexts.append(context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    return contexts
+
+
 @on_both_loops
 async def test_https_goes_through_a_connect_tunnel(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    authority = trustme.CA()
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("api.example.test").configure_cert(server_tls)
-    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the pool trusts our CA
+    (server_tls,) = trusted_servers(monkeypatch, tmp_path, "api.example.test")
     seen = Seen()
 
     async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -357,13 +368,9 @@ async def test_https_goes_through_a_connect_tunnel(
 async def test_an_https_proxy_is_spoken_to_over_tls(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    authority = trustme.CA()
-    proxy_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(proxy_tls)
-    upstream_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("api.example.test").configure_cert(upstream_tls)
-    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    proxy_tls, upstream_tls = trusted_servers(
+        monkeypatch, tmp_path, "localhost", "api.example.test"
+    )
     seen = Seen()
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
