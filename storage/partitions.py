@@ -329,10 +329,14 @@ class Partitions:
                 await connection.execute(
                     text(f"ALTER INDEX {index_name} RENAME TO {legacy}_{index_name}")
                 )
+        # The columns' compression (LZ4 where history_0006 set it) goes with them, and from
+        # the parent to each day's partition (PostgreSQL 14 and later have one to take).
+        version = connection.dialect.server_version_info or (0,)
+        compression = " INCLUDING COMPRESSION" if version >= (14,) else ""
         await connection.execute(
             text(
-                f"CREATE TABLE {table} (LIKE {legacy} INCLUDING DEFAULTS INCLUDING CONSTRAINTS, "
-                f"PRIMARY KEY (id, started_at)) PARTITION BY RANGE (started_at)"
+                f"CREATE TABLE {table} (LIKE {legacy} INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+                f"{compression}, PRIMARY KEY (id, started_at)) PARTITION BY RANGE (started_at)"
             )
         )
         for index_name, definition in indexes:

@@ -28,7 +28,7 @@ from storage.schema import completions, conversations, messages, usage_daily
 from storage.writer import is_unavailable
 from tests.conftest import database_dsn
 from tests.gateway_process import GatewayProcess
-from tests.history_db import migrated, spooled_writer
+from tests.history_db import migrated, spooled_writer, write_records
 from tests.test_retention import PARIS, ROME, turn
 from tests.test_writer_batches import write_across
 
@@ -57,6 +57,51 @@ async def write_through_the_writer(
         assert writer.submit(record)
     await writer.close(30)
     assert writer.metrics.counters["records_written"] == len(records)
+
+
+async def test_long_parameters_are_compressed_with_lz4_split_by_day_or_not(
+    postgres: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """An agent's request carries its tools, often tens of KB, every time: a completion's
+    parameters are compressed with LZ4 (not pglz) as its messages are, whether the days
+    were split before the upgrade that set it (each partition is set) or after it (the
+    split table takes the setting along)."""
+    tools = [
+        {"type": "function", "function": {"name": f"tool_{i}", "description": "word " * 200}}
+        for i in range(20)
+    ]
+
+    def compressions(rows: Any) -> dict[str, str]:
+        return {name: method.decode() for name, method in rows}
+
+    for split_before in (True, False):
+        dsn = database_dsn(request, "postgresql", tmp_path, "lz4")
+        engine = create_engine(await ensure_database(dsn), pool_size=2)
+        try:
+            await migrate(engine, "main")
+            await migrate(engine, "history", "history_0005" if split_before else "head")
+            await Partitions(engine).setup(TODAY)
+            await migrate(engine, "history")
+            record = turn([{"role": "user", "content": "which tool?"}], PARIS, 0, now=NOW)
+            record.request["tools"] = tools
+            await write_records(engine, record)
+            async with engine.connect() as connection:
+                tables = await connection.execute(
+                    text(
+                        "SELECT c.relname, a.attcompression FROM pg_attribute AS a "
+                        "JOIN pg_class AS c ON c.oid = a.attrelid WHERE a.attname = 'params' "
+                        "AND (c.relname = 'completions' OR c.oid IN (SELECT inhrelid FROM "
+                        "pg_inherits WHERE inhparent = 'completions'::regclass))"
+                    )
+                )
+                stored = await connection.scalar(
+                    text("SELECT pg_column_compression(params) FROM completions")
+                )
+        finally:
+            await engine.dispose()
+        set_on = compressions(tables)
+        assert len(set_on) >= 3 and set(set_on.values()) == {"l"}, set_on  # l: LZ4
+        assert stored == "lz4"
 
 
 async def test_three_days_of_history_read_as_one(
