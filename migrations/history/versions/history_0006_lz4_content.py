@@ -39,7 +39,7 @@ def _compress_with(method: str) -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    if int(bind.exec_driver_sql("SHOW server_version_num").scalar_one()) < 140000:
+    if (bind.dialect.server_version_info or (0,)) < (14,):
         return  # no per-column compression before PostgreSQL 14
     for table, columns in COLUMNS.items():
         # Split by day, each partition has its own setting: the parent's reaches only the
