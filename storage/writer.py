@@ -179,14 +179,19 @@ class HistoryWriter:
         """Write what is spooled, for at most ``grace`` seconds; what is left stays spooled."""
         if self._task is None:
             return
-        if self._cursor < self.spool.end:
+        deadline = time.monotonic() + grace
+        # Idle is only news once the loop has looked again: a writer following another
+        # process's slot was idle before that process appended its last records.
+        while self._cursor < self.spool.end:
+            self.wake()
             try:
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(self._idle.wait(), deadline - time.monotonic())
             except TimeoutError:
                 log.warning(
                     "shutdown grace over: %d bytes of records stay in the spool for next start",
                     self.spool.pending_bytes,
                 )
+                break
         self._task.cancel()
         try:
             await self._task

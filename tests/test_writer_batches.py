@@ -12,9 +12,12 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.capture import Exchange
+from gateway.capture import Exchange, from_entry, to_entry
+from gateway.metrics import Metrics
 from storage import writer as writer_module
 from storage.schema import completions, messages
+from storage.spool import Spool
+from storage.writer import HistoryWriter
 from tests.history_db import migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
 
@@ -134,3 +137,34 @@ async def write_across(
     assert stored == 10
     assert {f"after {n}" for n in range(5)} <= texts
     assert writer.metrics.counters["records_dead_lettered"] == 0
+
+
+async def test_a_writer_told_to_stop_writes_what_was_spooled_just_before(tmp_path: Path) -> None:
+    """The gateway appends to its spool slot and its writer process follows it. A record
+    spooled just before the gateway tells the writer to stop is written in the grace
+    period, even when the writer had been idle and had not looked at the slot since."""
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        owner = spooled_writer(engine, tmp_path, batch_size=10)  # only its spool is used
+        follower = Spool(tmp_path / "spool", 2**30)
+        assert owner.spool.slot is not None
+        follower.follow(owner.spool.slot)
+        writer = HistoryWriter(
+            engine,
+            Metrics(),
+            follower,
+            encode=to_entry,
+            decode=from_entry,
+            batch_size=10,
+            flush_interval=0.05,
+            retry_seconds=1.0,
+        )
+        writer.start()
+        assert owner.submit(exchange([{"role": "user", "content": "first"}]))
+        await until_written(writer, 1)
+        await asyncio.sleep(0.1)  # idle: waiting for more
+        assert owner.submit(exchange([{"role": "user", "content": "last"}]))
+        await writer.close(grace=10)
+        owner.spool.close()
+        async with engine.connect() as connection:
+            texts = set((await connection.execute(select(messages.c.content_text))).scalars())
+    assert {"first", "last"} <= texts
