@@ -11,8 +11,9 @@ that none of it takes the event loop the requests are served on.
   for ``/metrics``, ``/readyz`` and the spool's size limit.
 - The gateway stops its writer by closing the child's stdin: the child writes what is
   spooled for at most ``MES_SHUTDOWN_GRACE_SECONDS`` and exits; what is left stays spooled.
-- A gateway that dies takes its writer with it (``PR_SET_PDEATHSIG``), so a slot whose lock
-  is free has no writer left on it; a writer that dies is started again by its gateway.
+- A gateway that dies takes its writer with it (``PR_SET_PDEATHSIG``, and a writer whose
+  gateway died before it asked for that stops at once), so a slot whose lock is free has
+  no writer left on it; a writer that dies is started again by its gateway.
   Either way nothing is lost: what was not written is still in the spool.
 """
 
@@ -161,6 +162,7 @@ class WriterProcess:
                 "gateway.writer_process",
                 str(self.spool.slot),
                 str(self.state.fd),
+                str(os.getpid()),
             ],
             stdin=subprocess.PIPE,
             pass_fds=(self.state.fd,),
@@ -239,6 +241,10 @@ async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[b
 
 def main() -> None:
     _die_with_parent()
+    if os.getppid() != int(sys.argv[3]):
+        # The gateway died before the line above (while this process imported): no one
+        # holds the slot's lock now, and another process may be taking the slot over.
+        sys.exit("mes-writer: the gateway that started this writer is gone")
     # The gateway decides when its writer stops: a Ctrl-C or a SIGTERM sent to the whole
     # process group reaches the gateway, which then closes this process's stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -97,6 +97,12 @@ class Spool:
         path = self._path(self._segment)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._end = _repair(path)
+        if self.checkpoint.segment == self._segment and self.checkpoint.offset > self._end:
+            # A checkpoint into a segment that is gone (made again empty just now): records
+            # appended from here on would be skipped up to it.
+            log.warning("spool %s: checkpoint past the end of its segment: reset", slot)
+            self.checkpoint = Position(self._segment, 0)
+            self._write_checkpoint(self.checkpoint)
         self._bytes = sum(
             self._segment_size(n) - (self.checkpoint.offset if n == self.checkpoint.segment else 0)
             for n in segments
@@ -116,9 +122,11 @@ class Spool:
     def clear(self) -> None:
         """Delete every record of this slot (after they were moved elsewhere)."""
         assert self.slot is not None
+        # The checkpoint first: a crash midway leaves records to be written again (writes
+        # are idempotent), never a checkpoint into segments that are gone.
+        (self.slot / "checkpoint").unlink(missing_ok=True)
         for number in self._segments():
             self._path(number).unlink(missing_ok=True)
-        (self.slot / "checkpoint").unlink(missing_ok=True)
         self._bytes = 0
 
     def orphans(self) -> list[Path]:
@@ -204,6 +212,16 @@ class Spool:
             position = Position(position.segment, offset)
         return out
 
+    def past_ended(self, position: Position) -> Position:
+        """Where the next record after ``position`` will start: past the ends of segments
+        the owner has left for a newer one (which may hold no record yet)."""
+        end = self.end
+        while position.segment < end.segment and position.offset >= self._segment_size(
+            position.segment
+        ):
+            position = Position(position.segment + 1, 0)
+        return position
+
     def commit(self, position: Position) -> None:
         """Everything up to ``position`` is in the database: move the checkpoint there and
         delete the segments wholly before it."""
@@ -213,9 +231,7 @@ class Spool:
         self.released += released
         self.checkpoint = position
         assert self.slot is not None
-        temporary = self.slot / "checkpoint.new"
-        temporary.write_text(f"{position.segment} {position.offset}\n")
-        temporary.replace(self.slot / "checkpoint")
+        self._write_checkpoint(position)
         for number in self._segments():
             if number < position.segment:
                 self._path(number).unlink(missing_ok=True)
@@ -286,6 +302,12 @@ class Spool:
     def _segments(self) -> list[int]:
         assert self.slot is not None
         return sorted(int(p.stem.split("-")[1]) for p in self.slot.glob("segment-*.log"))
+
+    def _write_checkpoint(self, position: Position) -> None:
+        assert self.slot is not None
+        temporary = self.slot / "checkpoint.new"
+        temporary.write_text(f"{position.segment} {position.offset}\n")
+        temporary.replace(self.slot / "checkpoint")
 
     def _read_checkpoint(self) -> Position:
         assert self.slot is not None

@@ -204,11 +204,31 @@ class HistoryWriter:
             await self._until_ready()
         self.ready_event.set()
         try:
-            await self._loop()
+            while True:
+                try:
+                    await self._loop()
+                except Exception:
+                    # Not the database, whose trouble ``_write`` outlasts, but the spool's own
+                    # files (a full disk, say). Start again from the checkpoint in a while:
+                    # what was taken since is read again, and writes are idempotent.
+                    log.exception(
+                        "history writer failed: reading the spool again from its checkpoint "
+                        "in %.0f s",
+                        self.retry_seconds,
+                    )
+                    await self._abandon_write()
+                    self._taken = self._cursor
+                    await asyncio.sleep(self.retry_seconds)
         finally:
-            if self._writing is not None and not self._writing[0].done():
-                self._writing[0].cancel()  # stopped: what it was writing stays spooled
-                await asyncio.wait([self._writing[0]])
+            await self._abandon_write()  # stopped: what it was writing stays spooled
+
+    async def _abandon_write(self) -> None:
+        if self._writing is not None:
+            task = self._writing[0]
+            self._writing = None
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
 
     async def _loop(self) -> None:
         while True:
@@ -297,7 +317,11 @@ class HistoryWriter:
         while len(batch) < self.batch_size and size < BATCH_BYTES:
             entries = self.spool.read(position, self.batch_size - len(batch))
             if not entries:
-                break
+                ahead = self.spool.past_ended(position)
+                if ahead == position:
+                    break
+                position = ahead  # a new segment, empty yet: nothing more was left behind
+                continue
             behind = self._behind()
             for n, (entry, end) in enumerate(entries, 1):
                 if size >= BATCH_BYTES:

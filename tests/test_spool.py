@@ -86,3 +86,55 @@ def test_a_slot_belongs_to_one_live_process_and_a_dead_ones_is_an_orphan(tmp_pat
     holder.wait()
     assert [slot.name for slot in mine.orphans()] == [taken]
     assert Position(1, 0) <= mine.checkpoint
+
+
+def test_a_slot_cleared_up_to_a_crash_loses_none_of_the_records_appended_after(
+    tmp_path: Path,
+) -> None:
+    """Clearing a slot (its records moved elsewhere) deletes the checkpoint before the
+    segments. A crash after the segments went, before the checkpoint did, used to leave a
+    checkpoint into a segment that the slot's next owner makes again, empty: the records
+    it appended were skipped up to that checkpoint."""
+    spool = Spool(tmp_path, max_bytes=10**9)
+    spool.open()
+    for entry in entries(3):
+        spool.append(entry)
+    spool.commit(spool.read(spool.checkpoint, 2)[-1][1])
+    slot = spool.slot
+    assert slot is not None
+    cleared = []
+    real_unlink = Path.unlink
+
+    def crash_at_the_checkpoint(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "checkpoint":
+            raise SystemExit("killed")  # the process dies here
+        cleared.append(path.name)
+        real_unlink(path, missing_ok=missing_ok)
+
+    Path.unlink = crash_at_the_checkpoint  # type: ignore[method-assign]
+    try:
+        spool.clear()
+    except SystemExit:
+        pass
+    finally:
+        Path.unlink = real_unlink  # type: ignore[method-assign]
+    spool.close()
+    # However far the clear got, the slot's next owner reads back all it appends.
+    later = Spool(tmp_path, max_bytes=10**9)
+    assert later.take(slot)
+    for entry in entries(3, size=20):
+        later.append(entry)
+    assert [e for e, _ in later.read(later.checkpoint, 10)][-3:] == entries(3, size=20)
+    later.close()
+
+
+def test_the_next_record_is_found_past_a_segment_the_owner_left(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10**9, segment_bytes=100)
+    spool.open()
+    for entry in entries(5):
+        spool.append(entry)
+    last = spool.read(spool.checkpoint, 10)[-1][1]
+    assert spool.past_ended(last) == last  # the owner still appends to this segment
+    spool._rotate()  # the owner moved on (and may have died before it appended)
+    assert spool.past_ended(last) == Position(last.segment + 1, 0)
+    spool.close()

@@ -1,17 +1,23 @@
 """Two gateway processes share a spool directory, each in its own slot; both are killed and
-only one comes back: it writes the records of both."""
+only one comes back: it writes the records of both. A writer process never outlives its
+gateway on a slot."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.gateway_process import GatewayProcess
+from gateway.settings import Settings
+from gateway.writer_process import SharedState
+from tests.gateway_process import REPO, GatewayProcess
 from tests.history_db import HistoryDB
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
@@ -51,3 +57,26 @@ async def test_a_dead_processs_spool_slot_is_taken_over(upstream: Any, tmp_path:
         metrics = httpx.get(survivor.url + "/metrics").text
     assert sorted(users) == sorted(answered) and set(users.values()) == {1}
     assert "mes_records_adopted_total 20" in metrics
+
+
+def test_a_writer_whose_gateway_died_while_it_started_stops_at_once(tmp_path: Path) -> None:
+    """The kernel is asked to stop the writer with its gateway only once the writer has
+    imported what it needs; a gateway killed before that left its writer running, with no
+    lock on the slot it wrote from. Such a writer now sees it has another parent, and
+    stops before it touches the slot or the database."""
+    state = SharedState.create()
+    settings = pickle.dumps(Settings.from_env({"MES_SQLITE_PATH": str(tmp_path / "h.db")}))
+    gone = "1"  # not the pid of this writer's parent (the test)
+    slot = tmp_path / "spool" / "slot-0"
+    writer = subprocess.run(
+        [sys.executable, "-m", "gateway.writer_process", str(slot), str(state.fd), gone],
+        input=len(settings).to_bytes(8, "big") + settings,
+        pass_fds=(state.fd,),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert writer.returncode == 1
+    assert b"the gateway that started this writer is gone" in writer.stderr
+    assert not (tmp_path / "h.db").exists() and not slot.exists()

@@ -4,6 +4,8 @@ once, in spool order, and, when behind, the next batch built during the write be
 from __future__ import annotations
 
 import asyncio
+import errno
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from gateway.capture import Exchange, from_entry, to_entry
 from gateway.metrics import Metrics
 from storage import writer as writer_module
 from storage.schema import completions, messages
-from storage.spool import Spool
+from storage.spool import Position, Spool
 from storage.writer import HistoryWriter
 from tests.history_db import migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
@@ -145,19 +147,7 @@ async def test_a_writer_told_to_stop_writes_what_was_spooled_just_before(tmp_pat
     period, even when the writer had been idle and had not looked at the slot since."""
     async with migrated(str(tmp_path / "history.db")) as engine:
         owner = spooled_writer(engine, tmp_path, batch_size=10)  # only its spool is used
-        follower = Spool(tmp_path / "spool", 2**30)
-        assert owner.spool.slot is not None
-        follower.follow(owner.spool.slot)
-        writer = HistoryWriter(
-            engine,
-            Metrics(),
-            follower,
-            encode=to_entry,
-            decode=from_entry,
-            batch_size=10,
-            flush_interval=0.05,
-            retry_seconds=1.0,
-        )
+        writer = following(engine, owner.spool)
         writer.start()
         assert owner.submit(exchange([{"role": "user", "content": "first"}]))
         await until_written(writer, 1)
@@ -168,3 +158,76 @@ async def test_a_writer_told_to_stop_writes_what_was_spooled_just_before(tmp_pat
         async with engine.connect() as connection:
             texts = set((await connection.execute(select(messages.c.content_text))).scalars())
     assert {"first", "last"} <= texts
+
+
+def following(engine: AsyncEngine, owned: Spool) -> HistoryWriter:
+    """A writer following the slot of ``owned``, as a gateway's writer process does."""
+    follower = Spool(owned.root, 2**30)
+    assert owned.slot is not None
+    follower.follow(owned.slot)
+    return HistoryWriter(
+        engine,
+        Metrics(),
+        follower,
+        encode=to_entry,
+        decode=from_entry,
+        batch_size=10,
+        flush_interval=0.05,
+        retry_seconds=1.0,
+    )
+
+
+async def test_a_writer_goes_on_into_a_new_segment_its_gateway_left_empty(tmp_path: Path) -> None:
+    """The gateway starts a segment, then dies before it appends to it. Its writer moves
+    its checkpoint into the new segment (the old one is whole and written): it used to
+    read nothing at the end of the old one, again and again, and take a stop's whole
+    grace period."""
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        owner = spooled_writer(engine, tmp_path, batch_size=10)
+        writer = following(engine, owner.spool)
+        writer.start()
+        assert owner.submit(exchange([{"role": "user", "content": "before"}]))
+        await until_written(writer, 1)
+        owner.spool._rotate()  # a new segment, and no record in it
+        new_segment = Position(owner.spool.end.segment, 0)
+        deadline = time.monotonic() + 10
+        while writer.spool.checkpoint < new_segment and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert writer.spool.checkpoint == new_segment
+        assert owner.submit(exchange([{"role": "user", "content": "after"}]))
+        await until_written(writer, 2)
+        await writer.close(grace=10)
+        owner.spool.close()
+
+
+async def test_a_spool_failing_to_move_its_checkpoint_once_stops_no_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool's own files can fail (a full disk): the writer used to stop for good,
+    its process alive, while records piled up in the spool. It reads the spool again from
+    its checkpoint after a pause, and goes on."""
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
+        real_commit = writer.spool.commit
+        failed: list[Position] = []
+
+        def commit(position: Position) -> None:
+            if not failed:
+                failed.append(position)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_commit(position)
+
+        monkeypatch.setattr(writer.spool, "commit", commit)
+        writer.start()
+        assert writer.submit(exchange([{"role": "user", "content": "before"}]))
+        await until_written(writer, 1)
+        assert writer.submit(exchange([{"role": "user", "content": "after"}]))
+        await until_written(writer, 2)
+        await writer.close(grace=10)
+        async with engine.connect() as connection:
+            texts = set((await connection.execute(select(messages.c.content_text))).scalars())
+    assert failed and {"before", "after"} <= texts
+    again = Spool(tmp_path / "spool", 2**30)
+    again.open()
+    assert again.pending_bytes == 0  # the checkpoint is past both
+    again.close()
