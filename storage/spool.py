@@ -133,7 +133,7 @@ class Spool:
         """Other slots whose process is gone and which still hold records."""
         found = []
         for slot in sorted(self.root.glob("slot-*")):
-            if slot == self.slot or not any(p.stat().st_size for p in slot.glob("segment-*.log")):
+            if slot == self.slot or not _holds_records(slot):
                 continue
             fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -317,6 +317,16 @@ class Spool:
         except (FileNotFoundError, ValueError):
             first = self._segments()
             return Position(first[0] if first else 1, 0)
+
+
+def _holds_records(slot: Path) -> bool:
+    for path in slot.glob("segment-*.log"):
+        try:
+            if path.stat().st_size:
+                return True
+        except FileNotFoundError:  # written and deleted meanwhile by the slot's writer
+            continue
+    return False
 
 
 def _repair(path: Path) -> int:
