@@ -163,9 +163,15 @@ class Spool:
             return None
         if self._end >= self.segment_bytes:
             self._rotate()
-        written = os.write(self._fd, line)
-        while written < len(line):  # a regular file takes it whole; be sure anyway
-            written += os.write(self._fd, line[written:])
+        try:
+            written = os.write(self._fd, line)
+            while written < len(line):  # a regular file takes it whole; be sure anyway
+                written += os.write(self._fd, line[written:])
+        except OSError:
+            # A full disk, say: cut what went in, or the next record would be glued to it
+            # and both be unreadable.
+            os.ftruncate(self._fd, self._end)
+            raise
         self._end += len(line)
         self._bytes += len(line)
         self._synced = False
@@ -274,10 +280,10 @@ class Spool:
     def _rotate(self) -> None:
         assert self._fd is not None
         os.fsync(self._fd)
+        path = self._path(self._segment + 1)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # first: may fail
         os.close(self._fd)
-        self._segment += 1
-        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._end = 0
+        self._fd, self._segment, self._end = fd, self._segment + 1, 0
 
     def _distance(self, start: Position, stop: Position) -> int:
         if start.segment == stop.segment:

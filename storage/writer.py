@@ -114,7 +114,13 @@ def spool_record(spool: Spool, metrics: Metrics, encode: Encode, record: Record)
         log.exception("could not spool record %s", record.id)
         metrics.inc("records_dropped")
         return False
-    if spool.append(entry) is None:
+    try:
+        position = spool.append(entry)
+    except OSError as error:  # the disk: the answer still goes to its client
+        metrics.inc("records_dropped")
+        log.error("could not spool record %s (%s): not captured", record.id, error)
+        return False
+    if position is None:
         metrics.inc("records_dropped")
         log.error("spool full (%d bytes): record %s not captured", spool.max_bytes, record.id)
         return False

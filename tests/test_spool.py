@@ -3,12 +3,19 @@ was written, a half-written record is cut off, and slots belong to one process e
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from gateway.capture import from_entry, to_entry
+from gateway.metrics import Metrics
 from storage.spool import Position, Spool
+from storage.writer import spool_record
+from tests.test_message_store import exchange
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,4 +159,32 @@ def test_the_next_record_is_found_past_a_segment_the_owner_left(tmp_path: Path) 
     assert spool.past_ended(last) == last  # the owner still appends to this segment
     spool._rotate()  # the owner moved on (and may have died before it appended)
     assert spool.past_ended(last) == Position(last.segment + 1, 0)
+    spool.close()
+
+
+def test_a_record_the_disk_takes_half_of_is_cut_and_the_next_reads_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk takes half a record, then refuses the rest: the record is counted as
+    dropped (its answer still goes to the client), and the half is cut off, so the next
+    record is not glued to it."""
+    spool = Spool(tmp_path, max_bytes=10**9)
+    spool.open()
+    metrics = Metrics()
+    first, lost, last = (exchange([{"role": "user", "content": t}]) for t in "abc")
+    assert spool_record(spool, metrics, to_entry, first)
+    real_write = os.write
+
+    def disk_full(fd: int, data: bytes) -> int:
+        if len(data) > 1:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("storage.spool.os.write", disk_full)
+    assert not spool_record(spool, metrics, to_entry, lost)
+    monkeypatch.setattr("storage.spool.os.write", real_write)
+    assert spool_record(spool, metrics, to_entry, last)
+    read = [from_entry(entry).id for entry, _ in spool.read(spool.checkpoint, 10)]
+    assert read == [first.id, last.id]
+    assert metrics.counters["records_dropped"] == 1
     spool.close()
