@@ -1,6 +1,7 @@
--- wrk script for bench/speed.py: POSTs a chat completion whose body is read from the file
--- named by MES_BENCH_BODY. "@@N@@" in it is replaced by a request counter (and the run's
--- MES_BENCH_TAG), so that every request is a new conversation, as from many users.
+-- wrk script for bench/speed.py and bench/peers.py: POSTs a chat completion whose body is
+-- read from the file named by MES_BENCH_BODY. "@@N@@" in it is replaced by a request counter
+-- (and the run's MES_BENCH_TAG), so that every request is a new conversation, as from many
+-- users.
 local prefix, suffix
 local tag = os.getenv("MES_BENCH_TAG") or "run"
 local count = 0
@@ -8,6 +9,11 @@ local headers = {
   ["Content-Type"] = "application/json",
   ["Authorization"] = "Bearer sk-bench",
 }
+-- more headers, one "Name: value" a line (bench/peers.py: what a peer needs to route)
+for line in (os.getenv("MES_BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  headers[name] = value
+end
 
 local file = assert(io.open(os.getenv("MES_BENCH_BODY"), "rb"))
 local body = file:read("*a")

@@ -72,7 +72,7 @@ def prompt_body(size: int, stream: bool) -> bytes:
 
 # -- wrk ----------------------------------------------------------------------------------
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}
 
 
 @dataclass
@@ -85,30 +85,53 @@ class WrkRun:
 
 
 def _ms(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()  # type: ignore[union-attr]
     return float(number) * _UNITS[unit]
 
 
-def wrk(url: str, body_file: Path, connections: int, seconds: float) -> WrkRun:
+def wrk(
+    url: str,
+    body_file: Path,
+    connections: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+) -> WrkRun:
+    """wrk's run of ``chat.lua`` against ``url``; ``headers`` are sent beside its own."""
     command = [
         "wrk",
         "-t1",
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",  # wrk's default, 2 s, would count a slow peer's answers as errors
         "--latency",
         "-s",
         str(HERE / "chat.lua"),
         url,
     ]
-    env = {**os.environ, "MES_BENCH_BODY": str(body_file), "MES_BENCH_TAG": uuid.uuid4().hex}
+    env = {
+        **os.environ,
+        "MES_BENCH_BODY": str(body_file),
+        "MES_BENCH_TAG": uuid.uuid4().hex,
+        "MES_BENCH_HEADERS": "\n".join(
+            f"{name}: {value}" for name, value in (headers or {}).items()
+        ),
+    }
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    percentiles = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+(?:us|ms|s))$", out, re.M))
+    percentiles = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+(?:us|ms|s|m|h))\s*$", out, re.M))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def percentile(name: str) -> float:
+        if name not in percentiles:  # no answer in time, or an output this does not know
+            print(f"wrk gave no {name}th percentile:\n{out}", file=sys.stderr)
+            return float("nan")
+        return _ms(percentiles[name])
+
     return WrkRun(
         requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(percentiles["50"]),
-        p99_ms=_ms(percentiles["99"]),
+        p50_ms=percentile("50"),
+        p99_ms=percentile("99"),
         requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         errors=errors + (int(non_2xx.group(1)) if non_2xx else 0),
     )
