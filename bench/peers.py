@@ -1,6 +1,6 @@
 """MES Gateway against its peers, each in front of the same fake upstream, in one run.
 
-    python bench/peers.py                         # ~10 minutes, the peers' install included
+    python bench/peers.py                         # ~12 minutes, and the peers' install once
     python bench/peers.py --peers portkey --concurrency 1 16 --duration 5
 
 The peers are installed once, pinned, into ``~/.cache/mes-gateway/bench-peers`` (or

@@ -1,6 +1,6 @@
 """How fast the gateway is, against the direct upstream in the same run.
 
-    python bench/speed.py                    # everything: ~10 minutes
+    python bench/speed.py                    # everything: ~25 minutes
     python bench/speed.py --configs postgresql off --duration 5 --soak 0
 
 Starts the fake upstream (its own process) and, one after another, the gateway (one worker)
