@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.speed import (  # noqa: E402
     WrkRun,
+    bench_settings,
     drained,
     history_database,
     prompt_body,
@@ -176,14 +177,7 @@ def portkey(script: Path, upstream_base: str, workdir: Path) -> Iterator[Target]
 def ours(kind: str, upstream_base: str, workdir: Path) -> Iterator[Target]:
     folder = workdir / kind
     with history_database(kind, folder) as env:
-        gateway_env = {
-            "UPSTREAM_BASE_URL": upstream_base,
-            "LOG_LEVEL": "warning",
-            "MES_SPOOL_DIR": str(folder / "spool"),
-            "MES_FLUSH_INTERVAL": "0.2",
-            **env,
-        }
-        with GatewayProcess(gateway_env, folder) as gateway:
+        with GatewayProcess(bench_settings(upstream_base, folder, env), folder) as gateway:
             assert gateway.process is not None
             name = "MES, capture off" if kind == "off" else f"MES, capture into {kind}"
             url = gateway.url + "/v1/chat/completions"

@@ -233,6 +233,18 @@ def history_database(kind: str, workdir: Path) -> Iterator[dict[str, str]]:
             server.shutdown()
 
 
+def bench_settings(upstream_base: str, folder: Path, database: dict[str, str]) -> dict[str, str]:
+    """The gateway's settings in a bench: ``database`` (from ``history_database``), its spool
+    in ``folder``, warnings only in its log."""
+    return {
+        "UPSTREAM_BASE_URL": upstream_base,
+        "LOG_LEVEL": "warning",
+        "MES_SPOOL_DIR": str(folder / "spool"),
+        "MES_FLUSH_INTERVAL": "0.2",
+        **database,
+    }
+
+
 # -- the run --------------------------------------------------------------------------------
 
 HEADER = (
@@ -372,14 +384,8 @@ def main() -> None:
         for config in args.configs:
             print(f"\n== gateway, capture {'off' if config == 'off' else 'into ' + config} ==")
             with history_database(config, workdir / config) as env:
-                gateway_env = {
-                    "UPSTREAM_BASE_URL": upstream.base_url,
-                    "LOG_LEVEL": "warning",
-                    "MES_SPOOL_DIR": str(workdir / config / "spool"),
-                    "MES_FLUSH_INTERVAL": "0.2",
-                    **env,
-                    **dict(setting.split("=", 1) for setting in args.gateway_env),
-                }
+                gateway_env = bench_settings(upstream.base_url, workdir / config, env)
+                gateway_env.update(setting.split("=", 1) for setting in args.gateway_env)
                 with GatewayProcess(gateway_env, workdir / config) as gateway:
                     assert gateway.process is not None
                     pid = gateway.process.pid
