@@ -182,6 +182,9 @@ class WriterProcess:
             if code is not None:
                 log.error("writer process exited with %s: starting another", code)
                 await asyncio.sleep(RESTART_SECONDS)
+                # What the dead writer released is on disk; its last report may be missing.
+                self.spool.recount()
+                self.state["released_bytes"] = 0
                 self._spawn()
 
 

@@ -103,14 +103,24 @@ class Spool:
             log.warning("spool %s: checkpoint past the end of its segment: reset", slot)
             self.checkpoint = Position(self._segment, 0)
             self._write_checkpoint(self.checkpoint)
+        self._count(segments)
+        if self._bytes:
+            log.info("spool %s: %d bytes of records to write", self.slot, self._bytes)
+        return True
+
+    def recount(self) -> None:
+        """Count the bytes past the checkpoint again, from disk: the owner's side, once the
+        writer process that moved the checkpoint has died (what it had released last may
+        not have been reported)."""
+        self.checkpoint = self._read_checkpoint()
+        self._count(self._segments())
+
+    def _count(self, segments: list[int]) -> None:
         self._bytes = sum(
             self._segment_size(n) - (self.checkpoint.offset if n == self.checkpoint.segment else 0)
             for n in segments
             if n >= self.checkpoint.segment
         )
-        if self._bytes:
-            log.info("spool %s: %d bytes of records to write", self.slot, self._bytes)
-        return True
 
     def follow(self, slot: Path) -> None:
         """Read and commit the records of ``slot``, which the process holding its lock

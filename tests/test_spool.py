@@ -188,3 +188,21 @@ def test_a_record_the_disk_takes_half_of_is_cut_and_the_next_reads_back_whole(
     assert read == [first.id, last.id]
     assert metrics.counters["records_dropped"] == 1
     spool.close()
+
+
+def test_the_owner_counts_what_is_left_again_from_disk(tmp_path: Path) -> None:
+    """The writer process moves the checkpoint and reports what it released; a writer that
+    dies may not have reported its last commit. Its gateway then counts again from disk."""
+    owner = Spool(tmp_path, max_bytes=10**9)
+    owner.open()
+    written = entries(3)
+    for entry in written:
+        owner.append(entry)
+    assert owner.slot is not None
+    follower = Spool(tmp_path, max_bytes=10**9)
+    follower.follow(owner.slot)
+    follower.commit(follower.read(follower.checkpoint, 2)[-1][1])  # and then it died
+    assert owner.pending_bytes == sum(len(e) + 1 for e in written)
+    owner.recount()
+    assert owner.pending_bytes == len(written[2]) + 1
+    owner.close()
