@@ -414,7 +414,9 @@ async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
     messages and conversations only they used, in small transactions (as retention does),
     so that writers and readers are never held up for long."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
-    run = await retention.prune(_history(request), cutoff, partitions=request.state.partitions)
+    run = await retention.prune(
+        _history(request), cutoff, partitions=request.state.maintenance.partitions
+    )
     details = {"older_than_days": body.older_than_days, **_counts(run.deleted)}
     await _audit(request, actor, "history.pruned", None, details)
     return run.deleted

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.asgi import Receive, Scope, Send, send_error
@@ -88,6 +88,11 @@ class NotFoundEndpoint:
         await send_error(send, NotFound(f"Unknown route {scope['method']} {scope['path']}."))
 
 
+async def _to_viewer(request: Request) -> Response:
+    """``/ui``, as the README writes it, is the viewer's home page ``/ui/``."""
+    return RedirectResponse("/ui/", status_code=307)
+
+
 async def healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
@@ -102,12 +107,16 @@ async def readyz(request: Request) -> Response:
             databases[name] = "ok"
         except Exception as error:  # any failure means "not ready"; the reason is reported
             databases[name] = f"unreachable: {type(error).__name__}"
+    stalled = writer.stalled_seconds
+    settings: Settings = request.state.settings
     ready = all(state == "ok" for state in databases.values())
+    ready = ready and stalled <= settings.stall_seconds
     body = {
         "status": "ready" if ready else "not ready",
         "databases": databases,
         "queue_depth": writer.depth,
         "spool_bytes": writer.spool.pending_bytes,
+        "writer_stalled_seconds": round(stalled, 1),
     }
     return _json(body, status=200 if ready else 503)
 
@@ -232,6 +241,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         writer.start()  # its imports overlap the main database's setup
         registry.gauges["queue_depth"] = lambda: writer.depth
         registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
+        registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
         # A database that is down at start does not stop the gateway: requests are served
         # and spooled, and the databases are set up as soon as they answer.
         background = [asyncio.create_task(_until_done(prepare_main, "main"))]
@@ -280,7 +290,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 "metrics": registry,
                 "engines": engines,
                 "history_engine": history_engine,
-                "partitions": partitions,
+                "maintenance": maintenance,
                 "ui_sessions": Sessions(settings),
             }
         finally:
@@ -310,6 +320,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 ),
                 Route("/v1/{path:path}", FromState("proxy")),
                 Mount("/admin", OnFirstUse("gateway.admin", "create_admin_app")),
+                Route("/ui", _to_viewer),
                 Mount("/ui", OnFirstUse("gateway.ui", "create_ui")),
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),

@@ -60,8 +60,7 @@ class Maintenance:
 
     def start(self, ready: Callable[[], Awaitable[object]]) -> None:
         """Run on schedule once ``ready()`` (the history database is set up) returns."""
-        if self.needed:
-            self._task = asyncio.create_task(self._run(ready), name="mes-maintenance")
+        self._task = asyncio.create_task(self._run(ready), name="mes-maintenance")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -73,6 +72,12 @@ class Maintenance:
 
     async def _run(self, ready: Callable[[], Awaitable[object]]) -> None:
         await ready()
+        if self.partitions is None:  # split by an earlier start: its days are kept as days
+            found = Partitions(self.history)
+            if await found.in_use():
+                self.partitions = found
+        if not self.needed:
+            return
         while True:
             try:
                 await self.run_once()

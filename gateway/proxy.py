@@ -359,11 +359,20 @@ def _ask_for_usage(request: dict[str, object], body: bytes) -> tuple[bytes, bool
 
 
 def _without_usage_event(events: list[bytes], whole: bytes) -> bytes:
-    """The events minus the usage-only chunk that the gateway asked for on its own."""
+    """The events as the client would have had them had the gateway not asked for usage on
+    its behalf: the usage-only chunk gone, and the ``"usage":null`` that asking adds to
+    every other chunk. That field is a key of the chunk's top-level object, which a JSON
+    string cannot hold unescaped, so it is cut from the bytes without parsing them."""
     kept = [event for event in events if not _is_usage_event(event)]
-    if len(kept) == len(events):
-        return whole
-    return b"".join(kept)
+    out = whole if len(kept) == len(events) else b"".join(kept)
+    if b'"usage":' in out:
+        for added in _NULL_USAGE:
+            out = out.replace(added, b"")
+    return out
+
+
+# How "usage": null appears in a chunk: last (OpenAI's order) or first, compact or spaced.
+_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 
 
 def _is_usage_event(event: bytes) -> bool:

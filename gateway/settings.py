@@ -54,6 +54,7 @@ class Settings:
     spool_max_bytes: int = 2**30
     redact_patterns: tuple[str, ...] = ()
     shutdown_grace_seconds: float = 10.0
+    stall_seconds: float = 30.0
     db_pool_size: int = 5
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
@@ -108,6 +109,7 @@ class Settings:
             spool_max_bytes=env.integer("MES_SPOOL_MAX_BYTES", cls.spool_max_bytes, minimum=1024),
             redact_patterns=env.patterns("MES_REDACT_PATTERNS"),
             shutdown_grace_seconds=env.number("GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds),
+            stall_seconds=env.number("MES_STALL_SECONDS", cls.stall_seconds),
             db_pool_size=env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
             trusted_proxies=env.networks("TRUSTED_PROXIES"),
             log_level=env.text("LOG_LEVEL", cls.log_level).lower(),

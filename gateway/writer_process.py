@@ -28,6 +28,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -37,7 +38,7 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
-from storage.partitions import Partitions
+from storage.partitions import partitions_in_use
 from storage.redaction import Redactor
 from storage.rows import Record
 from storage.spool import Spool
@@ -53,7 +54,7 @@ COUNTERS = (
     "records_failed",
     "write_retries",
 )
-_FIELDS = (*COUNTERS, "released_bytes", "ready")
+_FIELDS = (*COUNTERS, "released_bytes", "ready", "stalled_since_ms")
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 RESTART_SECONDS = 1.0
 
@@ -113,6 +114,14 @@ class WriterProcess:
     @property
     def ready(self) -> bool:
         return bool(self.state["ready"])
+
+    @property
+    def stalled_seconds(self) -> float:
+        """How long the writer has had records it could not write (0: it keeps up)."""
+        since = self.state["stalled_since_ms"]
+        if not since or not self.spool.pending_bytes:
+            return 0.0
+        return max(0.0, time.time() - since / 1000)
 
     @property
     def depth(self) -> int:
@@ -202,13 +211,12 @@ def _die_with_parent() -> None:
 
 async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
     engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
-    partitions = Partitions(engine) if settings.mes_daily_partition else None
 
     async def prepare() -> None:
         await ensure_database(settings.history_dsn)
         await migrate(engine, "history")
-        if partitions is not None:
-            await partitions.setup(datetime.now(UTC).date())
+        today = datetime.now(UTC).date()
+        writer.partitions = await partitions_in_use(engine, settings.mes_daily_partition, today)
 
     spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
     spool.follow(slot)
@@ -223,7 +231,6 @@ async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[b
         retry_seconds=settings.capture_retry_seconds,
         prepare=prepare,
         redactor=Redactor(settings.redact_patterns, capture_content=settings.capture_content),
-        partitions=partitions,
     )
     released = state["released_bytes"]  # by the writers before this one
 
@@ -231,6 +238,8 @@ async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[b
         while True:
             state["released_bytes"] = released + spool.released
             state["ready"] = int(writer.ready)
+            stalled = writer.stalled_since
+            state["stalled_since_ms"] = 0 if stalled is None else int(stalled * 1000)
             await asyncio.sleep(POLL_SECONDS)
 
     writer.start()

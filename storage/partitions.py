@@ -48,6 +48,25 @@ _BOUND = re.compile(r"TO \('(\d{4}-\d{2}-\d{2})")
 _TO_DAYS_OFFSET = 365
 
 
+async def partitions_in_use(engine: AsyncEngine, wanted: bool, today: date) -> Partitions | None:
+    """The day partitions to write into: made if ``wanted`` (``MES_DAILY_PARTITION``), or
+    found if a start that wanted them split the database before. A database once split stays
+    split: turning the setting off then would leave rows with no table to go to (SQLite's
+    view takes no rows, PostgreSQL's parent no row of a day it has no partition for), so the
+    layout that exists wins, and says so."""
+    partitions = Partitions(engine)
+    if not wanted:
+        if not await partitions.in_use():
+            return None
+        log.warning(
+            "MES_DAILY_PARTITION is off, but this history database was split into daily "
+            "partitions when it was on: writing into them (set MES_DAILY_PARTITION=true to "
+            "say so; a database once split stays split)"
+        )
+    await partitions.setup(today)
+    return partitions
+
+
 def partition_name(table: str, day: date) -> str:
     """The name of ``table``'s partition for ``day``: made only from a ``date``."""
     if table not in TABLES:
@@ -97,6 +116,11 @@ class Partitions:
                         await self._convert(connection, table, today)
         await self.refresh()
         await self.ensure([today, today + timedelta(days=1)])
+
+    async def in_use(self) -> bool:
+        """Whether the database is split by day already (by a start that asked for it)."""
+        async with self.engine.connect() as connection:
+            return any([await self._is_partitioned(connection, table) for table in TABLES])
 
     async def refresh(self) -> None:
         async with self.engine.connect() as connection:
@@ -205,7 +229,7 @@ class Partitions:
                 text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"),
                 {"name": table},
             )
-            return bool(kind == "p")
+            return kind in ("p", b"p")  # asyncpg gives a "char" as bytes
         count = await connection.scalar(
             text(
                 "SELECT COUNT(*) FROM information_schema.PARTITIONS WHERE TABLE_SCHEMA = "

@@ -165,6 +165,7 @@ class HistoryWriter:
         self._task: asyncio.Task[None] | None = None
         self._last_sync = time.monotonic()
         self._caught_up_at = time.monotonic()  # when a batch last took all the spool held
+        self._progress_at = time.time()  # when the checkpoint last moved, or nothing waited
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
@@ -177,6 +178,13 @@ class HistoryWriter:
         """There are records to write."""
         self._idle.clear()
         self._wake.set()
+
+    @property
+    def stalled_since(self) -> float | None:
+        """When (``time.time()``) the writer last wrote, while it has records it has not
+        written: the database refusing them as unavailable, a lock that never comes, a
+        database not set up yet. None while it keeps up."""
+        return None if self._idle.is_set() else self._progress_at
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mes-history-writer")
@@ -245,11 +253,13 @@ class HistoryWriter:
                     continue
                 self._commit(self._taken)  # past what was dead-lettered, if anything
                 self._idle.set()
+                self._progress_at = time.time()
                 await self._sync_now()
                 self._wake.clear()
                 if self._taken >= self.spool.end:
                     await self._wait_for_records()
                 continue
+            self._idle.clear()
             # Behind, this batch's rows are built while the one before is being written
             # (see ``_rows``); keeping up, the write before begins once they are built.
             rowsets = await self._rows(batch)
@@ -274,6 +284,7 @@ class HistoryWriter:
 
     def _commit(self, position: Position) -> None:
         if position > self._cursor:
+            self._progress_at = time.time()
             self._cursor = position
             self.spool.commit(position)
 

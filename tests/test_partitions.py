@@ -28,7 +28,7 @@ from storage.schema import completions, conversations, messages, usage_daily
 from storage.writer import is_unavailable
 from tests.conftest import database_dsn
 from tests.gateway_process import GatewayProcess
-from tests.history_db import migrated, spooled_writer, write_records
+from tests.history_db import HistoryDB, migrated, spooled_writer, write_records
 from tests.test_retention import PARIS, ROME, turn
 from tests.test_writer_batches import write_across
 
@@ -275,6 +275,36 @@ async def test_turning_partitions_on_keeps_the_history_there_before(
         assert await connection.scalar(select(func.count()).select_from(conversations)) == 0
         tables = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
     assert not [name for name in tables if "legacy" in name]
+
+
+async def test_a_gateway_started_with_partitions_off_again_writes_into_the_days_that_exist(
+    server_dsn: str, upstream: Any, tmp_path: Path
+) -> None:
+    """A database split by an earlier start stays split; turning MES_DAILY_PARTITION off
+    afterwards used to stall every write (retried forever, nothing stored)."""
+    db = HistoryDB(server_dsn)
+    try:
+        for stored, flag in enumerate(("true", "false"), 1):
+            env = {
+                "UPSTREAM_BASE_URL": upstream.base_url,
+                "SQL_DSN": server_dsn,
+                "MES_DAILY_PARTITION": flag,
+            }
+            with GatewayProcess(env, tmp_path / flag) as gateway:
+                answer = httpx.post(
+                    gateway.base_url + "/chat/completions",
+                    headers={"Authorization": "Bearer sk-test"},
+                    json={"model": "m", "messages": [{"role": "user", "content": flag}]},
+                )
+                assert answer.status_code == 200, answer.text
+                assert await db.wait_for("completions", stored) == stored
+                assert "writing into them" in gateway.log() or flag == "true"
+        async with db.engine.connect() as connection:
+            assert await Partitions(db.engine).in_use()
+            found = await connection.execute(select(completions.c.started_at))
+            assert len(found.all()) == 2
+    finally:
+        await db.close()
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mysql"])

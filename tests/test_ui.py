@@ -73,6 +73,8 @@ async def rows(site: Site, expected: int) -> list[Any]:
 
 def test_pages_need_signing_in_and_a_wrong_key_is_refused(site: Site) -> None:
     client = httpx.Client(base_url=site.gateway.url)
+    bare = client.get("/ui")  # as the README writes it
+    assert bare.status_code == 307 and bare.headers["location"] == "/ui/"
     for path in ("/ui/", "/ui/stats", "/ui/search?q=x", "/ui/export"):
         response = client.get(path)
         assert response.status_code == 303
