@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY capture ./capture
 COPY gateway ./gateway
 COPY storage ./storage
 COPY migrations ./migrations

@@ -3,7 +3,7 @@
     python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60] [--turns 1]
                            [--prompt-bytes 984]
 
-Runs the gateway's own writer as the gateway does (``gateway/writer_process.py``: a process
+Runs the gateway's own writer as the gateway does (``storage/writer_process.py``: a process
 of its own following the spool slot this process appends to), against a throwaway database
 server with its durable defaults (or a SQLite file), and feeds it at a fixed rate the
 records the proxy would hand it: non-streamed chat completions with a ~1 KB prompt, each a
@@ -38,12 +38,13 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.speed import FILLER  # noqa: E402
+from capture.chat import ChatExchange  # noqa: E402
 from fake_upstream.responses import Answer  # noqa: E402
-from gateway.capture import Exchange  # noqa: E402
+from gateway.app import writer_config  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
-from gateway.writer_process import WriterProcess  # noqa: E402
 from storage.spool import Spool  # noqa: E402
+from storage.writer_process import WriterProcess  # noqa: E402
 
 SPREAD = 1000  # --turns: conversations whose turns are interleaved
 PROMPT = FILLER * 6  # ~1 KB; --prompt-bytes sets another size
@@ -64,7 +65,7 @@ def database(backend: str, workdir: Path) -> Iterator[str]:
         server.shutdown()
 
 
-def record(n: int, answer: bytes, turns: int = 1, prompt: str = PROMPT) -> Exchange:
+def record(n: int, answer: bytes, turns: int = 1, prompt: str = PROMPT) -> ChatExchange:
     """Record ``n``: turn ``n // SPREAD % turns`` of a conversation (the first, if turns is
     1), with the answer ``answer`` to each question of its history."""
     conversation = f"{n // (SPREAD * turns)}-{n % SPREAD}"
@@ -76,7 +77,7 @@ def record(n: int, answer: bytes, turns: int = 1, prompt: str = PROMPT) -> Excha
         question = f"Question {conversation}/{turn}: summarise this. {prompt}"
         messages.append({"role": "user", "content": question})
     request = {"model": "gpt-4o-mini", "messages": messages, "user": f"user-{n % 50}"}
-    return Exchange(
+    return ChatExchange(
         owner="bench",
         key_fingerprint=None,
         client_ip="127.0.0.1",
@@ -111,7 +112,7 @@ async def run(
     metrics = Metrics()
     spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
     spool.open()
-    writer = WriterProcess(settings, spool, metrics)
+    writer = WriterProcess(writer_config(settings), spool, metrics)
     writer.start()
     await writer.ready_event.wait()  # the database made and migrated
     answer = Answer(

@@ -1,16 +1,59 @@
-"""``python -m gateway`` (or ``mes-gateway``): serve the gateway with uvicorn."""
+"""``python -m gateway`` (or ``mes-gateway``): serve the gateway with uvicorn, or, with
+``migrate``, apply the database migrations and exit. Everything else comes from the
+environment (see the README)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import uvicorn
 
 from gateway.settings import ConfigError, Settings
 
 
-def main() -> None:
+def _version() -> str:
+    try:
+        return version("mes-gateway")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="MES Gateway: an OpenAI-compatible proxy that records every conversation. "
+        "Configured by environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"mes-gateway {_version()}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "migrate"),
+        default="serve",
+        help="serve (the default): run the gateway; migrate: create and upgrade the main and "
+        "history databases' schemas, then exit",
+    )
+    return parser.parse_args(argv)
+
+
+async def _migrate(settings: Settings) -> None:
+    from storage.database import create_engine, ensure_database, migrate
+
+    for target, dsn in (("main", settings.main_dsn), ("history", settings.history_dsn)):
+        engine = create_engine(await ensure_database(dsn), pool_size=1)
+        try:
+            await migrate(engine, target)
+        finally:
+            await engine.dispose()
+        logging.getLogger("mes.migrate").info("%s database is at its newest schema", target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = _arguments(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
@@ -20,8 +63,9 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # httpx logs each upstream request at INFO: a line per request on the hot path.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if arguments.command == "migrate":
+        asyncio.run(_migrate(settings))
+        return
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

@@ -22,17 +22,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
+from capture.registry import ROUTES
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.auth import Authenticator
 from gateway.errors import NotFound
 from gateway.maintenance import Maintenance
 from gateway.metrics import Metrics
-from gateway.proxy import CHAT_PATH, Proxy
+from gateway.proxy import Proxy
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
 from gateway.upstream import Upstream
-from gateway.writer_process import WriterProcess
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
@@ -42,6 +42,7 @@ from storage.partitions import Partitions
 from storage.schema import api_keys
 from storage.spool import Spool
 from storage.writer import adopt
+from storage.writer_process import WriterConfig, WriterProcess
 
 log = logging.getLogger("mes.app")
 
@@ -168,16 +169,16 @@ async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[st
 
 
 class Gateway:
-    """The ASGI app. ``POST /v1/chat/completions``, the hot path, goes straight to the proxy
-    (itself pure ASGI, answering its own errors); everything else through Starlette's router
-    and middleware. Measured with wrk at concurrency 16, capture off, four runs each: ~6,390
-    requests/s dispatched here, ~5,550 through the router."""
+    """The ASGI app. The captured APIs' calls (``POST /v1/chat/completions`` and the like),
+    the hot path, go straight to the proxy (itself pure ASGI, answering its own errors);
+    everything else through Starlette's router, whose matching costs the hot path
+    measurably (``bench/speed.py``, capture off)."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+        if scope["type"] == "http" and (scope["method"], scope["path"]) in ROUTES:
             await scope["state"]["proxy"](scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -211,6 +212,23 @@ def _not_captured(record: object) -> bool:
     return False
 
 
+def writer_config(settings: Settings) -> WriterConfig:
+    return WriterConfig(
+        history_dsn=settings.history_dsn,
+        pool_size=settings.db_pool_size,
+        daily_partition=settings.mes_daily_partition,
+        spool_dir=settings.spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+        batch_size=settings.capture_batch_size,
+        flush_interval=settings.capture_flush_interval,
+        retry_seconds=settings.capture_retry_seconds,
+        redact_patterns=settings.redact_patterns,
+        capture_content=settings.capture_content,
+        shutdown_grace=settings.shutdown_grace_seconds,
+        log_level=settings.log_level,
+    )
+
+
 def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or Settings.from_env()
 
@@ -237,7 +255,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         registry = Metrics()
         spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
         spool.open()
-        writer = WriterProcess(settings, spool, registry)
+        writer = WriterProcess(writer_config(settings), spool, registry)
+        registry.shared = writer.counters
         writer.start()  # its imports overlap the main database's setup
         registry.gauges["queue_depth"] = lambda: writer.depth
         registry.gauges["spool_bytes"] = lambda: spool.pending_bytes

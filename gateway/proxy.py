@@ -1,9 +1,9 @@
-"""The ``/v1`` proxy, as a pure ASGI app: chat completions relayed and captured, every other
-route relayed and logged.
+"""The ``/v1`` proxy, as a pure ASGI app: the calls of every captured API (``capture/registry``)
+relayed and recorded, every other route relayed and logged.
 
 The relay forwards the upstream's bytes as they arrive. For a stream it forwards whole SSE
 events (an event cut in two by the network waits for its second half), which lets it hold back
-the one event the client did not ask for: the usage chunk the gateway requested on its behalf.
+what the gateway added for its own needs (the usage chat asks for on a client's behalf).
 Everything else about capture happens after the bytes are sent, or later in the writer.
 """
 
@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import orjson
-
+from capture.api import Api, InvalidBody
+from capture.exchange import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
+from capture.registry import captured
+from capture.rows import Record
+from capture.sse import EventSplitter
 from gateway.asgi import (
     HOP_BY_HOP,
     ClientGone,
@@ -30,18 +33,14 @@ from gateway.asgi import (
     send_error,
 )
 from gateway.auth import Authenticator, Caller
-from gateway.capture import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
 from gateway.client_ip import client_ip
 from gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.sse import EventSplitter, event_data
 from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
-from storage.rows import Record
 
 log = logging.getLogger("mes.proxy")
 
-CHAT_PATH = "/v1/chat/completions"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 # Headers the gateway reads itself and never sends on.
 _CONSUMED = frozenset({b"host", b"content-length", b"x-conversation-id"})
@@ -88,16 +87,17 @@ class Proxy:
                 self.settings.max_body_bytes,
                 int(length) if length and length.isdigit() else None,
             )
-            if scope["method"] == "POST" and scope["path"] == CHAT_PATH:
-                request = _parse_chat_request(body)
+            api = captured(scope["method"], scope["path"])
+            if api is not None:
+                request = _parse(api, body)
         except GatewayError as error:
             self.metrics.inc("requests_rejected")
             await send_error(send, error)
             return
         except ClientGone:
             return
-        if scope["method"] == "POST" and scope["path"] == CHAT_PATH:
-            await self._chat(scope, receive, send, caller, body, request)
+        if api is not None:
+            await self._captured(scope, receive, send, caller, api, body, request)
         else:
             await self._relay(scope, receive, send, caller, body)
 
@@ -110,24 +110,26 @@ class Proxy:
         query: bytes = scope.get("query_string", b"")
         return url + "?" + query.decode("latin-1") if query else url
 
-    def _upstream_headers(self, headers: Headers, chat: bool) -> Headers:
+    def _upstream_headers(self, headers: Headers, read: bool) -> Headers:
         dropped = HOP_BY_HOP | _CONSUMED | connection_listed(headers)
         if self._upstream_auth is not None:
             dropped |= _CREDENTIALS
         forwarded = [
             (name, value)
             for name, value in headers
-            if name.lower() not in dropped and not (chat and name.lower() == b"accept-encoding")
+            if name.lower() not in dropped and not (read and name.lower() == b"accept-encoding")
         ]
-        if chat:  # the gateway reads the answer, so it asks for it uncompressed
+        if read:  # the gateway reads the answer, so it asks for it uncompressed
             forwarded.append((b"accept-encoding", b"identity"))
         if self._upstream_auth is not None:
             forwarded.append(self._upstream_auth)
         return forwarded
 
-    def _exchange(self, scope: Scope, caller: Caller, request: dict[str, object]) -> Exchange:
+    def _exchange(
+        self, scope: Scope, caller: Caller, api: Api, request: dict[str, object]
+    ) -> Exchange:
         headers: Headers = scope["headers"]
-        return Exchange(
+        return api.record(
             owner=caller.owner,
             key_fingerprint=caller.key_fingerprint,
             client_ip=self._client_ip(scope),
@@ -146,19 +148,20 @@ class Proxy:
             self.settings.trusted_proxies,
         )
 
-    async def _chat(
+    async def _captured(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
         caller: Caller,
+        api: Api,
         body: bytes,
         request: dict[str, object],
     ) -> None:
-        exchange = self._exchange(scope, caller, request)
-        upstream_body, strip_usage = _ask_for_usage(request, body)
+        exchange = self._exchange(scope, caller, api, request)
+        upstream_body, added = api.upstream_body(request, body)
         url = self._upstream_url(scope)
-        upstream_headers = self._upstream_headers(scope["headers"], chat=True)
+        upstream_headers = self._upstream_headers(scope["headers"], read=True)
         started = time.perf_counter()
         response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
@@ -187,7 +190,8 @@ class Proxy:
                 exchange.first_byte_ms = _since(started)
                 events = _EVENT_STREAM in response.content_type
                 if exchange.stream and response.is_success and events:
-                    await self._relay_events(send, response, exchange, started, strip_usage, finish)
+                    events_out = api.client_events if added else None
+                    await self._relay_events(send, response, exchange, started, events_out, finish)
                 else:
                     await self._relay_whole(send, response, exchange, finish)
         except GatewayError as error:
@@ -216,9 +220,11 @@ class Proxy:
         response: UpstreamResponse,
         exchange: Exchange,
         started: float,
-        strip_usage: bool,
+        client_events: Callable[[list[bytes], bytes], bytes] | None,
         finish: Callable[[], None],
     ) -> None:
+        """Relay a stream event by event; ``client_events``, if given, takes out of each
+        batch of events what the gateway added upstream."""
         await send(
             {
                 "type": "http.response.start",
@@ -239,7 +245,7 @@ class Proxy:
                 if events[-1].startswith(_DONE):
                     held, events = events[-1], events[:-1]
                     whole = b"".join(events)
-                out = _without_usage_event(events, whole) if strip_usage and events else whole
+                out = client_events(events, whole) if client_events and events else whole
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamBroke as error:
@@ -291,7 +297,7 @@ class Proxy:
             bytes_in=len(body),
         )
         url = self._upstream_url(scope)
-        upstream_headers = self._upstream_headers(scope["headers"], chat=False)
+        upstream_headers = self._upstream_headers(scope["headers"], read=False)
         started = time.perf_counter()
         response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
@@ -329,63 +335,11 @@ class Proxy:
             self.capture(log_row)
 
 
-def _parse_chat_request(body: bytes) -> dict[str, object]:
+def _parse(api: Api, body: bytes) -> dict[str, object]:
     try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. "
-            "The body must be a JSON object (see https://platform.openai.com/docs/api-reference)."
-        ) from None
-    if not isinstance(request, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    if "stream" in request and not isinstance(request["stream"], bool | None):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    if not isinstance(request.get("messages"), list):
-        raise InvalidRequest("'messages' must be an array of messages.", param="messages")
-    return request
-
-
-def _ask_for_usage(request: dict[str, object], body: bytes) -> tuple[bytes, bool]:
-    """The body to send upstream, and whether the gateway added ``include_usage`` to it."""
-    if request.get("stream") is not True:
-        return body, False
-    options = request.get("stream_options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict) or options.get("include_usage") is True:
-        return body, False
-    return orjson.dumps({**request, "stream_options": {**options, "include_usage": True}}), True
-
-
-def _without_usage_event(events: list[bytes], whole: bytes) -> bytes:
-    """The events as the client would have had them had the gateway not asked for usage on
-    its behalf: the usage-only chunk gone, and the ``"usage":null`` that asking adds to
-    every other chunk. That field is a key of the chunk's top-level object, which a JSON
-    string cannot hold unescaped, so it is cut from the bytes without parsing them."""
-    kept = [event for event in events if not _is_usage_event(event)]
-    out = whole if len(kept) == len(events) else b"".join(kept)
-    if b'"usage":' in out:
-        for added in _NULL_USAGE:
-            out = out.replace(added, b"")
-    return out
-
-
-# How "usage": null appears in a chunk: last (OpenAI's order) or first, compact or spaced.
-_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
-
-
-def _is_usage_event(event: bytes) -> bool:
-    if b'"usage"' not in event or b'"usage":null' in event or b'"usage": null' in event:
-        return False
-    data = event_data(event)
-    if data is None or data == b"[DONE]":
-        return False
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(chunk, dict) and chunk.get("choices") == [] and bool(chunk.get("usage"))
+        return api.parse(body)
+    except InvalidBody as error:
+        raise InvalidRequest(error.message, param=error.param) from None
 
 
 def _response_headers(response: UpstreamResponse, keep_length: bool) -> Headers:

@@ -46,13 +46,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
-from storage.rows import Row, RowSet
+from capture.rows import COMPLETIONS, CONVERSATIONS, MESSAGES, Row, RowSet
 from storage.schema import (
+    DAILY,
     completions,
     conversations,
+    history_metadata,
     latency_daily,
     messages,
-    request_logs,
     usage_daily,
 )
 from storage.usage import COUNTED, LATENCY_KEY, USAGE_KEY, Tally, tally
@@ -74,13 +75,16 @@ async def write_batch(
     rowsets = [rowset if rowset.nul_free else _without_nul(rowset) for rowset in rowsets]
     returning = connection.dialect.name != "mysql"
     completion_rows = [r.completion for r in rowsets if r.completion]
-    log_rows = [r.request_log for r in rowsets if r.request_log]
+    others = _other_records(rowsets)
+    new_others: dict[Table, set[str]] = {}
     if returning:
         new_ids = await _insert_new(connection, completions, completion_rows, day_table)
-        new_logs = await _insert_new(connection, request_logs, log_rows, day_table)
+        for table, rows in others.items():
+            new_others[table] = await _insert_new(connection, table, rows, day_table)
     else:
         new_ids = await _new_ids(connection, completions, completion_rows, day_table)
-        new_logs = await _new_ids(connection, request_logs, log_rows, day_table)
+        for table, rows in others.items():
+            new_others[table] = await _new_ids(connection, table, rows, day_table)
     fresh = [r for r in rowsets if r.completion and r.completion["id"] in new_ids]
     totals = _conversation_totals(fresh)
     if returning:
@@ -103,7 +107,7 @@ async def write_batch(
             await connection.execute(insert_ignore(connection, messages), message_rows)
         for table, rows, new in (
             (completions, completion_rows, new_ids),
-            (request_logs, log_rows, new_logs),
+            *((table, others[table], new_others[table]) for table in others),
         ):
             for target, some in _by_table(table, _unique(rows, ("id",)), day_table):
                 if unseen := [row for row in some if row["id"] in new]:
@@ -111,7 +115,22 @@ async def write_batch(
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
-    return len(new_ids) + len(new_logs)
+    return len(new_ids) + sum(map(len, new_others.values()))
+
+
+# Tables whose rows follow the rules above; a row of any other table is a record of its own
+# (a request log, say), stored once per id.
+_SHAPED = frozenset({COMPLETIONS, CONVERSATIONS, MESSAGES})
+
+
+def _other_records(rowsets: Sequence[RowSet]) -> dict[Table, list[Row]]:
+    """The rows of every table but the shaped ones, by table, tables in name order."""
+    found: dict[str, list[Row]] = defaultdict(list)
+    for rowset in rowsets:
+        for name, rows in rowset.tables.items():
+            if name not in _SHAPED:
+                found[name].extend(rows)
+    return {history_metadata.tables[name]: found[name] for name in sorted(found)}
 
 
 async def add_usage(connection: AsyncConnection, counted: Tally) -> None:
@@ -178,25 +197,18 @@ def _without_nul(rowset: RowSet) -> RowSet:
     record has one at all is asked of its rows as JSON, where orjson writes NUL as
     ``\\u0000``: one pass in C over a few KB, where a look at each value cost the writer
     ~7 % of its CPU (a string holding those six characters only costs a closer look)."""
-    rows = [rowset.completion, rowset.conversation, rowset.request_log, *rowset.messages]
+    rows = [row for some in rowset.tables.values() for row in some]
     try:
         if b"\\u0000" not in orjson.dumps(rows, default=str):
             return rowset
     except orjson.JSONEncodeError:  # an integer past 64 bits, say: look at every value
         pass
 
-    def clean(row: Row | None) -> Row | None:
-        if row is None:
-            return None
+    def clean(row: Row) -> Row:
         return {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in row.items()}
 
-    return RowSet(
-        completion=clean(rowset.completion),
-        conversation=clean(rowset.conversation),
-        messages=[m for m in map(clean, rowset.messages) if m is not None],
-        request_log=clean(rowset.request_log),
-        resent=rowset.resent,
-    )
+    tables = {name: [clean(row) for row in rows] for name, rows in rowset.tables.items()}
+    return RowSet(tables, resent=rowset.resent)
 
 
 async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> list[Row]:
@@ -363,7 +375,7 @@ def _by_table(
     """``rows`` with the table each goes to: ``table``, or its day's."""
     if not rows:
         return []
-    if day_table is None:
+    if day_table is None or table not in DAILY:
         return [(table, rows)]
     by_day: dict[date, list[Row]] = defaultdict(list)
     for row in rows:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 
-from storage.message_rows import stored_message
+from capture.message_rows import stored_message
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope, storable
 

@@ -8,7 +8,7 @@ from sqlalchemy import literal, select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage.message_rows import stored_message
+from capture.message_rows import stored_message
 from storage.schema import completions, messages
 
 JSON = dict[str, Any]

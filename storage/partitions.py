@@ -7,7 +7,7 @@ deleting its rows one by one, and a day's statistics read only that day. The par
 keeps its name, and every query reads it as before: the database spans the days.
 
 Messages and conversations are not split by day: a message is stored once per
-conversation however many days its turns span (see ``storage/chain.py``), so it belongs
+conversation however many days its turns span (see ``capture/chain.py``), so it belongs
 to no single day. Retention removes what the dropped days leave unused in small steps
 (``storage/retention.py``).
 
@@ -36,13 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import quoted_name
 
 from storage.locks import named_lock
-from storage.schema import history_metadata, latency_daily, usage_daily
+from storage.schema import DAILY, history_metadata, latency_daily, usage_daily
 
 log = logging.getLogger("mes.partitions")
 
-TABLES = ("completions", "request_logs")
+TABLES = tuple(table.name for table in DAILY)
 LEGACY = "legacy"
-_DAY_NAME = re.compile(r"^(completions|request_logs)_p(\d{8})$")
+_DAY_NAME = re.compile(rf"^({'|'.join(TABLES)})_p(\d{{8}})$")
 _BOUND = re.compile(r"TO \('(\d{4}-\d{2}-\d{2})")
 # MySQL's TO_DAYS counts from year 0; Python's ordinals from 0001-01-01 = 1.
 _TO_DAYS_OFFSET = 365

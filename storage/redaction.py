@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from storage.chain import canonical
-from storage.message_rows import stored_message
-from storage.rows import Row, RowSet
+from capture.chain import canonical
+from capture.message_rows import stored_message
+from capture.rows import Row, RowSet
 
 MASK = "[REDACTED]"
 KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type"})

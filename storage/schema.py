@@ -1,12 +1,14 @@
 """The tables, as SQLAlchemy Core metadata: one set for the main database, one for history.
 
 History keeps messages in their own table, each addressed by a hash of its canonical JSON
-chained to its parent's hash (see ``storage/chain.py``), and keyed by conversation: a message
+chained to its parent's hash (see ``capture/chain.py``), and keyed by conversation: a message
 that several requests of one conversation resend is one row. A completion points at the tail
 of its request chain and at its answer, so any captured request can be rebuilt exactly.
 
 JSON is stored as text written by orjson: the same bytes on every backend, read back exactly.
 The migrations in ``migrations/`` create these tables; this module is what the code queries.
+Column widths and the history tables' names are the capture layer's (``capture/columns.py``,
+``capture/rows.py``), which shapes the rows to fit them.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
+from capture.columns import FINISH_REASON, ID, IP, METHOD, NAME, PATH, ROLE, USER_AGENT
+from capture.rows import COMPLETIONS, CONVERSATIONS, MESSAGES, REQUEST_LOGS
+
 # MySQL's TEXT stops at 64 KB and its DATETIME at whole seconds.
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
-ID = 64  # record ids, hashes and fingerprints are at most 64 characters
 
 main_metadata = MetaData()
 history_metadata = MetaData()
@@ -78,12 +82,12 @@ audit_log = Table(
 )
 
 conversations = Table(
-    "conversations",
+    CONVERSATIONS,
     history_metadata,
     Column("id", String(ID), primary_key=True),
     Column("owner", String(ID), nullable=False),
-    Column("client_conversation_id", String(255), nullable=True),
-    Column("title", String(255), nullable=True),
+    Column("client_conversation_id", String(NAME), nullable=True),
+    Column("title", String(NAME), nullable=True),
     Column("metadata", LongText, nullable=True),
     Column("tags", LongText, nullable=True),
     Column("created_at", Timestamp, nullable=False),
@@ -99,12 +103,12 @@ conversations = Table(
 )
 
 messages = Table(
-    "messages",
+    MESSAGES,
     history_metadata,
     Column("conversation_id", String(ID), primary_key=True),
     Column("hash", String(ID), primary_key=True),
     Column("parent_hash", String(ID), nullable=True),
-    Column("role", String(32), nullable=False),
+    Column("role", String(ROLE), nullable=False),
     Column("body", LongText, nullable=False),
     Column("content_text", LongText, nullable=True),
     Column("content_in_text", Boolean, nullable=False, server_default=false()),
@@ -115,23 +119,23 @@ messages = Table(
 )
 
 completions = Table(
-    "completions",
+    COMPLETIONS,
     history_metadata,
     Column("id", String(ID), primary_key=True),
-    Column("response_id", String(255), nullable=True),
+    Column("response_id", String(NAME), nullable=True),
     Column("conversation_id", String(ID), nullable=False),
     Column("owner", String(ID), nullable=False),
     Column("key_fingerprint", String(ID), nullable=True),
-    Column("end_user", String(255), nullable=True),
-    Column("requested_model", String(255), nullable=True),
-    Column("response_model", String(255), nullable=True),
+    Column("end_user", String(NAME), nullable=True),
+    Column("requested_model", String(NAME), nullable=True),
+    Column("response_model", String(NAME), nullable=True),
     Column("params", LongText, nullable=True),
     Column("metadata", LongText, nullable=True),
     Column("request_hash", String(ID), nullable=True),
     Column("request_message_count", Integer, nullable=False),
     Column("response_hash", String(ID), nullable=True),
     Column("extra_choices", LongText, nullable=True),
-    Column("finish_reason", String(64), nullable=True),
+    Column("finish_reason", String(FINISH_REASON), nullable=True),
     Column("prompt_tokens", Integer, nullable=True),
     Column("completion_tokens", Integer, nullable=True),
     Column("total_tokens", Integer, nullable=True),
@@ -139,16 +143,16 @@ completions = Table(
     Column("reasoning_tokens", Integer, nullable=True),
     Column("usage", LongText, nullable=True),
     Column("status_code", Integer, nullable=False),
-    Column("error_type", String(255), nullable=True),
+    Column("error_type", String(NAME), nullable=True),
     Column("error_message", LongText, nullable=True),
-    Column("client_ip", String(64), nullable=True),
-    Column("user_agent", String(512), nullable=True),
+    Column("client_ip", String(IP), nullable=True),
+    Column("user_agent", String(USER_AGENT), nullable=True),
     Column("stream", Boolean, nullable=False),
     Column("started_at", Timestamp, nullable=False),
     Column("ttft_ms", Float, nullable=True),
     Column("latency_ms", Float, nullable=True),
     Column("upstream_created", BigInteger, nullable=True),
-    Column("system_fingerprint", String(255), nullable=True),
+    Column("system_fingerprint", String(NAME), nullable=True),
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),
@@ -156,20 +160,20 @@ completions = Table(
 )
 
 request_logs = Table(
-    "request_logs",
+    REQUEST_LOGS,
     history_metadata,
     Column("id", String(ID), primary_key=True),
     Column("owner", String(ID), nullable=False),
     Column("key_fingerprint", String(ID), nullable=True),
-    Column("method", String(16), nullable=False),
-    Column("path", String(1024), nullable=False),
+    Column("method", String(METHOD), nullable=False),
+    Column("path", String(PATH), nullable=False),
     Column("status_code", Integer, nullable=False),
-    Column("error_type", String(255), nullable=True),
+    Column("error_type", String(NAME), nullable=True),
     Column("latency_ms", Float, nullable=True),
     Column("bytes_in", BigInteger, nullable=False),
     Column("bytes_out", BigInteger, nullable=False),
-    Column("client_ip", String(64), nullable=True),
-    Column("user_agent", String(512), nullable=True),
+    Column("client_ip", String(IP), nullable=True),
+    Column("user_agent", String(USER_AGENT), nullable=True),
     Column("started_at", Timestamp, nullable=False),
     Index("ix_request_logs_owner_started", "owner", "started_at"),
     Index("ix_request_logs_started", "started_at"),
@@ -183,7 +187,7 @@ usage_daily = Table(
     history_metadata,
     Column("day", Date, primary_key=True),
     Column("owner", String(ID), primary_key=True),
-    Column("model", String(255), primary_key=True),
+    Column("model", String(NAME), primary_key=True),
     Column("requests", BigInteger, nullable=False),
     Column("errors", BigInteger, nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False),
@@ -196,7 +200,12 @@ latency_daily = Table(
     history_metadata,
     Column("day", Date, primary_key=True),
     Column("owner", String(ID), primary_key=True),
-    Column("model", String(255), primary_key=True),
+    Column("model", String(NAME), primary_key=True),
     Column("bucket", Integer, primary_key=True),
     Column("count", BigInteger, nullable=False),
 )
+
+
+# The tables that grow by a row per request: split by day with MES_DAILY_PARTITION, and
+# written as records, once per id, by the writer (``storage/batch.py``).
+DAILY = (completions, request_logs)

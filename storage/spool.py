@@ -16,7 +16,7 @@ Layout, under the spool directory::
 Each gateway process takes the first free slot; a slot whose process died is free again
 (the kernel drops the lock), so its records are picked up by the next process to start.
 The request path only appends (a ``write`` into the page cache, no ``fsync``). The writer,
-a process of its own (``gateway/writer_process.py``), follows the slot its gateway appends
+a process of its own (``storage/writer_process.py``), follows the slot its gateway appends
 to (``follow``): it reads records back from the page cache, moves the checkpoint and
 ``fsync``s the journal about once a second, off the request path. A process killed loses
 nothing; a machine that loses power may lose the last second.

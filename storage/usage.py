@@ -25,7 +25,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage.rows import Row
+from capture.rows import Row
 from storage.schema import latency_daily, usage_daily
 from storage.scope import Scope
 from storage.stats import PERCENTILES, percentile_name

@@ -4,9 +4,9 @@ The request path calls ``submit()``, which never waits on the database: it appen
 record to the spool (``storage/spool.py``). The writer reads records back in spool order, up
 to ``batch_size`` or whatever arrived within ``flush_interval``, builds their rows and writes
 them in one transaction; then it moves the spool's checkpoint past them. A gateway runs its
-writer in a process of its own (``gateway/writer_process.py``), following the spool slot
+writer in a process of its own (``storage/writer_process.py``), following the spool slot
 the gateway appends to, so that building and writing rows never takes the request path's
-event loop; the same class runs in-process for the benches and tests of the writer alone.
+event loop.
 
 Retry policy: while the database is unreachable, down or timing out, the same batch is
 retried with jittered exponential backoff (at most ``retry_seconds`` between attempts),
@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,14 +37,22 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from gateway.metrics import Metrics
+from capture.rows import Record, RowSet
 from storage.batch import StaleRowType, write_batch
 from storage.partitions import Partitions
 from storage.redaction import Redactor
-from storage.rows import Record, RowSet
+from storage.schema import DAILY
 from storage.spool import Position, Spool
 
 log = logging.getLogger("mes.writer")
+
+
+class Counter(Protocol):
+    """Where the writer counts what it does (records written, dead-lettered, retries, ...):
+    the gateway's metrics, or the shared memory a writer process reports through."""
+
+    def inc(self, name: str, amount: int = 1) -> None: ...
+
 
 Decode = Callable[[bytes], Record]
 Encode = Callable[[Record], bytes]
@@ -106,7 +115,7 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(code, int) and code in _TRANSIENT_MYSQL_ERRORS
 
 
-def spool_record(spool: Spool, metrics: Metrics, encode: Encode, record: Record) -> bool:
+def spool_record(spool: Spool, metrics: Counter, encode: Encode, record: Record) -> bool:
     """Append ``record`` to ``spool``; False (counted and logged) when it cannot be."""
     try:
         entry = encode(record)
@@ -132,7 +141,7 @@ class HistoryWriter:
     def __init__(
         self,
         engine: AsyncEngine,
-        metrics: Metrics,
+        metrics: Counter,
         spool: Spool,
         *,
         encode: Encode,
@@ -450,8 +459,12 @@ class HistoryWriter:
 
 def _days(rowsets: list[RowSet]) -> set[date]:
     """The days the rows of a batch fall on: each needs its partitions."""
-    rows = [row for r in rowsets for row in (r.completion, r.request_log) if row is not None]
-    return {row["started_at"].date() for row in rows}
+    return {
+        row["started_at"].date()
+        for rowset in rowsets
+        for table in DAILY
+        for row in rowset.tables.get(table.name, ())
+    }
 
 
 # Refusals that may not recur: a race between writers inserting the same key, a row type
@@ -472,7 +485,7 @@ class _StopOnRepeatedRefusal(stop_after_attempt):
 
 
 async def adopt(
-    slot: Path, spool: Spool, metrics: Metrics, appended: Callable[[int], None]
+    slot: Path, spool: Spool, metrics: Counter, appended: Callable[[int], None]
 ) -> None:
     """Move the records of a dead process's spool slot into ``spool``, where its writer takes
     them (a process that is gone, or a slot left over from more workers); ``appended`` is

@@ -15,9 +15,9 @@ import orjson
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from capture.chain import chain
+from capture.message_rows import message_row
 from storage.batch import add_usage
-from storage.chain import chain
-from storage.message_rows import message_row
 from storage.schema import completions, conversations, messages
 from storage.usage import tally
 

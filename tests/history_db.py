@@ -13,14 +13,14 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.capture import from_entry, to_entry
+from capture.codec import from_entry, to_entry
+from capture.rows import Record
 from gateway.metrics import Metrics
 from storage import history
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import Partitions
-from storage.rows import Record
 from storage.schema import completions
 from storage.spool import Spool
 from storage.writer import HistoryWriter

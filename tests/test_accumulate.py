@@ -1,6 +1,6 @@
 from typing import Any
 
-from gateway.accumulate import StreamAccumulator
+from capture.accumulate import StreamAccumulator
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> dict[str, Any]:

@@ -9,9 +9,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from capture.chain import chain, continuation_key, match_form
+from capture.chat import ChatExchange
 from fake_upstream.responses import Answer
-from gateway.capture import Exchange
-from storage.chain import chain, continuation_key, match_form
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
@@ -21,7 +21,7 @@ def exchange(messages: list[Any], *, owner: str = "alice", stream: bool = False,
     """A captured exchange answered by the fake model, and the assistant message it returned."""
     request = {"model": "gpt-4o-mini", "messages": messages, **extra}
     answer = Answer(request)
-    record = Exchange(
+    record = ChatExchange(
         owner=owner,
         key_fingerprint=None,
         client_ip="127.0.0.1",
@@ -94,7 +94,7 @@ def test_an_error_without_history_is_a_conversation_of_its_own() -> None:
     request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     ids = set()
     for _ in range(2):
-        record = Exchange(
+        record = ChatExchange(
             owner="alice",
             key_fingerprint=None,
             client_ip=None,

@@ -14,8 +14,8 @@ import orjson
 from openai import AsyncOpenAI
 from sqlalchemy import select
 
-from storage.chain import chain
-from storage.message_rows import stored_message
+from capture.chain import chain
+from capture.message_rows import stored_message
 from storage.schema import conversations, messages
 from tests.gateway_process import GatewayProcess
 from tests.history_db import HistoryDB

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.sse import iter_data
+from capture.sse import iter_data
 from tests.openai_schema import validate
 
 TOOLS = [

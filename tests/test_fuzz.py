@@ -14,11 +14,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.accumulate import StreamAccumulator
-from gateway.capture import Exchange, from_entry, to_entry
-from gateway.errors import GatewayError
-from gateway.proxy import _parse_chat_request
-from gateway.sse import EventSplitter, iter_data
+from capture.accumulate import StreamAccumulator
+from capture.api import InvalidBody
+from capture.chat import ChatExchange, parse_request
+from capture.codec import from_entry, to_entry
+from capture.sse import EventSplitter, iter_data
 from tests.gateway_process import GatewayProcess
 from tests.history_db import HistoryDB
 
@@ -61,9 +61,9 @@ def test_the_sse_splitter_loses_no_byte_however_the_stream_is_cut(
 @given(body=st.binary(max_size=200) | json_values.map(orjson.dumps))
 def test_the_request_parser_answers_a_request_or_a_clear_error(body: bytes) -> None:
     try:
-        request = _parse_chat_request(body)
-    except GatewayError as error:
-        assert error.status == 400 and error.message
+        request = parse_request(body)
+    except InvalidBody as error:
+        assert error.message
         return
     assert isinstance(request, dict) and isinstance(request["messages"], list)
 
@@ -93,7 +93,7 @@ def test_any_exchange_becomes_rows_and_survives_the_spool(
 ) -> None:
     """Whatever came in and back, the writer can shape a record of it: it never ends up a
     dead letter for a bug of ours; and the same rows come out of it after the spool."""
-    record = Exchange(
+    record = ChatExchange(
         owner="o",
         key_fingerprint=None,
         client_ip=None,
@@ -107,7 +107,7 @@ def test_any_exchange_becomes_rows_and_survives_the_spool(
         chunks=[(1.0, b"".join(events))],
     )
     again = from_entry(to_entry(record))
-    assert isinstance(again, Exchange) and again.rows() == record.rows()
+    assert isinstance(again, ChatExchange) and again.rows() == record.rows()
     # Read back from the spool, a record the writer takes for free of NUL is.
     rows = again.rows()
     if rows.nul_free:

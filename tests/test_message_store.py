@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from gateway.capture import Exchange, from_entry, to_entry
+from capture.chat import ChatExchange
+from capture.codec import from_entry, to_entry
 from storage import history
 from storage.batch import write_batch
 from storage.database import create_engine, ensure_database, migrate
@@ -19,8 +20,8 @@ from tests.conftest import database_dsn
 from tests.dbservers import DatabaseServer
 
 
-def exchange(sent: list[Any], **extra: Any) -> Exchange:
-    return Exchange(
+def exchange(sent: list[Any], **extra: Any) -> ChatExchange:
+    return ChatExchange(
         owner="alice",
         key_fingerprint=None,
         client_ip=None,
@@ -34,7 +35,7 @@ def exchange(sent: list[Any], **extra: Any) -> Exchange:
     )
 
 
-async def store_and_rebuild(history_dsn: str, record: Exchange) -> list[Any]:
+async def store_and_rebuild(history_dsn: str, record: ChatExchange) -> list[Any]:
     engine = create_engine(await ensure_database(history_dsn), pool_size=1)
     try:
         await migrate(engine, "history")
@@ -82,7 +83,7 @@ def test_a_spooled_record_is_nul_free_only_when_no_field_holds_a_nul(where: str)
     if where == "escaped in the response":
         record.response_body = b'{"choices": [{"message": {"content": "a\\u0000b"}}]}'
     read_back = from_entry(to_entry(record))
-    assert isinstance(read_back, Exchange)
+    assert isinstance(read_back, ChatExchange)
     assert read_back.nul_free is (where == "")
     assert read_back.rows().nul_free is (where == "")
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
+from capture.chain import canonical, chain, content_text
 from storage import history, usage
-from storage.chain import canonical, chain, content_text
 from storage.database import create_engine, ensure_database, migrate
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.capture import Exchange
+from capture.chat import ChatExchange
 from storage import deletion, history
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
@@ -25,7 +25,7 @@ from tests.test_message_store import exchange
 ANSWER = {"role": "assistant", "content": "done"}  # what ``exchange`` records as the answer
 
 
-def turns(count: int) -> list[Exchange]:
+def turns(count: int) -> list[ChatExchange]:
     """The records of a conversation ``count`` turns long, each resending the one before."""
     sent: list[Any] = [{"role": "system", "content": "Be brief."}]
     records = []
@@ -36,7 +36,7 @@ def turns(count: int) -> list[Exchange]:
     return records
 
 
-async def rebuilt(engine: AsyncEngine, record: Exchange) -> list[Any]:
+async def rebuilt(engine: AsyncEngine, record: ChatExchange) -> list[Any]:
     async with engine.connect() as connection:
         row = (
             (await connection.execute(select(completions).where(completions.c.id == record.id)))

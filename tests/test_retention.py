@@ -15,7 +15,8 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text
 
-from gateway.capture import Exchange, RequestLog
+from capture.chat import ChatExchange
+from capture.exchange import RequestLog
 from gateway.maintenance import ACTOR, Maintenance
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
@@ -37,7 +38,7 @@ def turn(
     extra_choices: Sequence[dict[str, Any]] = (),
     tokens: int = 10,
     now: datetime = NOW,
-) -> Exchange:
+) -> ChatExchange:
     choices = [{"index": 0, "message": answer, "finish_reason": "stop"}]
     choices += [
         {"index": n, "message": message, "finish_reason": "stop"}
@@ -50,7 +51,7 @@ def turn(
         "choices": choices,
         "usage": {"prompt_tokens": tokens, "completion_tokens": 1, "total_tokens": tokens + 1},
     }
-    return Exchange(
+    return ChatExchange(
         owner="alice",
         key_fingerprint=None,
         client_ip="10.0.0.1",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.capture import from_entry, to_entry
+from capture.codec import from_entry, to_entry
 from gateway.metrics import Metrics
 from storage.spool import Position, Spool
 from storage.writer import spool_record

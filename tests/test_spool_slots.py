@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from gateway.settings import Settings
-from gateway.writer_process import SharedState
+from storage.writer_process import SharedState
 from tests.gateway_process import REPO, GatewayProcess
 from tests.history_db import HistoryDB
 
@@ -69,7 +69,7 @@ def test_a_writer_whose_gateway_died_while_it_started_stops_at_once(tmp_path: Pa
     gone = "1"  # not the pid of this writer's parent (the test)
     slot = tmp_path / "spool" / "slot-0"
     writer = subprocess.run(
-        [sys.executable, "-m", "gateway.writer_process", str(slot), str(state.fd), gone],
+        [sys.executable, "-m", "storage.writer_process", str(slot), str(state.fd), gone],
         input=len(settings).to_bytes(8, "big") + settings,
         pass_fds=(state.fd,),
         cwd=tmp_path,

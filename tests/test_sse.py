@@ -1,4 +1,4 @@
-from gateway.sse import EventSplitter, event_data, iter_data
+from capture.sse import EventSplitter, event_data, iter_data
 
 
 def test_an_event_split_across_chunks_is_released_whole_once_its_end_arrives() -> None:

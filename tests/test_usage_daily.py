@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from capture.rows import COMPLETIONS, CONVERSATIONS, RowSet
 from storage import deletion
 from storage.batch import write_batch
-from storage.rows import RowSet
 from storage.schema import latency_daily, usage_daily
 from storage.scope import Scope
 from storage.usage import HALF_BUCKET, bucket_of, daily_usage, histogram_percentile, middle_of
@@ -36,7 +36,7 @@ def rowset(completion: dict[str, Any]) -> RowSet:
         "created_at": completion["started_at"],
         "updated_at": completion["started_at"],
     }
-    return RowSet(completion=completion, conversation=conversation)
+    return RowSet({COMPLETIONS: [completion], CONVERSATIONS: [conversation]})
 
 
 async def assert_matches(engine: AsyncEngine, made: list[dict[str, Any]]) -> None:

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.capture import Exchange, from_entry, to_entry
+from capture.chat import ChatExchange
+from capture.codec import from_entry, to_entry
 from gateway.metrics import Metrics
 from storage import writer as writer_module
 from storage.schema import completions, messages
@@ -60,7 +61,7 @@ async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
 ) -> None:
     events: list[str] = []
     real_write_batch = writer_module.write_batch
-    real_rows = Exchange.rows
+    real_rows = ChatExchange.rows
 
     async def slow(connection: Any, rowsets: Any, day_table: Any = None) -> int:
         events.append("write")
@@ -69,12 +70,12 @@ async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
         events.append("written")
         return written
 
-    def rows(record: Exchange) -> Any:
+    def rows(record: ChatExchange) -> Any:
         events.append("rows")
         return real_rows(record)
 
     monkeypatch.setattr(writer_module, "write_batch", slow)
-    monkeypatch.setattr(Exchange, "rows", rows)
+    monkeypatch.setattr(ChatExchange, "rows", rows)
     # Behind at once, or never (caught up less than a minute ago, as a test always is).
     monkeypatch.setattr(writer_module, "BEHIND_SECONDS", 0.0 if behind else 60.0)
     records = [exchange([{"role": "user", "content": f"turn {n}"}]) for n in range(40)]

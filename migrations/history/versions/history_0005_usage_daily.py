@@ -1,19 +1,21 @@
 """Usage by day: per day, owner and model the requests, errors and tokens of the stored
 completions, and a histogram of their latencies, which the writer keeps from now on so
 that the viewer's pages read a few rows per day and model instead of every completion
-(see ``storage/usage.py``). Filled here from the completions already stored.
+(see ``storage/usage.py``). Filled here from the completions already stored, by the rules
+of that day, frozen below: what this migration does never changes with today's code.
 
 Revision ID: history_0005
 Revises: history_0004
 Create Date: 2026-11-26
 """
 
+import math
+from collections import defaultdict
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
-
-from storage.schema import completions
-from storage.usage import COLUMNS, COUNTED, Tally
 
 revision = "history_0005"
 down_revision = "history_0004"
@@ -22,6 +24,55 @@ depends_on = None
 
 ID = 64
 STEP = 10_000
+COUNTED = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
+COLUMNS = (
+    "started_at",
+    "owner",
+    "requested_model",
+    "response_model",
+    "status_code",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "latency_ms",
+)
+BUCKETS_PER_E = 100  # a latency bucket spans a factor of e^(1/100): 1 % wide
+completions = sa.table(
+    "completions",
+    sa.column("id"),
+    *(sa.column(name, sa.DateTime() if name == "started_at" else None) for name in COLUMNS),
+)
+
+
+class Tally:
+    """The completions summed per day, owner and model, and their latencies per bucket."""
+
+    def __init__(self) -> None:
+        self.usage: dict[tuple[Any, ...], list[int]] = {}
+        self.latency: dict[tuple[Any, ...], int] = defaultdict(int)
+
+    def add(self, completion: Any) -> None:
+        model = completion["response_model"] or completion["requested_model"] or ""
+        key = (completion["started_at"].date(), completion["owner"], model)
+        sums = self.usage.setdefault(key, [0] * len(COUNTED))
+        sums[0] += 1
+        sums[1] += 1 if completion["status_code"] >= 400 else 0
+        sums[2] += completion["prompt_tokens"] or 0
+        sums[3] += completion["completion_tokens"] or 0
+        sums[4] += completion["total_tokens"] or 0
+        if completion["latency_ms"] is not None:
+            ms = max(completion["latency_ms"], 0.001)
+            self.latency[(*key, math.floor(math.log(ms) * BUCKETS_PER_E))] += 1
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        names = ("day", "owner", "model", *COUNTED)
+        return [
+            dict(zip(names, (*key, *sums), strict=True)) for key, sums in sorted(self.usage.items())
+        ]
+
+    def latency_rows(self) -> list[dict[str, Any]]:
+        names = ("day", "owner", "model", "bucket", "count")
+        return [dict(zip(names, (*key, n), strict=True)) for key, n in sorted(self.latency.items())]
 
 
 def upgrade() -> None:

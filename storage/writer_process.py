@@ -10,7 +10,8 @@ that none of it takes the event loop the requests are served on.
   released from the spool live in a few integers of shared memory, which the gateway reads
   for ``/metrics``, ``/readyz`` and the spool's size limit.
 - The gateway stops its writer by closing the child's stdin: the child writes what is
-  spooled for at most ``MES_SHUTDOWN_GRACE_SECONDS`` and exits; what is left stays spooled.
+  spooled for at most ``GATEWAY_SHUTDOWN_GRACE`` seconds and exits; what is left stays
+  spooled.
 - A gateway that dies takes its writer with it (``PR_SET_PDEATHSIG``, and a writer whose
   gateway died before it asked for that stops at once), so a slot whose lock is free has
   no writer left on it; a writer that dies is started again by its gateway.
@@ -29,20 +30,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from gateway.capture import from_entry, to_entry
-from gateway.metrics import Metrics
-from gateway.settings import Settings
+from capture.codec import from_entry, to_entry
+from capture.rows import Record
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.redaction import Redactor
-from storage.rows import Record
 from storage.spool import Spool
-from storage.writer import POLL_SECONDS, HistoryWriter, spool_record
+from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
 
 log = logging.getLogger("mes.writer")
 
@@ -57,6 +57,27 @@ COUNTERS = (
 _FIELDS = (*COUNTERS, "released_bytes", "ready", "stalled_since_ms")
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 RESTART_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """What a writer process needs to know, as the gateway's settings give it."""
+
+    history_dsn: str
+    pool_size: int
+    daily_partition: bool
+    spool_dir: str
+    spool_max_bytes: int
+    batch_size: int
+    flush_interval: float
+    retry_seconds: float
+    redact_patterns: tuple[str, ...]
+    capture_content: bool
+    shutdown_grace: float
+    log_level: str
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
 
 
 class SharedState:
@@ -84,11 +105,10 @@ class SharedState:
         return {name: self[name] for name in COUNTERS}
 
 
-class SharedMetrics(Metrics):
-    """The child's metrics: every count goes to the shared state, for its gateway to report."""
+class SharedCounter:
+    """The child's counts: each goes to the shared state, for its gateway to report."""
 
     def __init__(self, state: SharedState) -> None:
-        super().__init__()
         self.state = state
 
     def inc(self, name: str, amount: int = 1) -> None:
@@ -99,17 +119,20 @@ class WriterProcess:
     """The gateway's side: spools what the request path captures and keeps a writer process
     following the spool's slot."""
 
-    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
-        self.settings = settings
+    def __init__(self, config: WriterConfig, spool: Spool, metrics: Counter) -> None:
+        self.config = config
         self.spool = spool
         self.metrics = metrics
         self.state = SharedState.create()
         spool.released_elsewhere = lambda: self.state["released_bytes"]
-        metrics.shared = self.state.counters
         self.ready_event = asyncio.Event()
         self.process: subprocess.Popen[bytes] | None = None
         self._appended = 0
         self._supervisor: asyncio.Task[None] | None = None
+
+    def counters(self) -> dict[str, int]:
+        """What the writer process has counted (records written, retries, ...)."""
+        return self.state.counters()
 
     @property
     def ready(self) -> bool:
@@ -163,12 +186,12 @@ class WriterProcess:
 
     def _spawn(self) -> None:
         assert self.spool.slot is not None
-        settings = pickle.dumps(self.settings)
+        config = pickle.dumps(self.config)
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "gateway.writer_process",
+                "storage.writer_process",
                 str(self.spool.slot),
                 str(self.state.fd),
                 str(os.getpid()),
@@ -177,7 +200,7 @@ class WriterProcess:
             pass_fds=(self.state.fd,),
         )
         assert self.process.stdin is not None
-        self.process.stdin.write(len(settings).to_bytes(8, "big") + settings)
+        self.process.stdin.write(len(config).to_bytes(8, "big") + config)
         self.process.stdin.flush()
 
     async def _supervise(self) -> None:
@@ -209,28 +232,28 @@ def _die_with_parent() -> None:
         log.warning("cannot tie the writer's life to its gateway's on this system")
 
 
-async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
-    engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
+async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
+    engine = create_engine(parse_dsn(config.history_dsn), config.pool_size)
 
     async def prepare() -> None:
-        await ensure_database(settings.history_dsn)
+        await ensure_database(config.history_dsn)
         await migrate(engine, "history")
         today = datetime.now(UTC).date()
-        writer.partitions = await partitions_in_use(engine, settings.mes_daily_partition, today)
+        writer.partitions = await partitions_in_use(engine, config.daily_partition, today)
 
-    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool = Spool(Path(config.spool_dir), config.spool_max_bytes)
     spool.follow(slot)
     writer = HistoryWriter(
         engine,
-        SharedMetrics(state),
+        SharedCounter(state),
         spool,
         encode=to_entry,
         decode=from_entry,
-        batch_size=settings.capture_batch_size,
-        flush_interval=settings.capture_flush_interval,
-        retry_seconds=settings.capture_retry_seconds,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        retry_seconds=config.retry_seconds,
         prepare=prepare,
-        redactor=Redactor(settings.redact_patterns, capture_content=settings.capture_content),
+        redactor=Redactor(config.redact_patterns, capture_content=config.capture_content),
     )
     released = state["released_bytes"]  # by the writers before this one
 
@@ -245,7 +268,7 @@ async def _serve(settings: Settings, slot: Path, state: SharedState, stdin: IO[b
     writer.start()
     reporter = asyncio.create_task(report())
     await asyncio.to_thread(stdin.read)  # until the gateway closes it: time to stop
-    await writer.close(settings.shutdown_grace_seconds)
+    await writer.close(config.shutdown_grace)
     reporter.cancel()
     state["released_bytes"] = released + spool.released
     await engine.dispose()
@@ -263,16 +286,16 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(8), "big")
-    settings: Settings = pickle.loads(stdin.read(size))
+    config: WriterConfig = pickle.loads(stdin.read(size))
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     state = SharedState(int(sys.argv[2]))
     import uvloop
 
-    uvloop.run(_serve(settings, Path(sys.argv[1]), state, stdin))
+    uvloop.run(_serve(config, Path(sys.argv[1]), state, stdin))
 
 
 if __name__ == "__main__":

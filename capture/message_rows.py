@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from storage.chain import canonical, content_text
+from capture import columns
+from capture.chain import canonical, content_text
 
 JSON = dict[str, Any]
 
@@ -40,7 +41,7 @@ def message_row(
         "conversation_id": conversation_id,
         "hash": digest,
         "parent_hash": parent or None,
-        "role": str(role)[:32] if role else "unknown",
+        "role": str(role)[: columns.ROLE] if role else "unknown",
         "body": body,
         "content_text": text,
         "content_in_text": split,

@@ -1,61 +1,104 @@
-"""What the request path hands to the capture queue, and how the writer turns it into rows.
-
-The request path does as little as it can: it fills an ``Exchange`` with what it already has
-(the parsed request, the raw response bytes or SSE chunks with their arrival times, timings,
-caller, client) and queues it. Parsing the answer, rebuilding streamed messages, hashing the
-message chain and shaping rows happen in ``rows()``, called by the writer off the request path.
+"""OpenAI's chat completions (``POST /v1/chat/completions``): the request read, the usage the
+gateway asks for on a client's behalf taken out of the stream again, and the record's rows:
+the request's messages and the answer (whole, or rebuilt from its chunks) as a message
+chain, the completion with its usage and timings, and its conversation.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import orjson
 
-from gateway.accumulate import StreamAccumulator
-from gateway.sse import iter_data
-from storage.chain import ROOT, chain, content_text, continuation_key
-from storage.message_rows import message_row
-from storage.rows import Record, RowSet
+from capture import columns
+from capture.accumulate import StreamAccumulator
+from capture.api import Api, InvalidBody
+from capture.chain import ROOT, chain, content_text, continuation_key
+from capture.exchange import Exchange
+from capture.message_rows import message_row
+from capture.rows import (
+    COMPLETIONS,
+    CONVERSATIONS,
+    MESSAGES,
+    RowSet,
+    dig,
+    integer,
+    json_or_none,
+    short,
+    text_or_none,
+)
+from capture.sse import event_data, iter_data
 
 JSON = dict[str, Any]
 TITLE_LENGTH = 80
 
-CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_DISCONNECTED = "upstream_disconnected"
+
+def parse_request(body: bytes) -> JSON:
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidBody(
+            "We could not parse the JSON body of your request. "
+            "The body must be a JSON object (see https://platform.openai.com/docs/api-reference)."
+        ) from None
+    if not isinstance(request, dict):
+        raise InvalidBody("The request body must be a JSON object.")
+    if "stream" in request and not isinstance(request["stream"], bool | None):
+        raise InvalidBody("'stream' must be a boolean.", param="stream")
+    if not isinstance(request.get("messages"), list):
+        raise InvalidBody("'messages' must be an array of messages.", param="messages")
+    return request
 
 
-def new_id() -> str:
-    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
+def ask_for_usage(request: JSON, body: bytes) -> tuple[bytes, bool]:
+    """The body to send upstream, and whether the gateway added ``include_usage`` to it."""
+    if request.get("stream") is not True:
+        return body, False
+    options = request.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return body, False
+    return orjson.dumps({**request, "stream_options": {**options, "include_usage": True}}), True
+
+
+def without_usage_event(events: list[bytes], whole: bytes) -> bytes:
+    """The events as the client would have had them had the gateway not asked for usage on
+    its behalf: the usage-only chunk gone, and the ``"usage":null`` that asking adds to
+    every other chunk. That field is a key of the chunk's top-level object, which a JSON
+    string cannot hold unescaped, so it is cut from the bytes without parsing them."""
+    kept = [event for event in events if not _is_usage_event(event)]
+    out = whole if len(kept) == len(events) else b"".join(kept)
+    if b'"usage":' in out:
+        for added in _NULL_USAGE:
+            out = out.replace(added, b"")
+    return out
+
+
+# How "usage": null appears in a chunk: last (OpenAI's order) or first, compact or spaced.
+_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+
+
+def _is_usage_event(event: bytes) -> bool:
+    if b'"usage"' not in event or b'"usage":null' in event or b'"usage": null' in event:
+        return False
+    data = event_data(event)
+    if data is None or data == b"[DONE]":
+        return False
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and bool(chunk.get("usage"))
 
 
 @dataclass(slots=True)
-class Exchange:
-    """One proxied chat completion, as the request path saw it."""
+class ChatExchange(Exchange):
+    """One proxied chat completion."""
 
-    owner: str
-    key_fingerprint: str | None
-    client_ip: str | None
-    user_agent: str | None
-    conversation_header: str | None
-    request: JSON
-    stream: bool
-    started_at: datetime
-    id: str = field(default_factory=new_id)
-    status: int = 0
-    response_body: bytes = b""
-    chunks: list[tuple[float, bytes]] = field(default_factory=list)
-    first_byte_ms: float | None = None
-    latency_ms: float | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
-    # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
-    nul_free: bool = field(default=False, compare=False)
+    kind = "chat"
 
     def rows(self) -> RowSet:
         answer = self._answer()
@@ -93,68 +136,49 @@ class Exchange:
             "conversation_id": conversation_id,
             "owner": self.owner,
             "key_fingerprint": self.key_fingerprint,
-            "end_user": _short(self.request.get("user"), 255),
-            "requested_model": _short(self.request.get("model"), 255),
-            "response_model": _short(answer.model, 255),
+            "end_user": short(self.request.get("user"), columns.NAME),
+            "requested_model": short(self.request.get("model"), columns.NAME),
+            "response_model": short(answer.model, columns.NAME),
             "params": orjson.dumps(params).decode(),
-            "metadata": _json_or_none(self.request.get("metadata")),
+            "metadata": json_or_none(self.request.get("metadata")),
             "request_hash": request_hash,
             "request_message_count": len(messages),
             "response_hash": response_hash,
             "extra_choices": orjson.dumps(extra_choices).decode() if extra_choices else None,
             "finish_reason": answer.finish_reason,
-            "prompt_tokens": _int(usage.get("prompt_tokens")),
-            "completion_tokens": _int(usage.get("completion_tokens")),
-            "total_tokens": _int(usage.get("total_tokens")),
-            "cached_tokens": _int(_get(usage, "prompt_tokens_details", "cached_tokens")),
-            "reasoning_tokens": _int(_get(usage, "completion_tokens_details", "reasoning_tokens")),
-            "usage": _json_or_none(answer.usage),
+            "prompt_tokens": integer(usage.get("prompt_tokens")),
+            "completion_tokens": integer(usage.get("completion_tokens")),
+            "total_tokens": integer(usage.get("total_tokens")),
+            "cached_tokens": integer(dig(usage, "prompt_tokens_details", "cached_tokens")),
+            "reasoning_tokens": integer(
+                dig(usage, "completion_tokens_details", "reasoning_tokens")
+            ),
+            "usage": json_or_none(answer.usage),
             "status_code": self.status,
-            "error_type": _short(self.error_type or answer.error_type, 255),
+            "error_type": short(self.error_type or answer.error_type, columns.NAME),
             "error_message": self.error_message or answer.error_message,
             "client_ip": self.client_ip,
-            "user_agent": _short(self.user_agent, 512),
+            "user_agent": short(self.user_agent, columns.USER_AGENT),
             "stream": self.stream,
             "started_at": self.started_at,
             "ttft_ms": answer.ttft_ms if answer.ttft_ms is not None else None,
             "latency_ms": self.latency_ms,
-            "upstream_created": _int(answer.created),
-            "system_fingerprint": _short(answer.system_fingerprint, 255),
+            "upstream_created": integer(answer.created),
+            "system_fingerprint": short(answer.system_fingerprint, columns.NAME),
         }
         conversation = {
             "id": conversation_id,
             "owner": self.owner,
-            "client_conversation_id": _short(self.conversation_header, 255),
+            "client_conversation_id": short(self.conversation_header, columns.NAME),
             "title": _title(messages),
             "created_at": self.started_at,
             "updated_at": self.started_at,
         }
         return RowSet(
-            completion=completion,
-            conversation=conversation,
-            messages=message_rows,
+            {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
             resent=_resent(messages),
             nul_free=self.nul_free,
         )
-
-    def journal(self) -> JSON:
-        """Everything ``rows()`` needs, as JSON, for the spool (bytes kept as latin-1 text,
-        which maps each byte to one character and back)."""
-        return {
-            "kind": "chat",
-            **{name: getattr(self, name) for name in _JOURNALED},
-            "started_at": self.started_at.isoformat(),
-            "response_body": self.response_body.decode("latin-1"),
-            "chunks": [[at, raw.decode("latin-1")] for at, raw in self.chunks],
-        }
-
-    @classmethod
-    def from_journal(cls, entry: JSON) -> Exchange:
-        fields = {k: v for k, v in entry.items() if k != "kind"}
-        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
-        fields["response_body"] = entry["response_body"].encode("latin-1")
-        fields["chunks"] = [(at, raw.encode("latin-1")) for at, raw in entry["chunks"]]
-        return cls(**fields)
 
     def _conversation_id(self, exchange: list[JSON], digests: list[str]) -> str:
         """Named by the client's header, else by the conversation's first exchange.
@@ -178,9 +202,6 @@ class Exchange:
         if self.stream and self.chunks and 200 <= self.status < 300:
             return _streamed_answer(self.chunks, self.cut_short)
         return _json_answer(self.response_body, self.status, self.cut_short)
-
-
-_JOURNALED = tuple(name for name in Exchange.__dataclass_fields__ if name != "nul_free")
 
 
 @dataclass(slots=True)
@@ -243,7 +264,7 @@ def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
             kind = error.get("type") or error.get("code")
             return Answer(
                 error_type=str(kind) if kind else None,
-                error_message=_str_or_none(error.get("message")),
+                error_message=text_or_none(error.get("message")),
             )
         return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
     choices = []
@@ -252,85 +273,14 @@ def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
             choices.append((choice["message"], choice.get("finish_reason")))
     usage = parsed.get("usage")
     return Answer(
-        id=_str_or_none(parsed.get("id")),
-        model=_str_or_none(parsed.get("model")),
+        id=text_or_none(parsed.get("id")),
+        model=text_or_none(parsed.get("model")),
         created=parsed.get("created") if isinstance(parsed.get("created"), int) else None,
-        system_fingerprint=_str_or_none(parsed.get("system_fingerprint")),
+        system_fingerprint=text_or_none(parsed.get("system_fingerprint")),
         usage=usage if isinstance(usage, dict) else None,
         choices=choices,
         finish_reason=choices[0][1] if choices else cut_short,
     )
-
-
-@dataclass(slots=True)
-class RequestLog:
-    """Any other proxied ``/v1`` request: a light row, no content."""
-
-    owner: str
-    key_fingerprint: str | None
-    method: str
-    path: str
-    client_ip: str | None
-    user_agent: str | None
-    started_at: datetime
-    id: str = field(default_factory=new_id)
-    status: int = 0
-    error_type: str | None = None
-    latency_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-    def journal(self) -> JSON:
-        return {
-            "kind": "log",
-            **{name: getattr(self, name) for name in self.__dataclass_fields__},
-            "started_at": self.started_at.isoformat(),
-        }
-
-    @classmethod
-    def from_journal(cls, entry: JSON) -> RequestLog:
-        fields = {k: v for k, v in entry.items() if k != "kind"}
-        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
-        return cls(**fields)
-
-    def rows(self) -> RowSet:
-        return RowSet(
-            request_log={
-                "id": self.id,
-                "owner": self.owner,
-                "key_fingerprint": self.key_fingerprint,
-                "method": self.method,
-                "path": self.path[:1024],
-                "status_code": self.status,
-                "error_type": self.error_type,
-                "latency_ms": self.latency_ms,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "client_ip": self.client_ip,
-                "user_agent": _short(self.user_agent, 512),
-                "started_at": self.started_at,
-            }
-        )
-
-
-def to_entry(record: Record) -> bytes:
-    """A captured record as one line of the spool."""
-    assert isinstance(record, (Exchange, RequestLog))
-    return orjson.dumps(record.journal())
-
-
-def from_entry(entry: bytes) -> Record:
-    """A spooled record back as the record it was."""
-    data = orjson.loads(entry)
-    if data.get("kind") == "chat":
-        exchange = Exchange.from_journal(data)
-        # JSON writes a NUL in any string as \u0000, and a response body's bytes are kept
-        # as text: an entry without those six characters has no NUL anywhere in it.
-        exchange.nul_free = b"\\u0000" not in entry
-        return exchange
-    if data.get("kind") == "log":
-        return RequestLog.from_journal(data)
-    raise ValueError(f"unknown record kind {data.get('kind')!r}")
 
 
 def _resent(messages: list[JSON]) -> int:
@@ -363,29 +313,9 @@ def _first_words(text: str) -> str:
     return words if len(words) <= TITLE_LENGTH else words[: TITLE_LENGTH - 1] + "…"
 
 
-def _get(mapping: JSON, *path: str) -> Any:
-    value: Any = mapping
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _short(value: Any, length: int) -> str | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    return text[:length]
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+API = Api(
+    record=ChatExchange,
+    parse=parse_request,
+    upstream_body=ask_for_usage,
+    client_events=without_usage_event,
+)

@@ -1,0 +1,47 @@
+"""What the proxy needs to know of a captured API: how to read its request, what the gateway
+adds to it upstream and takes out of the answer again, and the record it makes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from capture.exchange import Exchange
+
+JSON = dict[str, Any]
+
+
+class InvalidBody(ValueError):
+    """The request body is not one the API takes: the gateway answers 400, sends nothing
+    upstream and records nothing."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _unchanged(request: JSON, body: bytes) -> tuple[bytes, bool]:
+    return body, False
+
+
+def _as_sent(events: list[bytes], whole: bytes) -> bytes:
+    return whole
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """One captured API. ``parse`` reads the request (or raises ``InvalidBody``);
+    ``upstream_body`` gives the body to send and whether the gateway added something for its
+    own needs, in which case each batch of a stream's SSE events goes through
+    ``client_events`` to take it out again."""
+
+    record: type[Exchange]
+    parse: Callable[[bytes], JSON]
+    upstream_body: Callable[[JSON, bytes], tuple[bytes, bool]] = _unchanged
+    client_events: Callable[[list[bytes], bytes], bytes] = _as_sent
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind

@@ -1,0 +1,134 @@
+"""The records the request path fills: an ``Exchange`` for a call of a captured API, a
+``RequestLog`` for any other proxied request.
+
+The request path does as little as it can: it fills a record with what it already has (the
+parsed request, the answer's raw bytes or SSE events with their arrival times, timings,
+caller, client) and spools it. What the answer means (parsing it, rebuilding a stream,
+hashing the message chain, shaping rows) is each API module's ``rows()``, which the writer
+calls off the request path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from capture import columns
+from capture.rows import REQUEST_LOGS, RowSet, short
+
+JSON = dict[str, Any]
+
+# Why an answer is partial: the record says so, never a made-up "stop".
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_DISCONNECTED = "upstream_disconnected"
+
+
+def new_id() -> str:
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One call of a captured API, as the request path saw it. Each API's module subclasses
+    it with its ``kind`` and its ``rows()``."""
+
+    kind: ClassVar[str] = ""
+
+    owner: str
+    key_fingerprint: str | None
+    client_ip: str | None
+    user_agent: str | None
+    conversation_header: str | None
+    request: JSON
+    stream: bool
+    started_at: datetime
+    id: str = field(default_factory=new_id)
+    status: int = 0
+    response_body: bytes = b""
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    first_byte_ms: float | None = None
+    latency_ms: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
+    # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
+    nul_free: bool = field(default=False, compare=False)
+
+    def rows(self) -> RowSet:
+        raise NotImplementedError(f"{type(self).__name__} does not say what its rows are")
+
+    def journal(self) -> JSON:
+        """Everything ``rows()`` needs, as JSON, for the spool (bytes kept as latin-1 text,
+        which maps each byte to one character and back)."""
+        return {
+            "kind": self.kind,
+            **{name: getattr(self, name) for name in _JOURNALED},
+            "started_at": self.started_at.isoformat(),
+            "response_body": self.response_body.decode("latin-1"),
+            "chunks": [[at, raw.decode("latin-1")] for at, raw in self.chunks],
+        }
+
+    @classmethod
+    def from_journal(cls, entry: JSON) -> Exchange:
+        fields = {k: v for k, v in entry.items() if k != "kind"}
+        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
+        fields["response_body"] = entry["response_body"].encode("latin-1")
+        fields["chunks"] = [(at, raw.encode("latin-1")) for at, raw in entry["chunks"]]
+        return cls(**fields)
+
+
+_JOURNALED = tuple(name for name in Exchange.__dataclass_fields__ if name != "nul_free")
+
+
+@dataclass(slots=True)
+class RequestLog:
+    """Any other proxied ``/v1`` request: a light row, no content."""
+
+    kind: ClassVar[str] = "log"
+
+    owner: str
+    key_fingerprint: str | None
+    method: str
+    path: str
+    client_ip: str | None
+    user_agent: str | None
+    started_at: datetime
+    id: str = field(default_factory=new_id)
+    status: int = 0
+    error_type: str | None = None
+    latency_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def journal(self) -> JSON:
+        return {
+            "kind": self.kind,
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            "started_at": self.started_at.isoformat(),
+        }
+
+    @classmethod
+    def from_journal(cls, entry: JSON) -> RequestLog:
+        fields = {k: v for k, v in entry.items() if k != "kind"}
+        fields["started_at"] = datetime.fromisoformat(entry["started_at"])
+        return cls(**fields)
+
+    def rows(self) -> RowSet:
+        row = {
+            "id": self.id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "method": self.method,
+            "path": self.path[: columns.PATH],
+            "status_code": self.status,
+            "error_type": self.error_type,
+            "latency_ms": self.latency_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "client_ip": self.client_ip,
+            "user_agent": short(self.user_agent, columns.USER_AGENT),
+            "started_at": self.started_at,
+        }
+        return RowSet({REQUEST_LOGS: [row]})

@@ -1,0 +1,26 @@
+"""The captured APIs, by the method and path they answer, and every record kind the spool
+may hold. Capturing one more API is a module like ``capture/chat.py`` and a line here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from capture import chat
+from capture.api import Api
+from capture.exchange import Exchange, RequestLog
+
+ROUTES: Mapping[tuple[str, str], Api] = MappingProxyType(
+    {
+        ("POST", "/v1/chat/completions"): chat.API,
+    }
+)
+
+RECORD_KINDS: Mapping[str, type[Exchange] | type[RequestLog]] = MappingProxyType(
+    {RequestLog.kind: RequestLog, **{api.kind: api.record for api in ROUTES.values()}}
+)
+
+
+def captured(method: str, path: str) -> Api | None:
+    """The API whose calls ``method path`` makes, or None for a request only logged."""
+    return ROUTES.get((method, path))

@@ -1,0 +1,85 @@
+"""The rows one captured record becomes, each named by the table it goes to, and what the
+writer needs of a record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+Row = dict[str, Any]
+
+# The history tables records write to. A record kind with a table of its own names it in
+# its rows; the writer stores rows of any table it does not know more of as records, once
+# per id (see ``storage/batch.py``).
+COMPLETIONS = "completions"
+CONVERSATIONS = "conversations"
+MESSAGES = "messages"
+REQUEST_LOGS = "request_logs"
+
+
+@dataclass(slots=True)
+class RowSet:
+    """The rows of one record, by table."""
+
+    tables: dict[str, list[Row]] = field(default_factory=dict)
+    # How many of the ``messages`` rows, from the first, the request resent: its history up
+    # to its last assistant message, stored already as a rule (by the turn that answered).
+    resent: int = 0
+    # Known to hold no NUL character: the writer need not look. Not part of the rows.
+    nul_free: bool = field(default=False, compare=False)
+
+    def one(self, table: str) -> Row | None:
+        rows = self.tables.get(table)
+        return rows[0] if rows else None
+
+    @property
+    def completion(self) -> Row | None:
+        return self.one(COMPLETIONS)
+
+    @property
+    def conversation(self) -> Row | None:
+        return self.one(CONVERSATIONS)
+
+    @property
+    def messages(self) -> list[Row]:
+        return self.tables.get(MESSAGES, [])
+
+
+class Record(Protocol):
+    """Anything the capture queue carries: it has an id and knows its rows."""
+
+    id: str
+
+    def rows(self) -> RowSet: ...
+
+
+def short(value: Any, length: int) -> str | None:
+    """``value`` as text (JSON if it is not a string), cut to a column's ``length``."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text[:length]
+
+
+def integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def json_or_none(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def dig(mapping: Any, *path: str) -> Any:
+    """``mapping[a][b]...``, or None where a step is not a dict."""
+    value: Any = mapping
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
