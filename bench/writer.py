@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.speed import FILLER  # noqa: E402
 from capture.chat import ChatExchange  # noqa: E402
 from fake_upstream.responses import Answer  # noqa: E402
-from gateway.app import writer_config  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
+from gateway.services import writer_config  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 from storage.spool import Spool  # noqa: E402
 from storage.writer_process import WriterProcess  # noqa: E402

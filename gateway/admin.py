@@ -20,16 +20,24 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy import update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import admin_models as m
-from gateway.auth import Authenticator, presented_key
+from gateway.auth import presented_key
 from gateway.completion_objects import fine_tuning_example, stored_json
-from gateway.settings import Settings
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InvalidGatewayKey,
+    InvalidRequest,
+    NotFound,
+    json_error,
+)
+from gateway.services import services
 from gateway.stored_completions import has_nul
 from storage import accounts, browse, deletion, retention, search, stats
 from storage.browse import CompletionFilter
@@ -39,35 +47,15 @@ from storage.scope import Scope
 MAX_LIMIT = 1000
 
 
-class AdminError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-def _error_response(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, AdminError)
-    kind = "invalid_request_error" if error.status < 500 else "server_error"
-    body = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    return JSONResponse({"error": body}, status_code=error.status)
-
-
-def _http_error_response(request: Request, error: Exception) -> JSONResponse:
-    """Starlette's own refusals (no such route, method not allowed) in the same shape."""
-    assert isinstance(error, StarletteHTTPException)
-    code = "not_found" if error.status_code == 404 else "method_not_allowed"
-    return _error_response(request, AdminError(error.status_code, str(error.detail), code))
-
-
 async def admin_actor(request: Request) -> str:
-    settings: Settings = request.state.settings
+    settings = services(request).settings
     if not settings.gateway_admin_key:
-        raise AdminError(403, "The admin API is off: set GATEWAY_ADMIN_KEY.", "admin_disabled")
+        raise Forbidden("The admin API is off: set GATEWAY_ADMIN_KEY.", code="admin_disabled")
     key = presented_key(request.headers.get("authorization"), request.headers.get("api-key"))
     if key is None or not hmac.compare_digest(key.encode(), settings.gateway_admin_key.encode()):
-        raise AdminError(401, "Incorrect or missing admin key.", "invalid_api_key")
+        raise InvalidGatewayKey("Incorrect or missing admin key.")
     if has_nul(request):
-        raise AdminError(400, "NUL characters are not allowed in paths or queries.", "invalid")
+        raise InvalidRequest("NUL characters are not allowed in paths or queries.", code="invalid")
     return "admin"
 
 
@@ -80,13 +68,11 @@ router = APIRouter(responses=ERRORS)
 
 
 def _main(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.state.engines["main"]
-    return engine
+    return services(request).main_engine
 
 
 def _history(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.state.history_engine
-    return engine
+    return services(request).history_engine
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -139,18 +125,18 @@ async def get_user(user_id: str, request: Request, actor: Actor) -> dict[str, An
     async with _main(request).connect() as connection:
         row = await accounts.user(connection, user_id)
     if row is None:
-        raise AdminError(404, f"No user '{user_id}'.", "not_found")
+        raise NotFound(f"No user '{user_id}'.")
     return _user(row)
 
 
 async def _set_disabled(request: Request, actor: str, user_id: str, disabled: bool) -> Any:
     async with _main(request).begin() as connection:
         if not await accounts.set_disabled(connection, user_id, disabled):
-            raise AdminError(404, f"No user '{user_id}'.", "not_found")
+            raise NotFound(f"No user '{user_id}'.")
         action = "user.disabled" if disabled else "user.enabled"
         await accounts.audit(connection, actor, action, user_id)
         row = await accounts.user(connection, user_id)
-    authenticator: Authenticator = request.state.authenticator
+    authenticator = services(request).authenticator
     authenticator.forget_all()
     assert row is not None
     return _user(row)
@@ -176,7 +162,7 @@ async def issue_key(
 ) -> dict[str, Any]:
     async with _main(request).begin() as connection:
         if await accounts.user(connection, user_id) is None:
-            raise AdminError(404, f"No user '{user_id}'.", "not_found")
+            raise NotFound(f"No user '{user_id}'.")
         key, row = await accounts.issue_key(connection, user_id, body.name)
         await accounts.audit(connection, actor, "key.issued", row["id"], {"user_id": user_id})
     return {**row, "key": key}
@@ -194,9 +180,9 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
     async with _main(request).begin() as connection:
         row = await accounts.revoke_key(connection, key_id)
         if row is None:
-            raise AdminError(404, f"No key '{key_id}'.", "not_found")
+            raise NotFound(f"No key '{key_id}'.")
         await accounts.audit(connection, actor, "key.revoked", key_id)
-    authenticator: Authenticator = request.state.authenticator
+    authenticator = services(request).authenticator
     authenticator.forget(row["fingerprint"])
     return dict(row)
 
@@ -278,7 +264,7 @@ async def user_completions(
         if query.after:
             cursor = await browse.find_completion(connection, scope, query.after)
             if cursor is None:
-                raise AdminError(404, f"No completion '{query.after}'.", "not_found", "after")
+                raise NotFound(f"No completion '{query.after}'.", param="after")
         page = await browse.list_completions(
             connection,
             scope,
@@ -300,7 +286,7 @@ async def user_conversations(
         if query.after:
             cursor = await browse.find_conversation(connection, scope, query.after)
             if cursor is None:
-                raise AdminError(404, f"No conversation '{query.after}'.", "not_found", "after")
+                raise NotFound(f"No conversation '{query.after}'.", param="after")
         page = await browse.list_conversations(
             connection,
             scope,
@@ -325,7 +311,7 @@ async def get_completion(completion_id: str, request: Request, actor: Actor) -> 
     async with _history(request).connect() as connection:
         row = await browse.find_completion(connection, Scope.everyone(), completion_id)
         if row is None:
-            raise AdminError(404, f"No completion '{completion_id}'.", "not_found")
+            raise NotFound(f"No completion '{completion_id}'.")
         rebuilder = browse.Rebuilder(connection)
         await rebuilder.load([row["conversation_id"]])
     return {
@@ -342,7 +328,7 @@ async def get_conversation(conversation_id: str, request: Request, actor: Actor)
     async with _history(request).connect() as connection:
         row = await browse.find_conversation(connection, scope, conversation_id)
         if row is None:
-            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+            raise NotFound(f"No conversation '{conversation_id}'.")
         tree = await browse.conversation_messages(connection, conversation_id)
         page = await browse.list_completions(
             connection,
@@ -385,7 +371,7 @@ async def update_conversation(
     scope = Scope.everyone()
     async with _history(request).begin() as connection:
         if await browse.find_conversation(connection, scope, conversation_id) is None:
-            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+            raise NotFound(f"No conversation '{conversation_id}'.")
         if changes:
             await connection.execute(
                 update(conversations).where(conversations.c.id == conversation_id).values(**changes)
@@ -402,7 +388,7 @@ async def update_conversation(
 async def delete_conversation(conversation_id: str, request: Request, actor: Actor) -> Any:
     async with _history(request).begin() as connection:
         if await browse.find_conversation(connection, Scope.everyone(), conversation_id) is None:
-            raise AdminError(404, f"No conversation '{conversation_id}'.", "not_found")
+            raise NotFound(f"No conversation '{conversation_id}'.")
         deleted = await deletion.delete_conversation(connection, Scope.everyone(), conversation_id)
     await _audit(request, actor, "conversation.deleted", conversation_id, _counts(deleted))
     return deleted
@@ -415,7 +401,7 @@ async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
     so that writers and readers are never held up for long."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
     run = await retention.prune(
-        _history(request), cutoff, partitions=request.state.maintenance.partitions
+        _history(request), cutoff, partitions=services(request).maintenance.partitions
     )
     details = {"older_than_days": body.older_than_days, **_counts(run.deleted)}
     await _audit(request, actor, "history.pruned", None, details)
@@ -439,7 +425,7 @@ def _position(cursor: str) -> search.Position:
             datetime.fromisoformat(moment), str(conversation_id), str(message_id)
         )
     except (ValueError, TypeError) as error:
-        raise AdminError(400, "Malformed cursor.", "invalid_cursor", "cursor") from error
+        raise InvalidRequest("Malformed cursor.", param="cursor", code="invalid_cursor") from error
 
 
 @router.get("/search", response_model=m.SearchResults)
@@ -569,8 +555,7 @@ async def dead_letters(
 ) -> dict[str, Any]:
     """Records a history database refused for good (with the reason), oldest first; they
     are kept in ``MES_SPOOL_DIR/dead-letter.jsonl`` and nothing else is done with them."""
-    settings: Settings = request.state.settings
-    path = Path(settings.spool_dir) / "dead-letter.jsonl"
+    path = Path(services(request).settings.spool_dir) / "dead-letter.jsonl"
     items = await asyncio.to_thread(_read_dead_letters, path, after or 0, limit + 1)
     return _page(items[:limit], len(items) > limit)
 
@@ -625,6 +610,6 @@ def create_admin_app() -> FastAPI:
         redoc_url=None,
     )
     app.include_router(router)
-    app.add_exception_handler(AdminError, _error_response)
-    app.add_exception_handler(StarletteHTTPException, _http_error_response)
+    app.add_exception_handler(GatewayError, json_error)
+    app.add_exception_handler(StarletteHTTPException, json_error)
     return app

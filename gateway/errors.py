@@ -1,4 +1,7 @@
-"""The gateway's own errors, each answered once, in OpenAI's error shape.
+"""The gateway's own errors, and how each is answered: in OpenAI's error shape on ``/v1`` and
+on ``/admin`` (``json_error``, and ``asgi.send_error`` for the pure-ASGI proxy, both from
+``GatewayError.body``), as a page on ``/ui`` (``gateway/ui.py``). Endpoints raise them;
+each surface's exception handler answers them.
 
 Upstream errors are never turned into these: an upstream 4xx/5xx reaches the client as the
 upstream sent it. These are for what goes wrong before or instead of an upstream answer:
@@ -9,6 +12,7 @@ upstream sent it. These are for what goes wrong before or instead of an upstream
     ├── InvalidGatewayKey    401  managed mode, and the key is missing or not a gateway key
     ├── Forbidden            403  an admin route without GATEWAY_ADMIN_KEY
     ├── NotFound             404  a route the gateway does not serve, or history not the caller's
+    ├── MethodNotAllowed     405  a route the gateway serves, with another method
     ├── KeyStoreUnavailable  503  managed mode, an unknown key, and the main database is down
     ├── UpstreamUnreachable  502  the upstream refused or dropped the connection
     └── UpstreamTimeout      504  the upstream did not answer within UPSTREAM_TIMEOUT
@@ -17,6 +21,9 @@ upstream sent it. These are for what goes wrong before or instead of an upstream
 from __future__ import annotations
 
 import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
 
 class GatewayError(Exception):
@@ -24,10 +31,12 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -65,6 +74,12 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class Forbidden(GatewayError):
     status = 403
     type = "invalid_request_error"
@@ -87,3 +102,25 @@ class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+def gateway_error(request: Request, error: Exception) -> GatewayError:
+    """``error`` as one of the gateway's own: what Starlette itself refuses (a path no route
+    matches, a method a route does not take) becomes the error the gateway would raise."""
+    if isinstance(error, GatewayError):
+        return error
+    assert isinstance(error, HTTPException)
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    if error.status_code == 405:
+        return MethodNotAllowed(message)
+    if error.status_code == 404:
+        return NotFound(message)
+    refused = GatewayError(message)
+    refused.status = error.status_code
+    return refused
+
+
+async def json_error(request: Request, error: Exception) -> Response:
+    """The exception handler of the JSON surfaces (``/v1``, ``/admin``)."""
+    found = gateway_error(request, error)
+    return Response(found.body(), status_code=found.status, media_type="application/json")

@@ -37,7 +37,7 @@ from gateway.client_ip import client_ip
 from gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
+from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse, content_type, is_success
 
 log = logging.getLogger("mes.proxy")
 
@@ -67,13 +67,7 @@ class Proxy:
         self.authenticator = authenticator
         self.capture = capture
         self.metrics = metrics
-        self._upstream_base = settings.upstream_base_url.removesuffix("/v1")
-        self._upstream_prefix = settings.upstream_base_url
-        self._upstream_auth = (
-            (b"authorization", b"Bearer " + settings.upstream_api_key.encode())
-            if settings.upstream_api_key
-            else None
-        )
+        self._upstream_auth = upstream.credentials
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
@@ -103,12 +97,7 @@ class Proxy:
 
     def _upstream_url(self, scope: Scope) -> str:
         path: bytes = scope.get("raw_path") or scope["path"].encode()
-        rest = path.decode("latin-1").removeprefix("/v1")
-        if not rest.startswith("/"):  # "/v1%2F@elsewhere/": still a path on the upstream
-            rest = "/" + rest
-        url = self._upstream_prefix + rest
-        query: bytes = scope.get("query_string", b"")
-        return url + "?" + query.decode("latin-1") if query else url
+        return self.upstream.url(path, scope.get("query_string", b""))
 
     def _upstream_headers(self, headers: Headers, read: bool) -> Headers:
         dropped = HOP_BY_HOP | _CONSUMED | connection_listed(headers)
@@ -188,8 +177,8 @@ class Proxy:
                 response = await self._send_upstream("POST", url, upstream_headers, upstream_body)
                 exchange.status = response.status
                 exchange.first_byte_ms = _since(started)
-                events = _EVENT_STREAM in response.content_type
-                if exchange.stream and response.is_success and events:
+                events = _EVENT_STREAM in content_type(response)
+                if exchange.stream and is_success(response) and events:
                     events_out = api.client_events if added else None
                     await self._relay_events(send, response, exchange, started, events_out, finish)
                 else:

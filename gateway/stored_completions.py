@@ -9,7 +9,8 @@
 The caller is identified exactly as for the proxy (``gateway/auth.py``) and sees only its
 own completions: another caller's id answers 404, as if it did not exist. A caller with no
 key has no history to read. Ids are the upstream's ``chatcmpl-...`` ids, as the client got
-them; the gateway's own record id (``mes.record_id``) is accepted too.
+them; the gateway's own record id (``mes.record_id``) is accepted too. Errors are raised as
+the gateway's own (``gateway/errors.py``), and answered by the app's handler.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.responses import Response
 
 from gateway.auth import Authenticator
 from gateway.completion_objects import completion_object, message_objects
-from gateway.errors import GatewayError, InvalidGatewayKey, InvalidRequest, NotFound
+from gateway.errors import InvalidGatewayKey, InvalidRequest, NotFound
 from storage import accounts, browse, deletion, history
 from storage.browse import CompletionFilter, Rebuilder
 from storage.schema import completions
@@ -44,85 +45,70 @@ class StoredCompletions:
         self.authenticator = authenticator
 
     async def list(self, request: Request) -> Response:
-        try:
-            scope = await self._scope(request)
-            limit = _limit(request)
-            order = _order(request)
-            filters = CompletionFilter(
-                model=request.query_params.get("model") or None,
-                metadata=_metadata_filter(request),
-                answered_only=True,
+        scope = await self._scope(request)
+        limit = _limit(request)
+        order = _order(request)
+        filters = CompletionFilter(
+            model=request.query_params.get("model") or None,
+            metadata=_metadata_filter(request),
+            answered_only=True,
+        )
+        async with self.history.connect() as connection:
+            after = await self._after(connection, scope, request.query_params.get("after"))
+            page = await browse.list_completions(
+                connection, scope, filters, limit=limit, after=after, descending=order == "desc"
             )
-            async with self.history.connect() as connection:
-                after = await self._after(connection, scope, request.query_params.get("after"))
-                page = await browse.list_completions(
-                    connection, scope, filters, limit=limit, after=after, descending=order == "desc"
-                )
-                rebuilder = Rebuilder(connection)
-                await rebuilder.load(row["conversation_id"] for row in page.rows)
-                data = [completion_object(row, rebuilder.answer(row)) for row in page.rows]
-        except GatewayError as error:
-            return _error(error)
+            rebuilder = Rebuilder(connection)
+            await rebuilder.load(row["conversation_id"] for row in page.rows)
+            data = [completion_object(row, rebuilder.answer(row)) for row in page.rows]
         return _list(data, page.has_more)
 
     async def retrieve(self, request: Request) -> Response:
-        try:
-            scope = await self._scope(request)
-            async with self.history.connect() as connection:
-                row = await _found(connection, scope, request.path_params["completion_id"])
-                answer = await history.answer_message(connection, row)
-        except GatewayError as error:
-            return _error(error)
+        scope = await self._scope(request)
+        async with self.history.connect() as connection:
+            row = await _found(connection, scope, request.path_params["completion_id"])
+            answer = await history.answer_message(connection, row)
         return _json(completion_object(row, answer))
 
     async def messages(self, request: Request) -> Response:
-        try:
-            scope = await self._scope(request)
-            limit = _limit(request)
-            order = _order(request)
-            async with self.history.connect() as connection:
-                row = await _found(connection, scope, request.path_params["completion_id"])
-                sent = await history.request_messages(connection, row)
-            items = message_objects(browse.public_id(row), sent)
-            if order == "desc":
-                items.reverse()
-            after = request.query_params.get("after")
-            if after:
-                ids = [item["id"] for item in items]
-                if after not in ids:
-                    raise NotFound(f"No message found with id '{after}'.", param="after")
-                items = items[ids.index(after) + 1 :]
-        except GatewayError as error:
-            return _error(error)
+        scope = await self._scope(request)
+        limit = _limit(request)
+        order = _order(request)
+        async with self.history.connect() as connection:
+            row = await _found(connection, scope, request.path_params["completion_id"])
+            sent = await history.request_messages(connection, row)
+        items = message_objects(browse.public_id(row), sent)
+        if order == "desc":
+            items.reverse()
+        after = request.query_params.get("after")
+        if after:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise NotFound(f"No message found with id '{after}'.", param="after")
+            items = items[ids.index(after) + 1 :]
         return _list(items[:limit], len(items) > limit)
 
     async def update(self, request: Request) -> Response:
-        try:
-            scope = await self._scope(request)
-            new_metadata = _metadata_body(await request.body())
-            async with self.history.begin() as connection:
-                row = await _found(connection, scope, request.path_params["completion_id"])
-                await connection.execute(
-                    update(completions)
-                    .where(scope.where(completions), completions.c.id == row["id"])
-                    .values(metadata=None if new_metadata is None else _dumps(new_metadata))
-                )
-                row = await _found(connection, scope, row["id"])
-                answer = await history.answer_message(connection, row)
-            await self._audit(scope, "completion.metadata_updated", row["id"])
-        except GatewayError as error:
-            return _error(error)
+        scope = await self._scope(request)
+        new_metadata = _metadata_body(await request.body())
+        async with self.history.begin() as connection:
+            row = await _found(connection, scope, request.path_params["completion_id"])
+            await connection.execute(
+                update(completions)
+                .where(scope.where(completions), completions.c.id == row["id"])
+                .values(metadata=None if new_metadata is None else _dumps(new_metadata))
+            )
+            row = await _found(connection, scope, row["id"])
+            answer = await history.answer_message(connection, row)
+        await self._audit(scope, "completion.metadata_updated", row["id"])
         return _json(completion_object(row, answer))
 
     async def delete(self, request: Request) -> Response:
-        try:
-            scope = await self._scope(request)
-            async with self.history.begin() as connection:
-                row = await _found(connection, scope, request.path_params["completion_id"])
-                await deletion.delete_completion(connection, scope, row["id"])
-            await self._audit(scope, "completion.deleted", row["id"])
-        except GatewayError as error:
-            return _error(error)
+        scope = await self._scope(request)
+        async with self.history.begin() as connection:
+            row = await _found(connection, scope, request.path_params["completion_id"])
+            await deletion.delete_completion(connection, scope, row["id"])
+        await self._audit(scope, "completion.deleted", row["id"])
         return _json(
             {"object": "chat.completion.deleted", "id": browse.public_id(row), "deleted": True}
         )
@@ -233,7 +219,3 @@ def _dumps(value: Any) -> str:
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _error(error: GatewayError) -> Response:
-    return Response(error.body(), status_code=error.status, media_type="application/json")

@@ -19,16 +19,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from markupsafe import Markup, escape
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route, Router
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from gateway.admin import export_response
-from gateway.auth import Authenticator
-from gateway.errors import GatewayError
-from gateway.sessions import COOKIE, SESSION_SECONDS, Sessions, Viewer
-from gateway.settings import Settings
+from gateway.errors import GatewayError, NotFound, gateway_error
+from gateway.services import services
+from gateway.sessions import COOKIE, SESSION_SECONDS, Viewer
 from storage import browse, search, usage
 from storage.browse import CompletionFilter
 from storage.scope import Scope
@@ -38,22 +40,12 @@ PAGE = 50
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
-class NotFoundPage(Exception):
-    pass
-
-
-def _state(request: Request, name: str) -> Any:
-    return getattr(request.state, name)
-
-
 async def _viewer(request: Request) -> Viewer | None:
-    sessions: Sessions = _state(request, "ui_sessions")
-    viewer = sessions.read(request.cookies.get(COOKIE))
+    viewer = services(request).ui_sessions.read(request.cookies.get(COOKIE))
     if viewer is None or viewer.admin or viewer.fingerprint is None:
         return viewer
-    authenticator: Authenticator = _state(request, "authenticator")
     try:  # the key may have been revoked, or its user disabled, since
-        caller = await authenticator.caller_of(viewer.fingerprint)
+        caller = await services(request).authenticator.caller_of(viewer.fingerprint)
     except GatewayError:
         return None
     return viewer if caller.owner == viewer.owner else None
@@ -89,10 +81,7 @@ def _signed_in(handler: Any) -> Any:
         if viewer is None:
             target = urlencode({"next": request.url.path})
             return RedirectResponse(f"/ui/login?{target}", status_code=303)
-        try:
-            return await handler(request, viewer)  # type: ignore[no-any-return]
-        except NotFoundPage:
-            return _page(request, "not_found.html", viewer, status_code=404)
+        return await handler(request, viewer)  # type: ignore[no-any-return]
 
     return endpoint
 
@@ -106,27 +95,25 @@ async def login(request: Request) -> Response:
     form = parse_qs((await request.body())[:8192].decode("utf-8", "replace"))
     key = (form.get("key") or [""])[0].strip()
     target = _next(request, (form.get("next") or [""])[0])
-    settings: Settings = _state(request, "settings")
+    settings = services(request).settings
     viewer: Viewer | None = None
     if settings.gateway_admin_key and hmac.compare_digest(
         key.encode(), settings.gateway_admin_key.encode()
     ):
         viewer = Viewer(True, "", None)
     elif key:
-        authenticator: Authenticator = _state(request, "authenticator")
         try:
-            caller = await authenticator.identify(f"Bearer {key}", None)
+            caller = await services(request).authenticator.identify(f"Bearer {key}", None)
             viewer = Viewer(False, caller.owner, caller.key_fingerprint)
         except GatewayError:
             viewer = None
     if viewer is None:
         error = "That key was not accepted."
         return _page(request, "login.html", None, 401, error=error, next=target)
-    sessions: Sessions = _state(request, "ui_sessions")
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         COOKIE,
-        sessions.issue(viewer),
+        services(request).ui_sessions.issue(viewer),
         max_age=SESSION_SECONDS,
         httponly=True,
         samesite="strict",
@@ -161,7 +148,7 @@ async def home(request: Request, viewer: Viewer) -> Response:
 async def user_conversations(request: Request, viewer: Viewer) -> Response:
     owner = request.path_params["owner"]
     if not viewer.may_see(owner):
-        raise NotFoundPage
+        raise NotFound("There is nothing here, or nothing you may see.")
     scope = Scope.of(owner)
     after_id = request.query_params.get("after")
     async with _history(request).connect() as connection:
@@ -169,7 +156,7 @@ async def user_conversations(request: Request, viewer: Viewer) -> Response:
         if after_id:
             after = await browse.find_conversation(connection, scope, after_id)
             if after is None:
-                raise NotFoundPage
+                raise NotFound("There is nothing here, or nothing you may see.")
         page = await browse.list_conversations(
             connection, scope, CompletionFilter(), limit=PAGE, after=after
         )
@@ -189,7 +176,7 @@ async def conversation(request: Request, viewer: Viewer) -> Response:
     async with _history(request).connect() as connection:
         row = await browse.find_conversation(connection, viewer.scope, conversation_id)
         if row is None:
-            raise NotFoundPage
+            raise NotFound("There is nothing here, or nothing you may see.")
         tree = await browse.conversation_messages(connection, conversation_id)
         page = await browse.list_completions(
             connection,
@@ -274,7 +261,7 @@ async def errors_page(request: Request, viewer: Viewer) -> Response:
         if after_id:
             after = await browse.find_completion(connection, viewer.scope, after_id)
             if after is None:
-                raise NotFoundPage
+                raise NotFound("There is nothing here, or nothing you may see.")
         page = await browse.list_completions(
             connection, viewer.scope, CompletionFilter(errors_only=True), limit=PAGE, after=after
         )
@@ -324,7 +311,7 @@ def bars(rows: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
 async def export(request: Request, viewer: Viewer) -> Response:
     owner = request.query_params.get("user_id") or None
     if owner is not None and not viewer.may_see(owner):
-        raise NotFoundPage
+        raise NotFound("There is nothing here, or nothing you may see.")
     scope = Scope.of(owner) if owner else viewer.scope
     format = request.query_params.get("format", "jsonl")
     if format not in ("json", "jsonl", "fine-tuning"):
@@ -333,12 +320,21 @@ async def export(request: Request, viewer: Viewer) -> Response:
     return await export_response(request, actor, scope, format)
 
 
-def _history(request: Request) -> Any:
-    return _state(request, "history_engine")
+def _history(request: Request) -> AsyncEngine:
+    return services(request).history_engine
 
 
-def create_ui() -> Router:
-    return Router(
+async def error_page(request: Request, error: Exception) -> Response:
+    """The viewer's errors as a page: not found (or not the viewer's to see) as one page."""
+    found = gateway_error(request, error)
+    if found.status != 404:
+        return PlainTextResponse(found.message, status_code=found.status)
+    return _page(request, "not_found.html", await _viewer(request), status_code=404)
+
+
+def create_ui() -> Starlette:
+    return Starlette(
+        exception_handlers={GatewayError: error_page, HTTPException: error_page},
         routes=[
             Route("/login", login_form, methods=["GET"]),
             Route("/login", login, methods=["POST"]),
@@ -350,5 +346,5 @@ def create_ui() -> Router:
             Route("/errors", _signed_in(errors_page)),
             Route("/stats", _signed_in(stats_page)),
             Route("/export", _signed_in(export)),
-        ]
+        ],
     )

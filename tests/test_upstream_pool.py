@@ -20,10 +20,9 @@ import trustme
 import uvloop
 
 from gateway.errors import UpstreamTimeout, UpstreamUnreachable
-from gateway.metrics import Metrics
-from gateway.proxy import Proxy
 from gateway.settings import Settings
-from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse
+from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse, content_type
+from gateway.upstream_pool import UpstreamPool
 from tests.gateway_process import free_port
 
 
@@ -101,8 +100,13 @@ def answer(writer: asyncio.StreamWriter, raw: bytes, keep: bool = True) -> Await
 
 
 @asynccontextmanager
-async def pool(**settings: object) -> AsyncIterator[Upstream]:
-    upstream = Upstream(replace(Settings(), **settings))  # type: ignore[arg-type]
+async def pool(**settings: object) -> AsyncIterator[UpstreamPool]:
+    configured = replace(Settings(), **settings)  # type: ignore[arg-type]
+    upstream = UpstreamPool(
+        max_connections=configured.upstream_max_connections,
+        connect_timeout=configured.upstream_connect_timeout,
+        timeout=configured.upstream_timeout,
+    )
     try:
         yield upstream
     finally:
@@ -130,7 +134,7 @@ async def test_a_request_carries_what_the_gateway_gave_it_and_connections_are_re
         ]
         for _ in range(3):
             response = await upstream.send("POST", url + "/v1/chat?x=1", headers, b'{"a":1}')
-            assert (response.status, response.content_type) == (200, "application/json")
+            assert (response.status, content_type(response)) == (200, "application/json")
             assert await body(response) == b"{}"
         response = await upstream.send("GET", url + "/v1/models", [], b"")
         assert await body(response) == b"{}"
@@ -406,10 +410,9 @@ async def test_an_https_proxy_is_spoken_to_over_tls(
 def test_a_client_path_never_leaves_the_upstreams_origin() -> None:
     """An upstream URL without a path, and a client path whose slash after /v1 is escaped:
     the gateway's key must still go to the upstream, not to a host named in the path."""
-    settings = replace(Settings(), upstream_base_url="http://vllm.internal:8000")
-    proxy = Proxy(settings, None, None, lambda record: True, Metrics())  # type: ignore[arg-type]
+    upstream = Upstream("http://vllm.internal:8000", "sk-key", transport=None)  # type: ignore[arg-type]
     for raw in (b"/v1%2F@evil.example/x", b"/v1%2f@evil.example:80/v1/models", b"/v1/models"):
-        url = proxy._upstream_url({"raw_path": raw, "path": raw.decode(), "query_string": b""})
+        url = upstream.url(raw, b"")
         assert urlsplit(url).hostname == "vllm.internal", url
 
 

@@ -1,0 +1,208 @@
+"""The gateway's long-lived objects, made once in the lifespan and handed to every request as
+one typed ``Services``: the database engines, the history writer and its spool, the
+upstream, the proxy, the stored-completions API, maintenance, metrics. Endpoints reach them
+with ``services(request)``; nothing is read back by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import HTTPConnection
+
+from capture.rows import Record
+from gateway.auth import Authenticator
+from gateway.maintenance import Maintenance
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.sessions import Sessions
+from gateway.settings import Settings
+from gateway.stored_completions import StoredCompletions
+from gateway.upstream import Upstream, build_upstream
+from storage import accounts
+from storage.accounts import KeyGrant
+from storage.batch import insert_ignore
+from storage.database import create_engine, ensure_database, migrate
+from storage.dsn import parse_dsn
+from storage.schema import api_keys
+from storage.spool import Spool
+from storage.writer import adopt
+from storage.writer_process import WriterConfig, WriterProcess
+
+log = logging.getLogger("mes.app")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    main_engine: AsyncEngine
+    history_engine: AsyncEngine
+    authenticator: Authenticator
+    metrics: Metrics
+    writer: WriterProcess
+    maintenance: Maintenance
+    upstream: Upstream
+    proxy: Proxy
+    stored: StoredCompletions
+    ui_sessions: Sessions
+
+    @property
+    def engines(self) -> dict[str, AsyncEngine]:
+        """Each database by the name ``/readyz`` gives it (one, when both share a DSN)."""
+        if self.history_engine is self.main_engine:
+            return {"main": self.main_engine}
+        return {"main": self.main_engine, "history": self.history_engine}
+
+
+def services(connection: HTTPConnection) -> Services:
+    """The services of the app serving ``connection``."""
+    found: Services = connection.state.services
+    return found
+
+
+def writer_config(settings: Settings) -> WriterConfig:
+    return WriterConfig(
+        history_dsn=settings.history_dsn,
+        pool_size=settings.db_pool_size,
+        daily_partition=settings.mes_daily_partition,
+        spool_dir=settings.spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+        batch_size=settings.capture_batch_size,
+        flush_interval=settings.capture_flush_interval,
+        retry_seconds=settings.capture_retry_seconds,
+        redact_patterns=settings.redact_patterns,
+        capture_content=settings.capture_content,
+        shutdown_grace=settings.shutdown_grace_seconds,
+        log_level=settings.log_level,
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings, upstream: Upstream | None = None) -> AsyncIterator[Services]:
+    """Make every service, serve while the block runs, then stop them in order. A database
+    that is down at start does not stop the gateway: requests are served and spooled, and
+    the databases are set up as soon as they answer. ``upstream`` stands in for the one the
+    settings name (a test's fake)."""
+    main_engine = create_engine(parse_dsn(settings.main_dsn), settings.db_pool_size)
+    history_engine = main_engine
+    if settings.history_dsn != settings.main_dsn:
+        history_engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
+
+    async def lookup(digest: str) -> KeyGrant | None:
+        async with main_engine.connect() as connection:
+            return await accounts.key_grant(connection, digest)
+
+    authenticator = Authenticator(settings.gateway_keys, settings.managed_mode, lookup)
+
+    async def prepare_main() -> None:
+        await ensure_database(settings.main_dsn)
+        await migrate(main_engine, "main")
+        await _register_gateway_keys(main_engine, authenticator.fingerprints)
+
+    registry = Metrics()
+    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool.open()
+    writer = WriterProcess(writer_config(settings), spool, registry)
+    registry.shared = writer.counters
+    writer.start()  # its imports overlap the main database's setup
+    registry.gauges["queue_depth"] = lambda: writer.depth
+    registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
+    registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
+    background = [asyncio.create_task(_until_done(prepare_main, "main"))]
+    await _first_try(background[0])
+    await _first_try(writer.ready_event)
+    for orphan in spool.orphans():
+        background.append(asyncio.create_task(adopt(orphan, spool, registry, writer.appended)))
+    maintenance = Maintenance(settings, history_engine, main_engine, registry)
+    main_ready = background[0]
+
+    async def databases_ready() -> None:
+        await writer.ready_event.wait()
+        await asyncio.shield(main_ready)
+
+    maintenance.start(databases_ready)
+    upstream = upstream or build_upstream(settings)
+    capture = writer.submit if settings.capture else _not_captured
+    started = Services(
+        settings=settings,
+        main_engine=main_engine,
+        history_engine=history_engine,
+        authenticator=authenticator,
+        metrics=registry,
+        writer=writer,
+        maintenance=maintenance,
+        upstream=upstream,
+        proxy=Proxy(settings, upstream, authenticator, capture, registry),
+        stored=StoredCompletions(history_engine, main_engine, authenticator),
+        ui_sessions=Sessions(settings),
+    )
+    # Everything made at start (modules, routes, schemas, pools) moves out of the cyclic
+    # garbage collector's reach: its full collections had to walk it all, stalling every
+    # request in flight (bench/speed.py: p99 at concurrency 16 several times lower).
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "MES Gateway ready: upstream %s, %s mode",
+        upstream.base_url,
+        "managed" if settings.managed_mode else "pass-through",
+    )
+    try:
+        yield started
+    finally:
+        for task in background:
+            task.cancel()
+        await maintenance.close()
+        await writer.close(settings.shutdown_grace_seconds)
+        await upstream.close()
+        for engine in started.engines.values():
+            await engine.dispose()
+
+
+def _not_captured(record: Record) -> bool:
+    """``MES_CAPTURE=false``: the gateway proxies and records nothing."""
+    return False
+
+
+async def _until_done(step: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``step`` (create and migrate a database) until it succeeds, backing off."""
+    delay = 0.5
+    while True:
+        try:
+            await step()
+            return
+        except Exception as error:  # down, unreachable or refusing: log, wait, try again
+            log.warning(
+                "%s database not ready (%s: %s): retrying", name, type(error).__name__, error
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _first_try(done: asyncio.Task[None] | asyncio.Event, seconds: float = 15.0) -> None:
+    """Give a database setup the time a healthy database needs, and no more: the gateway
+    starts serving either way."""
+    waiter = done.wait() if isinstance(done, asyncio.Event) else asyncio.shield(done)
+    try:
+        await asyncio.wait_for(waiter, seconds)
+    except TimeoutError:
+        log.warning("a database is not ready yet: serving, and spooling history meanwhile")
+
+
+async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[str]) -> None:
+    if not fingerprints:
+        return
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [
+        {"fingerprint": f, "id": f"key_{f[:24]}", "name": None, "source": "env", "created_at": now}
+        for f in sorted(fingerprints)
+    ]
+    async with engine.begin() as connection:
+        await connection.execute(insert_ignore(connection, api_keys), rows)
