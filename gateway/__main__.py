@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import uvicorn
 
-from gateway.settings import ConfigError, Settings
+from gateway.settings import VARIABLES, ConfigError, Settings
 
 
 def _version() -> str:
@@ -27,6 +27,8 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
         prog="python -m gateway",
         description="MES Gateway: an OpenAI-compatible proxy that records every conversation. "
         "Configured by environment variables (see the README).",
+        epilog=_variables(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mes-gateway {_version()}")
     parser.add_argument(
@@ -38,6 +40,18 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
         "history databases' schemas, then exit",
     )
     return parser.parse_args(argv)
+
+
+def _variables() -> str:
+    lines = ["environment variables (default):"]
+    for variable in VARIABLES:
+        default = getattr(Settings, variable.field)
+        plain = isinstance(default, str | int | float) and default != ""
+        shown = (
+            f" ({default:g})" if isinstance(default, float) else f" ({default})" if plain else ""
+        )
+        lines.append(f"  {variable.name:<27} {variable.doc}{shown}")
+    return "\n".join(lines)
 
 
 async def _migrate(settings: Settings) -> None:

@@ -1,7 +1,9 @@
 """The gateway's settings: read once from the environment, frozen, secrets out of ``repr``.
 
-Every variable is documented in the README; ``tests/test_docs.py`` fails when one is not.
-A misconfiguration fails at start with a sentence that names the variable.
+``VARIABLES`` is the table of environment variables, as data: each one's setting, reader and
+line of doc. ``from_env`` reads it; the README's table is tested against it, and ``python -m
+gateway --help`` prints it. A misconfiguration fails at start with a sentence that names the
+variable.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -74,46 +77,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = Reader(os.environ if environ is None else environ)
-        settings = cls(
-            upstream_base_url=env.text("UPSTREAM_BASE_URL", cls.upstream_base_url).rstrip("/"),
-            upstream_api_key=env.optional("UPSTREAM_API_KEY"),
-            gateway_keys=frozenset(env.names("GATEWAY_KEYS")),
-            sql_dsn=env.optional("SQL_DSN"),
-            mes_sql_dsn=env.optional("MES_SQL_DSN"),
-            sqlite_path=env.text("MES_SQLITE_PATH", DEFAULT_SQLITE_PATH),
-            mes_daily_partition=env.flag("MES_DAILY_PARTITION", False),
-            mes_retention_days=env.integer("MES_RETENTION_DAYS", 0, minimum=0),
-            content_retention_days=env.integer("MES_CONTENT_RETENTION_DAYS", 0, minimum=0),
-            capture_content=env.flag("MES_CAPTURE_CONTENT", True),
-            maintenance_interval=env.number("MES_MAINTENANCE_INTERVAL", cls.maintenance_interval),
-            retention_step=env.integer("MES_RETENTION_STEP", cls.retention_step, minimum=1),
-            gateway_admin_key=env.optional("GATEWAY_ADMIN_KEY"),
-            ui_secret=env.optional("MES_UI_SECRET"),
-            host=env.text("HOST", cls.host),
-            port=env.integer("PORT", cls.port, minimum=0),
-            workers=env.integer("GATEWAY_WORKERS", cls.workers, minimum=1),
-            max_body_bytes=env.integer("GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
-            upstream_connect_timeout=env.number(
-                "UPSTREAM_CONNECT_TIMEOUT", cls.upstream_connect_timeout
-            ),
-            upstream_timeout=env.number("UPSTREAM_TIMEOUT", cls.upstream_timeout),
-            upstream_max_connections=env.integer(
-                "UPSTREAM_MAX_CONNECTIONS", cls.upstream_max_connections, minimum=1
-            ),
-            capture=env.flag("MES_CAPTURE", True),
-            capture_batch_size=env.integer("MES_BATCH_SIZE", cls.capture_batch_size, minimum=1),
-            capture_flush_interval=env.number("MES_FLUSH_INTERVAL", cls.capture_flush_interval),
-            capture_retry_seconds=env.number("MES_RETRY_SECONDS", cls.capture_retry_seconds),
-            spool_dir=env.text("MES_SPOOL_DIR", cls.spool_dir),
-            spool_max_bytes=env.integer("MES_SPOOL_MAX_BYTES", cls.spool_max_bytes, minimum=1024),
-            redact_patterns=env.patterns("MES_REDACT_PATTERNS"),
-            shutdown_grace_seconds=env.number("GATEWAY_SHUTDOWN_GRACE", cls.shutdown_grace_seconds),
-            stall_seconds=env.number("MES_STALL_SECONDS", cls.stall_seconds),
-            db_pool_size=env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
-            trusted_proxies=env.networks("TRUSTED_PROXIES"),
-            log_level=env.text("LOG_LEVEL", cls.log_level).lower(),
-        )
+        env = os.environ if environ is None else environ
+        settings = cls(**{v.field: v.read(env, getattr(cls, v.field)) for v in VARIABLES})
         if settings.managed_mode and not (settings.gateway_keys or settings.gateway_admin_key):
             raise ConfigError(
                 "UPSTREAM_API_KEY is set (managed mode) but neither GATEWAY_KEYS nor "
@@ -129,91 +94,193 @@ class Settings:
                 f"MES_RETENTION_DAYS ({settings.mes_retention_days}): content goes first, "
                 "then the whole record; unset it to keep content as long as the record."
             )
-        if not settings.upstream_base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"UPSTREAM_BASE_URL must start with http:// or https://, "
-                f"got {settings.upstream_base_url!r}."
-            )
         return settings
 
 
-class Reader:
-    """Typed access to environment variables; every failure names the variable."""
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable: the setting it sets, how its text is parsed (a function
+    that raises ``ValueError`` saying what it must be), and a line on what it does. Unset or
+    blank, the setting keeps its default."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
+    name: str
+    field: str
+    parse: Callable[[str], Any]
+    doc: str
 
-    def optional(self, name: str) -> str | None:
-        value = self._environ.get(name, "").strip()
-        return value or None
-
-    def text(self, name: str, default: str) -> str:
-        return self.optional(name) or default
-
-    def patterns(self, name: str) -> tuple[str, ...]:
-        """A JSON array of regular expressions (commas are common in patterns)."""
-        raw = self.optional(name)
-        if raw is None:
-            return ()
-        try:
-            patterns = orjson.loads(raw)
-            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-                raise ValueError("not a JSON array of strings")
-            for pattern in patterns:
-                re.compile(pattern)
-        except (ValueError, re.error) as error:
-            raise ConfigError(
-                f'{name} must be a JSON array of regular expressions, like ["sk-[A-Za-z0-9]+"]: '
-                f"{error}"
-            ) from None
-        return tuple(patterns)
-
-    def names(self, name: str) -> list[str]:
-        raw = self.optional(name) or ""
-        return [item.strip() for item in raw.split(",") if item.strip()]
-
-    def integer(self, name: str, default: int, minimum: int | None = None) -> int:
-        raw = self.optional(name)
-        if raw is None:
+    def read(self, environ: Mapping[str, str], default: Any) -> Any:
+        raw = environ.get(self.name, "").strip()
+        if not raw:
             return default
+        try:
+            return self.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{self.name} {error}, got {raw!r}.") from None
+
+
+def text(raw: str) -> str:
+    return raw
+
+
+def lowered(raw: str) -> str:
+    return raw.lower()
+
+
+def url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return raw.rstrip("/")
+
+
+def flag(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    def integer(raw: str) -> int:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {raw!r}.") from None
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+            raise ValueError("must be an integer") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
         return value
 
-    def number(self, name: str, default: float) -> float:
-        raw = self.optional(name)
-        if raw is None:
-            return default
+    return integer
+
+
+def seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def names(raw: str) -> frozenset[str]:
+    """Comma-separated names (keys)."""
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
+def patterns(raw: str) -> tuple[str, ...]:
+    """A JSON array of regular expressions (commas are common in patterns)."""
+    try:
+        found = orjson.loads(raw)
+        if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
+            raise ValueError("not a JSON array of strings")
+        for pattern in found:
+            re.compile(pattern)
+    except (ValueError, re.error) as error:
+        raise ValueError(
+            f'must be a JSON array of regular expressions, like ["sk-[A-Za-z0-9]+"] ({error})'
+        ) from None
+    return tuple(found)
+
+
+def networks(raw: str) -> tuple[IPNetwork, ...]:
+    found = []
+    for item in (item.strip() for item in raw.split(",")):
+        if not item:
+            continue
         try:
-            value = float(raw)
+            found.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}.") from None
-        if value <= 0:
-            raise ConfigError(f"{name} must be greater than 0, got {raw!r}.")
-        return value
+            raise ValueError(f"must list IP addresses or CIDR networks ({item!r} is not)") from None
+    return tuple(found)
 
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self.optional(name)
-        if raw is None:
-            return default
-        lowered = raw.lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise ConfigError(f"{name} must be true or false, got {raw!r}.")
 
-    def networks(self, name: str) -> tuple[IPNetwork, ...]:
-        networks = []
-        for item in self.names(name):
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise ConfigError(
-                    f"{name} must list IP addresses or CIDR networks, got {item!r}."
-                ) from None
-        return tuple(networks)
+VARIABLES: tuple[Variable, ...] = (
+    Variable("UPSTREAM_BASE_URL", "upstream_base_url", url, "where /v1 requests go"),
+    Variable(
+        "UPSTREAM_API_KEY",
+        "upstream_api_key",
+        text,
+        "set: managed mode, the gateway's key upstream; unset: the client's key goes on",
+    ),
+    Variable("GATEWAY_KEYS", "gateway_keys", names, "managed mode: keys clients may present"),
+    Variable("SQL_DSN", "sql_dsn", text, "main database (users, keys)"),
+    Variable("MES_SQL_DSN", "mes_sql_dsn", text, "history database"),
+    Variable("MES_SQLITE_PATH", "sqlite_path", text, "the SQLite file when no DSN is set"),
+    Variable("MES_DAILY_PARTITION", "mes_daily_partition", flag, "split history by day"),
+    Variable("MES_RETENTION_DAYS", "mes_retention_days", at_least(0), "keep history N days"),
+    Variable(
+        "MES_CONTENT_RETENTION_DAYS",
+        "content_retention_days",
+        at_least(0),
+        "drop message content after M days, keep the metadata",
+    ),
+    Variable("MES_CAPTURE_CONTENT", "capture_content", flag, "false: store metadata only"),
+    Variable(
+        "MES_MAINTENANCE_INTERVAL", "maintenance_interval", seconds, "seconds between retentions"
+    ),
+    Variable("MES_RETENTION_STEP", "retention_step", at_least(1), "conversations pruned a step"),
+    Variable("GATEWAY_ADMIN_KEY", "gateway_admin_key", text, "bearer key for /admin"),
+    Variable("MES_UI_SECRET", "ui_secret", text, "signs the viewer's session cookies"),
+    Variable("HOST", "host", text, "listen address"),
+    Variable("PORT", "port", at_least(0), "listen port"),
+    Variable("GATEWAY_WORKERS", "workers", at_least(1), "uvicorn worker processes"),
+    Variable(
+        "GATEWAY_MAX_BODY_BYTES", "max_body_bytes", at_least(1), "largest request body accepted"
+    ),
+    Variable(
+        "UPSTREAM_CONNECT_TIMEOUT",
+        "upstream_connect_timeout",
+        seconds,
+        "seconds to connect to the upstream",
+    ),
+    Variable(
+        "UPSTREAM_TIMEOUT",
+        "upstream_timeout",
+        seconds,
+        "seconds to wait for an answer, and between two stream chunks",
+    ),
+    Variable(
+        "UPSTREAM_MAX_CONNECTIONS",
+        "upstream_max_connections",
+        at_least(1),
+        "connections to the upstream",
+    ),
+    Variable("MES_CAPTURE", "capture", flag, "false: proxy only, record nothing"),
+    Variable("MES_BATCH_SIZE", "capture_batch_size", at_least(1), "most records a transaction"),
+    Variable("MES_FLUSH_INTERVAL", "capture_flush_interval", seconds, "seconds a batch may gather"),
+    Variable(
+        "MES_RETRY_SECONDS",
+        "capture_retry_seconds",
+        seconds,
+        "longest wait between two writes to an unavailable database",
+    ),
+    Variable("MES_SPOOL_DIR", "spool_dir", text, "the durable spool of records"),
+    Variable(
+        "MES_SPOOL_MAX_BYTES", "spool_max_bytes", at_least(1024), "most bytes the spool holds"
+    ),
+    Variable(
+        "MES_REDACT_PATTERNS",
+        "redact_patterns",
+        patterns,
+        "JSON array of regular expressions stored as [REDACTED]",
+    ),
+    Variable(
+        "GATEWAY_SHUTDOWN_GRACE",
+        "shutdown_grace_seconds",
+        seconds,
+        "seconds SIGTERM spends writing the spool",
+    ),
+    Variable(
+        "MES_STALL_SECONDS",
+        "stall_seconds",
+        seconds,
+        "seconds the writer may be stuck before /readyz answers 503",
+    ),
+    Variable("DB_POOL_SIZE", "db_pool_size", at_least(1), "connections per database engine"),
+    Variable(
+        "TRUSTED_PROXIES", "trusted_proxies", networks, "IPs or CIDRs whose X-Forwarded-For counts"
+    ),
+    Variable("LOG_LEVEL", "log_level", lowered, "debug, info, warning or error"),
+)

@@ -1,24 +1,57 @@
-"""The README documents every setting the gateway reads, and the commands it promises."""
+"""The README documents every setting the gateway reads, with its default, and the commands
+it promises; the table of variables in the code covers every setting."""
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from pathlib import Path
+
+import pytest
+
+from gateway.settings import VARIABLES, Settings, Variable
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
 
-def settings_variables() -> set[str]:
-    source = (REPO / "gateway" / "settings.py").read_text()
-    return set(re.findall(r'env\.\w+\(\s*"([A-Z0-9_]+)"', source))
+def readme_row(name: str) -> str:
+    """The line of the README's table of variables that names ``name``."""
+    rows = [
+        line
+        for line in README.splitlines()
+        if line.startswith("| ") and f"`{name}`" in line.split("|")[1]
+    ]
+    assert rows, f"{name} is not in the README's table of variables"
+    return rows[0]
 
 
-def test_every_environment_variable_the_gateway_reads_is_in_the_readme() -> None:
-    variables = settings_variables()
-    assert len(variables) > 15
-    missing = sorted(name for name in variables if f"`{name}`" not in README)
-    assert missing == []
+def shown(default: object) -> str | None:
+    """How the README writes a default, for a setting whose default is a plain value."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, int | str):
+        return str(default)
+    return None
+
+
+def test_every_setting_is_read_from_exactly_one_variable() -> None:
+    fields = [field.name for field in dataclasses.fields(Settings)]
+    assert sorted(v.field for v in VARIABLES) == sorted(fields)
+    assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+
+
+@pytest.mark.parametrize("variable", VARIABLES, ids=lambda v: v.name)
+def test_every_variable_is_in_the_readme_with_its_default(variable: Variable) -> None:
+    row = readme_row(variable.name)
+    default = getattr(Settings, variable.field)
+    plain = shown(default)
+    last_column = row.rstrip(" |").rsplit("|", 1)[-1]
+    if plain is not None:
+        assert f"`{plain}`" in last_column, (variable.name, plain, last_column)
+    else:  # unset, empty, or another variable's value
+        assert "unset" in last_column or "`" in last_column, (variable.name, last_column)
 
 
 def test_the_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:

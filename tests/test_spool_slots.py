@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from gateway.services import writer_config
 from gateway.settings import Settings
 from storage.writer_process import SharedState
 from tests.gateway_process import REPO, GatewayProcess
@@ -65,7 +66,8 @@ def test_a_writer_whose_gateway_died_while_it_started_stops_at_once(tmp_path: Pa
     lock on the slot it wrote from. Such a writer now sees it has another parent, and
     stops before it touches the slot or the database."""
     state = SharedState.create()
-    settings = pickle.dumps(Settings.from_env({"MES_SQLITE_PATH": str(tmp_path / "h.db")}))
+    config = writer_config(Settings.from_env({"MES_SQLITE_PATH": str(tmp_path / "h.db")}))
+    settings = pickle.dumps(config)
     gone = "1"  # not the pid of this writer's parent (the test)
     slot = tmp_path / "spool" / "slot-0"
     writer = subprocess.run(
