@@ -50,9 +50,9 @@ def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
     if database.kind == "postgresql":
         # asyncpg prepares every statement, and after five runs PostgreSQL may settle on a
         # generic plan for it, made while the table was small: a sequential scan that it
-        # then keeps as the table grows (the writer's "id IN (...)" checks fell to ~1,000
-        # records/s that way). Plans made for each run's parameters cost a little planning
-        # and follow the data, also for owners with very different amounts of history.
+        # then keeps as the table grows (the writer's "id IN (...)" checks slowed many times
+        # over that way). Plans made for each run's parameters cost a little planning and
+        # follow the data, also for owners with very different amounts of history.
         options["connect_args"] = {"server_settings": {"plan_cache_mode": "force_custom_plan"}}
     return create_async_engine(database.url, **options)
 
@@ -163,7 +163,8 @@ async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> N
     start together take turns: the first migrates, the others then find nothing to do.
 
     A database already at the newest revision (every start but the first) is told so by one
-    query, without Alembic: importing it costs a process ~0.2 s and ~8 MiB for good."""
+    query, without Alembic, whose import costs a process start-up time and memory for
+    good."""
     if revision == "head" and await _current_revision(engine, target) == newest_revision(target):
         return
 

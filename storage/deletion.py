@@ -64,14 +64,6 @@ async def delete_owner_history(connection: AsyncConnection, scope: Scope) -> Del
     return deleted + Deleted(request_logs=int(logs or 0))
 
 
-async def prune_older_than(connection: AsyncConnection, scope: Scope, cutoff: datetime) -> Deleted:
-    """Completions and request logs started before ``cutoff``; messages that only they used."""
-    total = Deleted()
-    while step := await prune_step(connection, scope, cutoff, CHUNK):
-        total += step
-    return total
-
-
 async def prune_step(
     connection: AsyncConnection, scope: Scope, cutoff: datetime, limit: int
 ) -> Deleted:

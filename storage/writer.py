@@ -1,7 +1,7 @@
 """The history writer: fed by the durable spool, writing in batches.
 
-The request path calls ``submit()``, which never waits on the database: it appends the
-record to the spool (``storage/spool.py``). The writer reads records back in spool order, up
+The request path calls ``spool_record()``, which never waits on the database: it appends
+the record to the spool (``storage/spool.py``). The writer reads records back in spool order, up
 to ``batch_size`` or whatever arrived within ``flush_interval``, builds their rows and writes
 them in one transaction; then it moves the spool's checkpoint past them. A gateway runs its
 writer in a process of its own (``storage/writer_process.py``), following the spool slot
@@ -138,6 +138,9 @@ def spool_record(spool: Spool, metrics: Counter, encode: Encode, record: Record)
 
 
 class HistoryWriter:
+    """Writes what is spooled in the slot ``spool`` follows (``Spool.follow``): another
+    process, the gateway, appends to it."""
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -176,17 +179,16 @@ class HistoryWriter:
         self._caught_up_at = time.monotonic()  # when a batch last took all the spool held
         self._progress_at = time.time()  # when the checkpoint last moved, or nothing waited
 
-    def submit(self, record: Record) -> bool:
-        """Spool ``record``; False (counted and logged) only when the spool is full."""
-        if not spool_record(self.spool, self.metrics, self.encode, record):
-            return False
-        self.wake()
-        return True
-
     def wake(self) -> None:
         """There are records to write."""
-        self._idle.clear()
+        self._busy()
         self._wake.set()
+
+    def _busy(self) -> None:
+        """Not idle any more: a stall is counted from now, not from the last write."""
+        if self._idle.is_set():
+            self._progress_at = time.time()
+            self._idle.clear()
 
     @property
     def stalled_since(self) -> float | None:
@@ -268,7 +270,7 @@ class HistoryWriter:
                 if self._taken >= self.spool.end:
                     await self._wait_for_records()
                 continue
-            self._idle.clear()
+            self._busy()
             # Behind, this batch's rows are built while the one before is being written
             # (see ``_rows``); keeping up, the write before begins once they are built.
             rowsets = await self._rows(batch)
@@ -312,18 +314,14 @@ class HistoryWriter:
                 delay = min(self.retry_seconds, delay * 2)
 
     async def _wait_for_records(self) -> None:
-        if self.spool.following:  # appended to by another process: look now and then
-            for _ in range(round(SYNC_SECONDS / POLL_SECONDS)):
-                if self._taken < self.spool.end:
-                    break
-                await asyncio.sleep(POLL_SECONDS)
-            if self._taken < self.spool.end:
-                self._wake.set()
-        else:
-            try:
-                await asyncio.wait_for(self._wake.wait(), SYNC_SECONDS)
-            except TimeoutError:
-                pass
+        """Look at the slot now and then (another process appends to it), for at most
+        ``SYNC_SECONDS``; found records get ``flush_interval`` to gather into a batch."""
+        for _ in range(round(SYNC_SECONDS / POLL_SECONDS)):
+            if self._taken < self.spool.end or self._wake.is_set():
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        if self._taken < self.spool.end:
+            self._wake.set()
         if self._wake.is_set() and self.flush_interval > 0:
             await asyncio.sleep(self.flush_interval)  # let a batch gather
 
@@ -378,8 +376,8 @@ class HistoryWriter:
         much CPU as writing one. Behind (a backlog: only full batches read for
         ``BEHIND_SECONDS``), both yield every ``STEP_RECORDS`` records, so the batch being
         written sends its next statement as soon as the database answers the last, and
-        the database works while this process does (``bench/writer.py``: ~20 % more
-        records/s). Keeping up, they do not: the writer and the database then take turns
+        the database works while this process does (more records/s in ``bench/writer.py``).
+        Keeping up, they do not: the writer and the database then take turns
         and leave the other core to the requests, and the batches gather while the writer
         works, fewer and larger (two batches written at once, tried for the same end,
         cost requests/s for that reason)."""

@@ -2,6 +2,11 @@
 
 Every database backend runs in CI (``CI=true``): a missing server fails there. On a
 developer's machine without the server binaries, those backends are skipped.
+
+Two tiers. The slow tier is every test that uses a real server (the fake upstream on a
+socket, a gateway process, PostgreSQL, MariaDB) or load, outages and kills: marked ``slow``
+here, by the fixtures and backends it uses, or by its module's ``pytestmark``. The rest, the
+fast tier, runs in this process on SQLite in a temporary folder; ``--fast`` runs it alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,33 @@ from tests.history_db import HistoryDB
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 BACKENDS = ("sqlite", "postgresql", "mysql")
+SERVERS = frozenset({"upstream", "postgres", "mariadb"})  # fixtures that start a real server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true", help="run the fast tier only: skip tests marked slow"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: the slow tier: real servers, database servers, load, outages"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_a_server = params is not None and any(
+            value in ("postgresql", "mysql") for value in params.params.values()
+        )
+        if on_a_server or SERVERS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--fast"):
+        kept = [item for item in items if item.get_closest_marker("slow") is None]
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 def unavailable(reason: str) -> None:

@@ -23,7 +23,7 @@ from storage.dsn import parse_dsn
 from storage.partitions import Partitions
 from storage.schema import completions
 from storage.spool import Spool
-from storage.writer import HistoryWriter
+from storage.writer import HistoryWriter, spool_record
 
 
 @asynccontextmanager
@@ -38,22 +38,39 @@ async def migrated(dsn: str, pool_size: int = 2) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+class SpooledWriter(HistoryWriter):
+    """The writer as a gateway's writer process runs it, following a spool slot, with the
+    gateway's side beside it: ``submit`` appends a record to the slot, as the request path
+    does."""
+
+    def __init__(self, engine: AsyncEngine, owner: Spool, **options: Any) -> None:
+        follower = Spool(owner.root, owner.max_bytes)
+        assert owner.slot is not None
+        follower.follow(owner.slot)
+        super().__init__(engine, Metrics(), follower, encode=to_entry, decode=from_entry, **options)
+        self.owner = owner
+
+    def submit(self, record: Record) -> bool:
+        return spool_record(self.owner, self.metrics, to_entry, record)
+
+    async def close(self, grace: float) -> None:
+        await super().close(grace)
+        self.owner.close()
+
+
 def spooled_writer(
     engine: AsyncEngine,
     folder: Path,
     batch_size: int,
     flush_interval: float = 0.05,
     partitions: Partitions | None = None,
-) -> HistoryWriter:
+) -> SpooledWriter:
     """The gateway's writer on ``engine``, over a fresh spool in ``folder``, not started."""
     spool = Spool(folder / "spool", 2**30)
     spool.open()
-    return HistoryWriter(
+    return SpooledWriter(
         engine,
-        Metrics(),
         spool,
-        encode=to_entry,
-        decode=from_entry,
         batch_size=batch_size,
         flush_interval=flush_interval,
         retry_seconds=1.0,

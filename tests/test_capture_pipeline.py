@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fake_upstream.responses import content_pieces
 from tests.conftest import unavailable
 from tests.dbservers import DatabaseServer, start_postgres
 from tests.gateway_process import GatewayProcess
@@ -42,9 +42,13 @@ async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_keeps_the_pa
                     seen += line.startswith("data: ")
                     if seen == 4:
                         break
-        # 200 chunks at 50 ms would take 10 s; the upstream must hear of it well before.
-        deadline = time.monotonic() + 3
-        while fake_stats(upstream)["streams_abandoned"] < 1 and time.monotonic() < deadline:
+        # Left alone, the upstream would send all 200 chunks (10 s) and count the stream
+        # completed; cancelled, it counts it abandoned. Whichever comes first says which.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = fake_stats(upstream)
+            if stats["streams_abandoned"] or stats["streams_completed"]:
+                break
             await asyncio.sleep(0.05)
         assert fake_stats(upstream) == {
             "streams_started": 1,
@@ -61,7 +65,8 @@ async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_keeps_the_pa
     assert row["finish_reason"] == "client_disconnected"
     assert row["status_code"] == 200
     assert answer["content"].startswith("Echo: tell me a story")
-    assert row["latency_ms"] < 3000
+    whole = "".join(content_pieces({**CHAT, "stream": True}, 200))
+    assert whole.startswith(answer["content"]) and len(answer["content"]) < len(whole)
 
 
 async def test_a_conversation_header_groups_completions_per_caller(
@@ -111,38 +116,35 @@ async def test_a_database_outage_neither_fails_nor_slows_requests(
         "MES_RETRY_SECONDS": "3",
     }
 
-    async def timed_requests(client: httpx.AsyncClient, count: int) -> list[float]:
-        latencies = []
+    async def requests(client: httpx.AsyncClient, count: int) -> None:
         for index in range(count):
-            started = time.perf_counter()
             response = await client.post(
                 "/chat/completions", json={**CHAT, "user": f"u{index}", "stream": index % 2 == 0}
             )
             assert response.status_code == 200
-            latencies.append(time.perf_counter() - started)
-        return latencies
 
     with GatewayProcess(env, tmp_path) as gateway:
         async with httpx.AsyncClient(
             base_url=gateway.base_url, headers={"Authorization": "Bearer sk-x"}
         ) as client:
-            healthy = await timed_requests(client, 30)
+            await requests(client, 30)
             deadline = time.monotonic() + 10
             while "mes_records_written_total 30" not in httpx.get(gateway.url + "/metrics").text:
                 assert time.monotonic() < deadline, "the healthy phase was not written"
                 await asyncio.sleep(0.05)
             own_postgres.stop("immediate")
-            down = await timed_requests(client, 60)
+            await requests(client, 60)
             ready = httpx.get(gateway.url + "/readyz")
-            await asyncio.sleep(2)  # the writer's first retries come within a second
+            deadline = time.monotonic() + 60
+            while "mes_write_retries_total 0" in httpx.get(gateway.url + "/metrics").text:
+                assert time.monotonic() < deadline, "the writer never retried"
+                await asyncio.sleep(0.05)
             metrics = httpx.get(gateway.url + "/metrics").text
     assert ready.status_code == 503
     assert ready.json()["databases"]["main"].startswith("unreachable")
-    # The request path never waits for the database: a request that did would take at
-    # least the writer's 3 s retry window (2 s leaves room for a busy machine's stall).
-    assert statistics.median(healthy) < 0.25
-    assert statistics.median(down) < 0.25
-    assert max(down) < 2.0
+    # The request path never waits for the database: all 60 answered while none of their
+    # records could be written (how long they took is bench/speed.py's to measure).
+    assert ready.json()["queue_depth"] == 60
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("mes_"))
     assert int(values["mes_records_written_total"]) == 30
     # Nothing given up: the records wait in the spool (tests/test_durability.py shows them

@@ -176,6 +176,7 @@ def test_an_upstream_that_does_not_answer_in_time_gets_a_504(managed: GatewayPro
     assert post(managed, CHAT).status_code == 200
 
 
+@pytest.mark.slow  # a gateway process
 def test_an_unreachable_upstream_gets_a_502_and_is_recorded(tmp_path: Path) -> None:
     env = {"UPSTREAM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
     with GatewayProcess(env, tmp_path) as gateway:

@@ -15,12 +15,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from capture.chat import ChatExchange
-from capture.codec import from_entry, to_entry
-from gateway.metrics import Metrics
 from storage import writer as writer_module
 from storage.schema import completions, messages
 from storage.spool import Position, Spool
-from storage.writer import HistoryWriter
 from tests.history_db import migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
 
@@ -147,35 +144,16 @@ async def test_a_writer_told_to_stop_writes_what_was_spooled_just_before(tmp_pat
     spooled just before the gateway tells the writer to stop is written in the grace
     period, even when the writer had been idle and had not looked at the slot since."""
     async with migrated(str(tmp_path / "history.db")) as engine:
-        owner = spooled_writer(engine, tmp_path, batch_size=10)  # only its spool is used
-        writer = following(engine, owner.spool)
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
         writer.start()
-        assert owner.submit(exchange([{"role": "user", "content": "first"}]))
+        assert writer.submit(exchange([{"role": "user", "content": "first"}]))
         await until_written(writer, 1)
         await asyncio.sleep(0.1)  # idle: waiting for more
-        assert owner.submit(exchange([{"role": "user", "content": "last"}]))
+        assert writer.submit(exchange([{"role": "user", "content": "last"}]))
         await writer.close(grace=10)
-        owner.spool.close()
         async with engine.connect() as connection:
             texts = set((await connection.execute(select(messages.c.content_text))).scalars())
     assert {"first", "last"} <= texts
-
-
-def following(engine: AsyncEngine, owned: Spool) -> HistoryWriter:
-    """A writer following the slot of ``owned``, as a gateway's writer process does."""
-    follower = Spool(owned.root, 2**30)
-    assert owned.slot is not None
-    follower.follow(owned.slot)
-    return HistoryWriter(
-        engine,
-        Metrics(),
-        follower,
-        encode=to_entry,
-        decode=from_entry,
-        batch_size=10,
-        flush_interval=0.05,
-        retry_seconds=1.0,
-    )
 
 
 async def test_a_writer_goes_on_into_a_new_segment_its_gateway_left_empty(tmp_path: Path) -> None:
@@ -184,21 +162,19 @@ async def test_a_writer_goes_on_into_a_new_segment_its_gateway_left_empty(tmp_pa
     read nothing at the end of the old one, again and again, and take a stop's whole
     grace period."""
     async with migrated(str(tmp_path / "history.db")) as engine:
-        owner = spooled_writer(engine, tmp_path, batch_size=10)
-        writer = following(engine, owner.spool)
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
         writer.start()
-        assert owner.submit(exchange([{"role": "user", "content": "before"}]))
+        assert writer.submit(exchange([{"role": "user", "content": "before"}]))
         await until_written(writer, 1)
-        owner.spool._rotate()  # a new segment, and no record in it
-        new_segment = Position(owner.spool.end.segment, 0)
+        writer.owner._rotate()  # a new segment, and no record in it
+        new_segment = Position(writer.owner.end.segment, 0)
         deadline = time.monotonic() + 10
         while writer.spool.checkpoint < new_segment and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert writer.spool.checkpoint == new_segment
-        assert owner.submit(exchange([{"role": "user", "content": "after"}]))
+        assert writer.submit(exchange([{"role": "user", "content": "after"}]))
         await until_written(writer, 2)
         await writer.close(grace=10)
-        owner.spool.close()
 
 
 async def test_a_spool_failing_to_move_its_checkpoint_once_stops_no_write(
