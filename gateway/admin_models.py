@@ -236,4 +236,4 @@ class AuditEntry(BaseModel):
 class DeadLetter(BaseModel):
     id: str = Field(description="Its line in the dead-letter file; page with after=<id>.")
     reason: str | None
-    record: Any = Field(description="The record as spooled (see gateway/capture.py).")
+    record: Any = Field(description="The record as spooled (see capture/exchange.py).")

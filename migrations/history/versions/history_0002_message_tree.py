@@ -6,7 +6,7 @@ written before keep their whole JSON in ``body`` (``content_in_text`` false) and
 as they did. Messages are indexed by their parent, to walk a conversation downwards.
 
 Since this revision a request without ``X-Conversation-Id`` that resends an earlier
-exchange joins that exchange's conversation (see ``storage/chain.py``), so a conversation
+exchange joins that exchange's conversation (see ``capture/chain.py``), so a conversation
 is a tree whose branches (a regenerated answer, an edited turn) share their common prefix.
 Existing rows are kept as they are: history written before this revision stays readable
 and rebuildable, one conversation per header-less request as it was stored.
