@@ -45,12 +45,12 @@ _GIVEN: set[int] = set()  # ports this process has handed out: not handed out tw
 class GatewayProcess:
     """Starts the gateway with ``env`` (on top of a minimal environment) in ``workdir``."""
 
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, env: dict[str, str], workdir: Path, repo: Path = REPO) -> None:
         self.port = int(env.get("PORT") or free_port())
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", "/root"),
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(repo),  # another checkout's gateway, for bench/ab.py
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "MES_FLUSH_INTERVAL": "0.05",

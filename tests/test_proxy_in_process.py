@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import pytest_asyncio
@@ -41,15 +42,22 @@ async def stored(site: Gateway) -> list[Any]:
     return await site.history.rows(select(completions).order_by(completions.c.started_at))
 
 
+async def recorded(site: tuple[Gateway, str], body: Any, **headers: str) -> httpx.Response:
+    """``body`` sent to chat completions as the site's user; the answer, once its record is
+    written."""
+    running, key = site
+    before = running.services.writer.counters()["records_written"]
+    async with running.as_user(key) as client:
+        answer = await client.post("/v1/chat/completions", json=body, headers=headers)
+    await running.written(before + 1)
+    return answer
+
+
 async def test_a_completion_is_relayed_as_the_upstream_answered_and_stored_whole(
     site: tuple[Gateway, str],
 ) -> None:
     running, key = site
-    before = running.services.writer.counters()["records_written"]
-    async with running.as_user(key) as client:
-        answer = await client.post(
-            "/v1/chat/completions", json=chat("你好, weather?", tools=[WEATHER])
-        )
+    answer = await recorded(site, chat("你好, weather?", tools=[WEATHER]))
     assert answer.status_code == 200
     body = answer.json()
     call = body["choices"][0]["message"]["tool_calls"][0]
@@ -57,7 +65,6 @@ async def test_a_completion_is_relayed_as_the_upstream_answered_and_stored_whole
     _, _, headers, _ = running.fake.received[-1]
     assert (b"authorization", f"Bearer {UPSTREAM_KEY}".encode()) in headers
     assert not any(key.encode() in value for _, value in headers)
-    await running.written(before + 1)
     row = next(r for r in await stored(running) if r["response_id"] == body["id"])
     request, answered = await running.history.request_and_answer(row)
     assert request == [{"role": "user", "content": "你好, weather?"}]
@@ -71,10 +78,8 @@ async def test_a_completion_is_relayed_as_the_upstream_answered_and_stored_whole
 async def test_a_stream_reaches_the_client_without_what_the_gateway_added_and_is_stored_rebuilt(
     site: tuple[Gateway, str],
 ) -> None:
-    running, key = site
-    before = running.services.writer.counters()["records_written"]
-    async with running.as_user(key) as client:
-        answer = await client.post("/v1/chat/completions", json=chat("stream it", stream=True))
+    running, _ = site
+    answer = await recorded(site, chat("stream it", stream=True))
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/event-stream")
     # the upstream was asked for usage on the client's behalf...
@@ -89,7 +94,6 @@ async def test_a_stream_reaches_the_client_without_what_the_gateway_added_and_is
         for data in events[:-1]
         for choice in orjson.loads(data)["choices"]
     )
-    await running.written(before + 1)
     row = (await stored(running))[-1]
     _, answered = await running.history.request_and_answer(row)
     assert row["stream"] and answered["content"] == text and row["finish_reason"] == "stop"
@@ -122,14 +126,9 @@ async def test_a_second_turn_lands_in_the_first_turns_conversation(
 async def test_an_upstream_error_reaches_the_client_unchanged_and_is_stored_as_one(
     site: tuple[Gateway, str],
 ) -> None:
-    running, key = site
-    before = running.services.writer.counters()["records_written"]
-    async with running.as_user(key) as client:
-        answer = await client.post(
-            "/v1/chat/completions", json=chat("too many"), headers={"X-Fake-Status": "429"}
-        )
+    running, _ = site
+    answer = await recorded(site, chat("too many"), **{"X-Fake-Status": "429"})
     assert answer.status_code == 429 and answer.json()["error"]["message"]
-    await running.written(before + 1)
     row = (await stored(running))[-1]
     assert row["status_code"] == 429 and row["error_message"] == answer.json()["error"]["message"]
 
