@@ -6,9 +6,9 @@
 
 For each configuration (capture into SQLite, capture into PostgreSQL, capture off), both
 gateways run side by side, each on a history of its own, in front of one fake upstream.
-Each round runs wrk against the direct upstream, this gateway and the other, one after the
-other, at each concurrency, non-streamed, ~1 KB prompt, each gateway's writer drained
-before its turn. Prints every round and then the medians: requests/s, and latency added to
+Each round runs wrk against the direct upstream, then this gateway and the other (which goes
+first alternates), at each concurrency, non-streamed, ~1 KB prompt, with both writers
+drained before each run. Prints every round and then the medians: requests/s, and latency added to
 the direct upstream's in the same round. The machine's noise shows as the spread between
 rounds; a change is within noise when the medians differ by less than that spread.
 """
@@ -75,13 +75,17 @@ def main() -> None:
                         wrk(gateway.url + "/v1/chat/completions", body, 16, 2)
                     print(f"\n== capture {'off' if config == 'off' else 'into ' + config} ==")
                     for round_ in range(1, args.rounds + 1):
+                        # Which goes first alternates: the second runs on a machine the
+                        # first may have left warmer, or busier.
+                        order = list(gateways.items())[:: 1 if round_ % 2 else -1]
                         for connections in args.concurrency:
                             line = f"round {round_} c={connections:<3}"
                             direct = wrk(direct_url, body, connections, args.duration)
                             runs.setdefault(("direct", connections), []).append(direct)
                             line += f" direct {direct.requests_per_second:>7.0f}/s"
-                            for name, gateway in gateways.items():
-                                drained(gateway)
+                            for name, gateway in order:
+                                for each in gateways.values():  # no writer busy meanwhile
+                                    drained(each)
                                 url = gateway.url + "/v1/chat/completions"
                                 run = wrk(url, body, connections, args.duration)
                                 runs.setdefault((name, connections), []).append(run)
