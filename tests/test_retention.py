@@ -147,44 +147,50 @@ async def test_retention_removes_old_turns_and_every_kept_completion_still_rebui
         assert len(await accounts.list_audit(connection, 10, None)) == 1
 
 
-async def test_the_prune_commits_in_short_steps(engine: Any) -> None:
-    """3,000 old conversations, removed 100 at a time, each step a transaction of its own
-    that holds its locks briefly; then 3,000 more while a writer stores new turns: its
-    writes are never held up for long. (A step takes ~20-60 ms here, the whole prune ~1 s;
-    the bounds are loose enough for a busy machine, and tight enough that one transaction
-    for the whole prune would fail them.)"""
+async def test_the_prune_commits_in_short_steps(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3,000 old conversations, removed 100 at a time, each step a transaction of its own;
+    then 3,000 more while a writer stores new turns: the writer's turns go in between the
+    steps, never after the whole prune (one transaction for it all would hold them, on
+    SQLite's one write lock). How long a step takes is bench/'s and the README's matter."""
+    events: list[str] = []
+    real_step = retention.prune_step
+
+    async def step(*args: Any) -> Any:
+        done = await real_step(*args)
+        events.append("step")
+        return done
+
+    monkeypatch.setattr(retention, "prune_step", step)
     await bulk.fill(engine, 3000)
     cutoff = datetime.now(UTC).replace(tzinfo=None)
     alone = await retention.prune(engine, cutoff, step=100)
     assert alone.deleted.completions == 3000 and alone.deleted.conversations == 3000
     assert alone.deleted.messages == 6000
-    assert alone.steps >= 30
-    assert alone.longest_step < 0.5, f"a prune step took {alone.longest_step:.3f} s"
+    assert alone.steps >= 30 and events.count("step") == alone.steps
 
     await bulk.fill(engine, 3000, owner="second")
-    waits: list[float] = []
+    events.clear()
 
     async def keep_writing() -> None:
         for n in range(200):
-            started = time.perf_counter()
             new = turn([{"role": "user", "content": f"new {n}"}], PARIS, -1, now=cutoff)
             await write_records(engine, new)
-            waits.append(time.perf_counter() - started)
+            events.append("write")
             await asyncio.sleep(0.002)
 
     writer = asyncio.create_task(keep_writing())
     shared = await retention.prune(engine, cutoff, step=100)
     await writer
-    assert shared.deleted.completions == 3000
+    assert shared.deleted.completions == 3000 and shared.steps >= 30
     async with engine.connect() as connection:
         assert await connection.scalar(select(func.count()).select_from(completions)) == 200
-    waits.sort()
-    assert waits[len(waits) // 2] < 0.1, f"median write {waits[len(waits) // 2]:.3f} s"
-    # A write waits for one step at most (a step a busy machine slowed is waited for too),
-    # never for the whole prune.
-    assert shared.steps >= 30
-    limit = max(0.75, 2 * shared.longest_step + 0.25)
-    assert waits[-1] < limit, f"a write waited {waits[-1]:.3f} s (limit {limit:.3f})"
+    steps = [index for index, event in enumerate(events) if event == "step"]
+    between = [i for i, event in enumerate(events) if event == "write" and steps[0] < i < steps[-1]]
+    # writes went in while the prune went on, in more than one gap between its steps
+    assert between, events
+    assert len({sum(1 for s in steps if s < i) for i in between}) > 1, events
 
 
 async def test_content_retention_drops_what_was_said_and_keeps_the_metadata(
