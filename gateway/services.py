@@ -26,7 +26,8 @@ from gateway.proxy import Proxy
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
-from gateway.upstream import Upstream, build_upstream
+from gateway.upstream import Upstream
+from gateway.upstream_pool import UpstreamPool
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
@@ -66,6 +67,17 @@ def services(connection: HTTPConnection) -> Services:
     """The services of the app serving ``connection``."""
     found: Services = connection.state.services
     return found
+
+
+def build_upstream(settings: Settings) -> Upstream:
+    """The upstream the settings name, on the gateway's own connection pool (it needs the
+    running event loop: made in the lifespan)."""
+    pool = UpstreamPool(
+        max_connections=settings.upstream_max_connections,
+        connect_timeout=settings.upstream_connect_timeout,
+        timeout=settings.upstream_timeout,
+    )
+    return Upstream(settings.upstream_base_url, settings.upstream_api_key, pool)
 
 
 def writer_config(settings: Settings) -> WriterConfig:

@@ -3,8 +3,8 @@
 
 An ``Upstream`` is one place requests go: its base URL, the key the gateway uses there in
 managed mode, and the ``Transport`` that carries the bytes (the gateway's own keep-alive
-pool, ``gateway/upstream_pool.py``; a test's fake). ``build_upstream(settings)`` makes the
-one the settings name. Routing between several upstreams picks one of these per request.
+pool, ``gateway/upstream_pool.py``; a test's fake). ``services.build_upstream(settings)``
+makes the one the settings name. Routing between several upstreams picks one of these per request.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.asgi import Headers
-from gateway.settings import Settings
 
 
 class UpstreamBroke(Exception):
@@ -79,19 +78,6 @@ class Upstream:
 
     async def close(self) -> None:
         await self.transport.close()
-
-
-def build_upstream(settings: Settings) -> Upstream:
-    """The upstream the settings name, on the gateway's own connection pool (it needs the
-    running event loop: made in the lifespan)."""
-    from gateway.upstream_pool import UpstreamPool
-
-    pool = UpstreamPool(
-        max_connections=settings.upstream_max_connections,
-        connect_timeout=settings.upstream_connect_timeout,
-        timeout=settings.upstream_timeout,
-    )
-    return Upstream(settings.upstream_base_url, settings.upstream_api_key, pool)
 
 
 def content_type(response: UpstreamResponse) -> str:
