@@ -48,8 +48,12 @@ def _stored(
     return endpoint
 
 
-async def unknown_route(request: Request) -> Response:
-    raise NotFound(f"Unknown route {request.method} {request.url.path}.")
+class UnknownRoute:
+    """Every path the gateway does not serve, whatever the method (an ASGI endpoint takes
+    them all): 404, which tells a client whose base URL lacks ``/v1`` what is wrong."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotFound(f"Unknown route {scope['method']} {scope['path']}.")
 
 
 async def _to_viewer(request: Request) -> Response:
@@ -173,7 +177,7 @@ def create_app(settings: Settings | None = None, upstream: Upstream | None = Non
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
-                Route("/{path:path}", unknown_route),
+                Route("/{path:path}", UnknownRoute()),
             ],
             lifespan=lifespan,
             exception_handlers={GatewayError: json_error, HTTPException: json_error},

@@ -117,10 +117,15 @@ def gateway_error(request: Request, error: Exception) -> GatewayError:
         return NotFound(message)
     refused = GatewayError(message)
     refused.status = error.status_code
+    if error.status_code < 500:
+        refused.type = "invalid_request_error"
     return refused
 
 
 async def json_error(request: Request, error: Exception) -> Response:
     """The exception handler of the JSON surfaces (``/v1``, ``/admin``)."""
     found = gateway_error(request, error)
-    return Response(found.body(), status_code=found.status, media_type="application/json")
+    headers = error.headers if isinstance(error, HTTPException) else None  # Allow, for 405
+    return Response(
+        found.body(), status_code=found.status, media_type="application/json", headers=headers
+    )

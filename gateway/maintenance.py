@@ -72,14 +72,14 @@ class Maintenance:
 
     async def _run(self, ready: Callable[[], Awaitable[object]]) -> None:
         await ready()
-        if self.partitions is None:  # split by an earlier start: its days are kept as days
-            found = Partitions(self.history)
-            if await found.in_use():
-                self.partitions = found
-        if not self.needed:
-            return
         while True:
             try:
+                if self.partitions is None:  # split by an earlier start: days stay days
+                    found = Partitions(self.history)
+                    if await found.in_use():
+                        self.partitions = found
+                if not self.needed:
+                    return
                 await self.run_once()
             except Exception:  # the database may be down: next interval tries again
                 log.exception("maintenance failed; next try in %.0f s", self.interval)

@@ -33,6 +33,7 @@ from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
+from storage.partitions import Partitions
 from storage.schema import api_keys
 from storage.spool import Spool
 from storage.writer import adopt
@@ -133,7 +134,8 @@ async def running(settings: Settings, upstream: Upstream | None = None) -> Async
     await _first_try(writer.ready_event)
     for orphan in spool.orphans():
         background.append(asyncio.create_task(adopt(orphan, spool, registry, writer.appended)))
-    maintenance = Maintenance(settings, history_engine, main_engine, registry)
+    wanted = Partitions(history_engine) if settings.mes_daily_partition else None
+    maintenance = Maintenance(settings, history_engine, main_engine, registry, wanted)
     main_ready = background[0]
 
     async def databases_ready() -> None:

@@ -155,6 +155,7 @@ class HistoryWriter:
         prepare: Callable[[], Awaitable[None]] | None = None,
         redactor: Redactor | None = None,
         partitions: Partitions | None = None,
+        stalled_since: float | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -177,7 +178,9 @@ class HistoryWriter:
         self._task: asyncio.Task[None] | None = None
         self._last_sync = time.monotonic()
         self._caught_up_at = time.monotonic()  # when a batch last took all the spool held
-        self._progress_at = time.time()  # when the checkpoint last moved, or nothing waited
+        # When the checkpoint last moved, or nothing waited; a writer that takes over from one
+        # that died stalled (a record that kills it, say) goes on counting from then.
+        self._progress_at = stalled_since or time.time()
 
     def wake(self) -> None:
         """There are records to write."""
@@ -241,6 +244,7 @@ class HistoryWriter:
                         "in %.0f s",
                         self.retry_seconds,
                     )
+                    self._busy()  # not idle: records wait, and /readyz counts the stall
                     await self._abandon_write()
                     self._taken = self._cursor
                     await asyncio.sleep(self.retry_seconds)

@@ -254,6 +254,7 @@ async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO
         retry_seconds=config.retry_seconds,
         prepare=prepare,
         redactor=Redactor(config.redact_patterns, capture_content=config.capture_content),
+        stalled_since=state["stalled_since_ms"] / 1000 or None,  # the writer before this one's
     )
     released = state["released_bytes"]  # by the writers before this one
 

@@ -188,10 +188,11 @@ async def test_the_gateways_own_routes_answer_in_each_surfaces_shape(
 ) -> None:
     running, _ = site
     client = running.client
-    unknown = await client.get("/nowhere")
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
-    wrong_method = await client.put("/healthz")
-    assert wrong_method.status_code == 405
+    for method in ("GET", "POST", "PUT"):  # a base URL without /v1, say: whatever the method
+        unknown = await client.request(method, "/chat/completions")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    wrong_method = await client.put("/admin/users")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"]
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
     admin = await client.get("/admin/users")
     assert admin.status_code == 401 and admin.json()["error"]["code"] == "invalid_api_key"

@@ -18,7 +18,7 @@ from capture.chat import ChatExchange
 from storage import writer as writer_module
 from storage.schema import completions, messages
 from storage.spool import Position, Spool
-from tests.history_db import migrated, spooled_writer, until_written
+from tests.history_db import SpooledWriter, migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
 
 
@@ -208,3 +208,60 @@ async def test_a_spool_failing_to_move_its_checkpoint_once_stops_no_write(
     again.open()
     assert again.pending_bytes == 0  # the checkpoint is past both
     again.close()
+
+
+async def test_a_writer_failing_after_it_went_idle_counts_as_stalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records arrive, and reading them fails (the spool's disk, say): the writer is not
+    idle any more, and /readyz must see the stall; it used to stay idle, and ready."""
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        writer = spooled_writer(engine, tmp_path, batch_size=10)
+        writer.start()
+        assert writer.submit(exchange([{"role": "user", "content": "before"}]))
+        await until_written(writer, 1)
+        await until(lambda: writer.stalled_since is None)  # idle
+        real_read = writer.spool.read
+
+        def failing(*args: Any) -> Any:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(writer.spool, "read", failing)
+        assert writer.submit(exchange([{"role": "user", "content": "after"}]))
+        await until(lambda: writer.stalled_since is not None)
+        monkeypatch.setattr(writer.spool, "read", real_read)
+        await until_written(writer, 2)
+        await until(lambda: writer.stalled_since is None)
+        await writer.close(grace=10)
+
+
+async def test_a_writer_taking_over_from_a_stalled_one_keeps_counting_from_its_stall(
+    tmp_path: Path,
+) -> None:
+    """A writer that dies on every try (a record that kills it) is started again and again:
+    each new one counts the stall from the one before, or /readyz would never see it."""
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        spool = Spool(tmp_path / "spool", 2**30)
+        spool.open()
+        since = time.time() - 3600
+        writer = SpooledWriter(
+            engine,
+            spool,
+            batch_size=10,
+            flush_interval=0.05,
+            retry_seconds=1.0,
+            stalled_since=since,
+        )
+        assert writer.stalled_since == since  # not yet idle: nothing written yet
+        writer.start()
+        assert writer.submit(exchange([{"role": "user", "content": "at last"}]))
+        await until_written(writer, 1)
+        await until(lambda: writer.stalled_since is None)
+        await writer.close(grace=10)
+
+
+async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        await asyncio.sleep(0.02)
