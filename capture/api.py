@@ -30,17 +30,24 @@ def _as_sent(events: list[bytes], whole: bytes) -> bytes:
     return whole
 
 
+def _whole(status: int, body: bytes) -> bytes:
+    return body
+
+
 @dataclass(frozen=True, slots=True)
 class Api:
     """One captured API. ``parse`` reads the request (or raises ``InvalidBody``);
     ``upstream_body`` gives the body to send and whether the gateway added something for its
     own needs, in which case each batch of a stream's SSE events goes through
-    ``client_events`` to take it out again."""
+    ``client_events`` to take it out again. ``kept_answer`` gives the part of a whole
+    answer the record keeps (by its status and body), on the request path: it must be
+    cheap."""
 
     record: type[Exchange]
     parse: Callable[[bytes], JSON]
     upstream_body: Callable[[JSON, bytes], tuple[bytes, bool]] = _unchanged
     client_events: Callable[[list[bytes], bytes], bytes] = _as_sent
+    kept_answer: Callable[[int, bytes], bytes] = _whole
 
     @property
     def kind(self) -> str:

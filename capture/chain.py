@@ -36,7 +36,8 @@ def chain(messages: Sequence[Any], parent_hash: str = ROOT) -> Iterator[tuple[st
 
 
 def content_text(message: Any) -> str | None:
-    """The searchable text of a message: its string content, or its text parts joined."""
+    """The searchable text of a message or item: its string content, or its text parts
+    joined; else a refusal, a tool's output, a call's arguments, a reasoning summary."""
     if not isinstance(message, dict):
         return None
     content = message.get("content")
@@ -49,8 +50,17 @@ def content_text(message: Any) -> str | None:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         ]
         return "\n".join(texts) if texts else None
-    refusal = message.get("refusal")
-    return refusal if isinstance(refusal, str) else None
+    if content is None:
+        for key in ("refusal", "output", "arguments", "input"):  # tool calls and results
+            if isinstance(message.get(key), str):
+                return str(message[key])
+    summary = message.get("summary")  # a Responses reasoning item
+    if isinstance(summary, list):
+        texts = [
+            p["text"] for p in summary if isinstance(p, dict) and isinstance(p.get("text"), str)
+        ]
+        return "\n".join(texts) if texts else None
+    return None
 
 
 # What a client may change in an assistant message when it sends it back: SDKs and

@@ -7,6 +7,7 @@ chain, the completion with its usage and timings, and its conversation.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,14 @@ TITLE_LENGTH = 80
 
 
 def parse_request(body: bytes) -> JSON:
+    request = parse_json_object(body)
+    if not isinstance(request.get("messages"), list):
+        raise InvalidBody("'messages' must be an array of messages.", param="messages")
+    return request
+
+
+def parse_json_object(body: bytes) -> JSON:
+    """A request body that is a JSON object, with a boolean ``stream`` if any."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -47,8 +56,6 @@ def parse_request(body: bytes) -> JSON:
         raise InvalidBody("The request body must be a JSON object.")
     if "stream" in request and not isinstance(request["stream"], bool | None):
         raise InvalidBody("'stream' must be a boolean.", param="stream")
-    if not isinstance(request.get("messages"), list):
-        raise InvalidBody("'messages' must be an array of messages.", param="messages")
     return request
 
 
@@ -102,13 +109,11 @@ class ChatExchange(Exchange):
 
     def rows(self) -> RowSet:
         answer = self._answer()
-        sent = self.request.get("messages")
-        valid_messages = isinstance(sent, list) and all(isinstance(m, dict) for m in sent)
-        messages: list[JSON] = sent if valid_messages else []  # type: ignore[assignment]
+        messages, taken = self._request_messages()
         answered = [answer.choices[0][0]] if answer.choices else []
         linked = list(chain(messages))
         conversation_id = self._conversation_id(messages + answered, [d for d, _, _ in linked])
-        params = {k: v for k, v in self.request.items() if k != "messages" or not valid_messages}
+        params = {k: v for k, v in self.request.items() if k != taken}
         message_rows: list[JSON] = []
         request_hash: str | None = None
         for digest, parent, message in linked:
@@ -132,6 +137,7 @@ class ChatExchange(Exchange):
         usage = answer.usage or {}
         completion = {
             "id": self.id,
+            "call_type": self.kind,
             "response_id": answer.id,
             "conversation_id": conversation_id,
             "owner": self.owner,
@@ -169,6 +175,7 @@ class ChatExchange(Exchange):
         conversation = {
             "id": conversation_id,
             "owner": self.owner,
+            "call_type": self.kind,
             "client_conversation_id": short(self.conversation_header, columns.NAME),
             "title": _title(messages),
             "created_at": self.started_at,
@@ -179,6 +186,14 @@ class ChatExchange(Exchange):
             resent=_resent(messages),
             nul_free=self.nul_free,
         )
+
+    def _request_messages(self) -> tuple[list[JSON], str | None]:
+        """The request's messages, and the field they were taken from (which the stored
+        parameters then leave out), or none where they are not a list of messages."""
+        sent = self.request.get("messages")
+        if isinstance(sent, list) and all(isinstance(m, dict) for m in sent):
+            return sent, "messages"
+        return [], None
 
     def _conversation_id(self, exchange: list[JSON], digests: list[str]) -> str:
         """Named by the client's header, else by the conversation's first exchange.
@@ -200,8 +215,8 @@ class ChatExchange(Exchange):
 
     def _answer(self) -> Answer:
         if self.stream and self.chunks and 200 <= self.status < 300:
-            return _streamed_answer(self.chunks, self.cut_short)
-        return _json_answer(self.response_body, self.status, self.cut_short)
+            return streamed_answer(self.chunks, self.cut_short)
+        return json_answer(self.response_body, self.status, self.cut_short)
 
 
 @dataclass(slots=True)
@@ -218,7 +233,17 @@ class Answer:
     error_message: str | None = None
 
 
-def _streamed_answer(chunks: list[tuple[float, bytes]], cut_short: str | None) -> Answer:
+def _chat_choice(choice: JSON) -> JSON:
+    return choice
+
+
+def streamed_answer(
+    chunks: list[tuple[float, bytes]],
+    cut_short: str | None,
+    delta_choice: Callable[[JSON], JSON] = _chat_choice,
+) -> Answer:
+    """The answer rebuilt from a stream's chunks; ``delta_choice`` gives a chunk's choice
+    as chat's (a choice with a ``delta``)."""
     accumulator = StreamAccumulator()
     ttft_ms: float | None = None
     for arrived_ms, raw in chunks:
@@ -229,7 +254,13 @@ def _streamed_answer(chunks: list[tuple[float, bytes]], cut_short: str | None) -
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(chunk, dict) and accumulator.add(chunk) and ttft_ms is None:
+            if not isinstance(chunk, dict):
+                continue
+            if delta_choice is not _chat_choice and isinstance(chunk.get("choices"), list):
+                chunk["choices"] = [
+                    delta_choice(c) for c in chunk["choices"] if isinstance(c, dict)
+                ]
+            if accumulator.add(chunk) and ttft_ms is None:
                 ttft_ms = arrived_ms
     choices = accumulator.choices()
     if cut_short:
@@ -248,7 +279,18 @@ def _streamed_answer(chunks: list[tuple[float, bytes]], cut_short: str | None) -
     )
 
 
-def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
+def _chat_message(choice: JSON) -> JSON | None:
+    message = choice.get("message")
+    return message if isinstance(message, dict) else None
+
+
+def json_answer(
+    body: bytes,
+    status: int,
+    cut_short: str | None,
+    message_of: Callable[[JSON], JSON | None] = _chat_message,
+) -> Answer:
+    """The answer of a whole body; ``message_of`` gives a choice's message."""
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
@@ -269,8 +311,8 @@ def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
         return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
     choices = []
     for choice in parsed.get("choices") or ():
-        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-            choices.append((choice["message"], choice.get("finish_reason")))
+        if isinstance(choice, dict) and (message := message_of(choice)) is not None:
+            choices.append((message, choice.get("finish_reason")))
     usage = parsed.get("usage")
     return Answer(
         id=text_or_none(parsed.get("id")),
@@ -297,12 +339,12 @@ def _title(messages: list[JSON]) -> str | None:
     for message in messages:
         if message.get("role") == "user":
             text = content_text(message)
-            if text and (words := _first_words(text)):
+            if text and (words := first_words(text)):
                 return words
     return None
 
 
-def _first_words(text: str) -> str:
+def first_words(text: str) -> str:
     """``text`` with its whitespace collapsed, cut to ``TITLE_LENGTH``. A prompt may be
     200 KB: its head is looked at first, and all of it only when the head, collapsed,
     is too short to tell (the head's words are the first words of the whole)."""

@@ -9,3 +9,4 @@ ROLE = 32
 FINISH_REASON = 64
 METHOD = 16
 IP = 64
+CALL_TYPE = 16  # chat, responses, embeddings, completions

@@ -26,7 +26,8 @@ def message_row(
 ) -> JSON:
     role = content = None
     if isinstance(message, dict):
-        role, content = message.get("role"), message.get("content")
+        # A Responses item that is not a message (a call, its output, reasoning): its type.
+        role, content = message.get("role") or message.get("type"), message.get("content")
     # PostgreSQL's text cannot hold NUL: such content stays in the JSON, where it is escaped.
     split = isinstance(content, str) and "\x00" not in content
     if not split:

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from capture import chat
+from capture import chat, completions, embeddings, responses
 from capture.api import Api
 from capture.exchange import Exchange, RequestLog
 
 ROUTES: Mapping[tuple[str, str], Api] = MappingProxyType(
     {
         ("POST", "/v1/chat/completions"): chat.API,
+        ("POST", "/v1/responses"): responses.API,
+        ("POST", "/v1/embeddings"): embeddings.API,
+        ("POST", "/v1/completions"): completions.API,
     }
 )
 

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from capture.chain import link
+
 Row = dict[str, Any]
 
 # The history tables records write to. A record kind with a table of its own names it in
@@ -29,6 +31,36 @@ class RowSet:
     resent: int = 0
     # Known to hold no NUL character: the writer need not look. Not part of the rows.
     nul_free: bool = field(default=False, compare=False)
+    # The upstream's id of the answer this record follows up (a Responses request's
+    # ``previous_response_id``), in the record owner's history: the writer moves the rows
+    # into that answer's conversation, after its last message (``moved``).
+    follows: str | None = None
+
+    def moved(self, conversation_id: str, parent_hash: str) -> RowSet:
+        """These rows in another conversation, their message chain hung under
+        ``parent_hash``. A message's new hash is its old one linked to its new parent, as
+        ``capture.chain`` links content: the chain stays one, and nothing is re-read."""
+        renamed: dict[str, str] = {}
+        tables: dict[str, list[Row]] = {}
+        for name, rows in self.tables.items():
+            moved = []
+            for row in rows:
+                row = {**row}
+                if name == MESSAGES:
+                    parent = renamed.get(row["parent_hash"] or "", parent_hash)
+                    renamed[row["hash"]] = link(parent, row["hash"].encode())
+                    row["hash"], row["parent_hash"] = renamed[row["hash"]], parent or None
+                if name == CONVERSATIONS:
+                    row["id"] = conversation_id
+                elif "conversation_id" in row:
+                    row["conversation_id"] = conversation_id
+                moved.append(row)
+            tables[name] = moved
+        for row in tables.get(COMPLETIONS, ()):
+            for column in ("request_hash", "response_hash"):
+                if row.get(column):
+                    row[column] = renamed.get(row[column], row[column])
+        return RowSet(tables, resent=0, nul_free=self.nul_free)
 
     def one(self, table: str) -> Row | None:
         rows = self.tables.get(table)

@@ -9,6 +9,13 @@ gateway forwards them):
 - ``X-Fake-Status: 429``          answer that status with OpenAI's error body
 - ``X-Fake-Reset-After: K``       streams only: send K events, then break the connection
 - ``X-Fake-Hang: s``              sleep that long (at most 120) before answering
+- ``X-Fake-Response-Status: incomplete|failed``  ``/v1/responses``: end the response so
+- ``X-Fake-Stream-Error: 1``       ``/v1/responses`` streams: an ``error`` event mid-stream
+
+It answers ``/v1/chat/completions``, ``/v1/responses`` (and ``GET``, ``DELETE``,
+``/input_items`` and ``/cancel`` of the responses it keeps: see ``fake_upstream.responses_api``),
+``/v1/embeddings``, the legacy ``/v1/completions`` and ``/v1/models``; streamed or not where
+OpenAI streams.
 
 ``GET /_fake/requests`` lists what it received (``DELETE`` clears it); ``GET /_fake/stats``
 counts streams started, completed and abandoned by their client.
@@ -18,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import orjson
 
 from fake_upstream import responses
+from fake_upstream.responses_api import ResponseStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,6 +58,7 @@ class FakeUpstream:
             maxlen=history
         )
         self.stats = {"streams_started": 0, "streams_completed": 0, "streams_abandoned": 0}
+        self.responses = ResponseStore()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -70,7 +79,9 @@ class FakeUpstream:
             status = int(headers[b"x-fake-status"])
             await _send(send, status, responses.error(status))
             return
-        await self._route(method, path, body, headers, receive, send)
+        await self._route(
+            method, path, body, headers, receive, send, scope.get("query_string", b"")
+        )
 
     async def _route(
         self,
@@ -80,6 +91,7 @@ class FakeUpstream:
         headers: dict[bytes, bytes],
         receive: Receive,
         send: Send,
+        query: bytes = b"",
     ) -> None:
         if method == "GET" and path == "/v1/models":
             await _send(send, 200, responses.models())
@@ -87,8 +99,14 @@ class FakeUpstream:
         if method == "GET" and path.startswith("/v1/models/"):
             await _send(send, 200, responses.model(path.removeprefix("/v1/models/")))
             return
+        if path.startswith("/v1/responses/"):
+            await _send(
+                send, *self.responses.resource(method, path[len("/v1/responses/") :], query)
+            )
+            return
         if method != "POST" or path not in {
             "/v1/chat/completions",
+            "/v1/responses",
             "/v1/embeddings",
             "/v1/completions",
         }:
@@ -103,9 +121,11 @@ class FakeUpstream:
             await _send(send, 400, responses.error(400, "The body must be a JSON object."))
             return
         if path == "/v1/embeddings":
-            await _send(send, 200, responses.embeddings(request))
+            await _send(send, *responses.embeddings(request))
         elif path == "/v1/completions":
-            await _send(send, 200, responses.text_completion(request))
+            await self._completions(request, headers, receive, send)
+        elif path == "/v1/responses":
+            await self._responses(request, headers, receive, send)
         else:
             await self._chat(request, headers, receive, send)
 
@@ -115,19 +135,50 @@ class FakeUpstream:
         if not isinstance(request.get("messages"), list):
             await _send(send, 400, responses.error(400, "'messages' is required.", "messages"))
             return
-        answer = responses.Answer(request, int(headers.get(b"x-fake-chunks", b"8")))
+        answer = responses.Answer(request, _chunks(headers))
         if request.get("stream") is not True:
             await _send(send, 200, answer.completion())
             return
-        options = request.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        delay = float(headers.get(b"x-fake-chunk-delay", b"0"))
-        reset_after = int(headers.get(b"x-fake-reset-after", b"-1"))
-        await self._stream(answer.events(include_usage), delay, reset_after, receive, send)
+        await self._stream(answer.events(_include_usage(request)), headers, receive, send)
+
+    async def _completions(
+        self, request: dict[str, Any], headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
+        answer = responses.text_completion(request, _chunks(headers))
+        if isinstance(answer, bytes):
+            await _send(send, 400, answer)
+        elif request.get("stream") is not True:
+            await _send(send, 200, answer.completion())
+        else:
+            await self._stream(answer.events(_include_usage(request)), headers, receive, send)
+
+    async def _responses(
+        self, request: dict[str, Any], headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
+        broken = headers.get(b"x-fake-stream-error", b"0") not in (b"", b"0")
+        answer = self.responses.create(
+            request,
+            chunks=_chunks(headers),
+            outcome=headers.get(b"x-fake-response-status", b"completed").decode().lower(),
+            broken=broken,
+            delay=_delay(headers),
+        )
+        if isinstance(answer, tuple):
+            await _send(send, *answer)
+        elif request.get("stream") is True:
+            await self._stream(answer.events(broken), headers, receive, send)
+        elif answer.background:
+            await _send(send, 200, orjson.dumps(answer.body("queued")))
+        else:
+            await _send(send, 200, orjson.dumps(answer.body()))
 
     async def _stream(
-        self, events: Any, delay: float, reset_after: int, receive: Receive, send: Send
+        self, events: Iterable[bytes], headers: dict[bytes, bytes], receive: Receive, send: Send
     ) -> None:
+        """Sends ``events`` as an SSE stream, with X-Fake-Chunk-Delay between two of them, and
+        breaking the connection at X-Fake-Reset-After."""
+        delay = _delay(headers)
+        reset_after = int(headers.get(b"x-fake-reset-after", b"-1"))
         self.stats["streams_started"] += 1
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone))
@@ -179,6 +230,19 @@ class FakeUpstream:
 
 def create_app() -> FakeUpstream:
     return FakeUpstream()
+
+
+def _chunks(headers: dict[bytes, bytes]) -> int:
+    return int(headers.get(b"x-fake-chunks", b"8"))
+
+
+def _delay(headers: dict[bytes, bytes]) -> float:
+    return float(headers.get(b"x-fake-chunk-delay", b"0"))
+
+
+def _include_usage(request: dict[str, Any]) -> bool:
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -212,6 +212,7 @@ def _filters(
     status: int | None,
     errors_only: bool,
     tool: str | None,
+    call_type: str | None = None,
 ) -> CompletionFilter:
     return CompletionFilter(
         model=model,
@@ -220,6 +221,7 @@ def _filters(
         status=status,
         errors_only=errors_only,
         tool=tool,
+        call_type=call_type,
     )
 
 
@@ -230,6 +232,10 @@ Status = Annotated[int | None, Query(ge=100, le=599, description="HTTP status.")
 ErrorsOnly = Annotated[bool, Query(description="Only completions with status >= 400.")]
 Tool = Annotated[str | None, Query(description="Only answers that called this tool.")]
 Order = Annotated[Literal["asc", "desc"], Query()]
+CallTypeQuery = Annotated[
+    m.CallType | None,
+    Query(description="Only records of this API; conversations of embeddings only so."),
+]
 
 
 class HistoryQuery:
@@ -243,11 +249,12 @@ class HistoryQuery:
         status: Status = None,
         errors_only: ErrorsOnly = False,
         tool: Tool = None,
+        call_type: CallTypeQuery = None,
         limit: Limit = 50,
         after: str | None = None,
         order: Order = "desc",
     ) -> None:
-        self.filters = _filters(model, since, until, status, errors_only, tool)
+        self.filters = _filters(model, since, until, status, errors_only, tool, call_type)
         self.limit, self.after, self.descending = limit, after, order == "desc"
 
 
@@ -461,12 +468,13 @@ async def search_messages(
 async def usage_stats(
     request: Request,
     actor: Actor,
-    by: Literal["user", "model", "day"] = "day",
+    by: Literal["user", "model", "day", "call_type"] = "day",
     user_id: str | None = None,
     since: Since = None,
     until: Until = None,
 ) -> dict[str, Any]:
-    """Requests, errors, tokens and latency percentiles per user, model or day (UTC)."""
+    """Requests, errors, tokens and latency percentiles per user, model, day (UTC) or
+    call type (chat, responses, embeddings, completions)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
     async with _history(request).connect() as connection:
         rows = await stats.usage_stats(connection, scope, by, _utc(since), _utc(until))
@@ -491,12 +499,15 @@ async def export(
     model: Model = None,
     since: Since = None,
     until: Until = None,
+    call_type: CallTypeQuery = None,
 ) -> StreamingResponse:
     """Completions with their requests and answers, oldest first, streamed: ``json`` (an
     array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
     fine-tuning format, a line per answered completion)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
-    filters = CompletionFilter(model=model, since=_utc(since), until=_utc(until))
+    filters = CompletionFilter(
+        model=model, since=_utc(since), until=_utc(until), call_type=call_type
+    )
     return await export_response(request, actor, scope, format, filters)
 
 

@@ -88,11 +88,18 @@ class IssuedKey(Key):
     key: str = Field(description="The key itself. Shown this once; only its hash is stored.")
 
 
+CallType = Literal["chat", "responses", "embeddings", "completions"]
+
+
 class Completion(BaseModel):
-    """A captured chat completion, as the gateway recorded it."""
+    """A captured call (a chat completion, a Responses call, embeddings, a legacy
+    completion), as the gateway recorded it."""
 
     id: str = Field(description="The gateway's record id.")
-    response_id: str | None = Field(description="The upstream's chatcmpl-... id.")
+    call_type: str = Field(description="chat, responses, embeddings or completions.")
+    response_id: str | None = Field(
+        description="The upstream's id: chatcmpl-..., resp_..., cmpl-...; none for embeddings."
+    )
     conversation_id: str
     user_id: str = Field(description="The owner: a user id, or a key fingerprint.")
     key_fingerprint: str | None
@@ -120,14 +127,20 @@ class Completion(BaseModel):
 
 
 class CompletionDetail(Completion):
-    request: list[Any] = Field(description="The request's messages, exactly as sent.")
-    answer: JSONObject | None = Field(description="The assistant message (first choice).")
+    request: list[Any] = Field(
+        description="The request's messages (Responses: input items; embeddings: the "
+        "inputs, as user messages), as sent."
+    )
+    answer: JSONObject | list[Any] | None = Field(
+        description="The assistant message (first choice); for a Responses call, its output items."
+    )
     extra_choices: list[Any] | None
 
 
 class Conversation(BaseModel):
     id: str
     user_id: str
+    call_type: str = Field(description="The kind of its first record.")
     client_conversation_id: str | None
     title: str | None
     metadata: Any
@@ -183,6 +196,7 @@ class SearchHit(BaseModel):
     created_at: Timestamp
     title: str | None
     user_id: str
+    call_type: str
     snippet: str
 
 
@@ -206,7 +220,7 @@ class StatsRow(BaseModel):
 
 
 class Stats(BaseModel):
-    by: Literal["user", "model", "day"]
+    by: Literal["user", "model", "day", "call_type"]
     since: Timestamp | None
     until: Timestamp | None
     data: list[StatsRow]

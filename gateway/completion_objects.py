@@ -83,20 +83,98 @@ def message_objects(completion_id: str, request: list[Any]) -> list[JSON]:
 
 
 def fine_tuning_example(row: RowMapping, request: list[Any], answer: Any) -> JSON | None:
-    """One line of OpenAI's chat fine-tuning format, or None when the completion cannot be
-    one (no answer, or a message in a role fine-tuning does not take)."""
+    """One line of OpenAI's chat fine-tuning format, or None when the record cannot be one
+    (not a chat or Responses call, no answer, or a message in a role fine-tuning does not
+    take). A Responses call's items are taken as the chat messages they stand for."""
+    params = stored_json(row["params"]) or {}
+    tools = params.get("tools")
+    if row["call_type"] == "responses":
+        instructions = params.get("instructions")
+        system = [{"role": "system", "content": instructions}] if instructions else []
+        sent, answered = as_chat(request), as_chat(answer if isinstance(answer, list) else [])
+        if sent is None or not answered or answered[-1]["role"] != "assistant":
+            return None
+        request, answer = system + sent + answered[:-1], answered[-1]
+        if isinstance(tools, list):
+            tools = [_chat_tool(tool) for tool in tools]
+            tools = None if None in tools else tools
+    elif row["call_type"] != "chat":
+        return None
     if not isinstance(answer, dict) or not request:
         return None
     turns = [_trimmed(m) for m in request] + [_trimmed(_assistant(answer))]
     if any(not isinstance(m, dict) or m.get("role") not in FINE_TUNING_ROLES for m in turns):
         return None
     example: JSON = {"messages": turns}
-    params = stored_json(row["params"]) or {}
-    if isinstance(params.get("tools"), list):
-        example["tools"] = params["tools"]
+    if isinstance(tools, list):
+        example["tools"] = tools
     if isinstance(params.get("parallel_tool_calls"), bool):
         example["parallel_tool_calls"] = params["parallel_tool_calls"]
     return example
+
+
+def as_chat(items: list[Any]) -> list[JSON] | None:
+    """Responses items as the chat messages they stand for: messages with their text (and
+    images), function calls as an assistant's ``tool_calls``, their outputs as ``tool``
+    messages; reasoning left out. None if an item has no chat form (a built-in tool's call,
+    a file)."""
+    messages: list[JSON] = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue
+        if kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output" and isinstance(item.get("output"), str):
+            messages.append(
+                {"role": "tool", "tool_call_id": item.get("call_id"), "content": item["output"]}
+            )
+        elif kind == "message" and item.get("role") in FINE_TUNING_ROLES:
+            content = _chat_content(item.get("content"))
+            if content is None:
+                return None
+            messages.append({"role": item["role"], "content": content})
+        else:
+            return None
+    return messages
+
+
+def _chat_content(content: Any) -> str | list[JSON] | None:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    parts: list[JSON] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            return None
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _chat_tool(tool: Any) -> JSON | None:
+    """A Responses function tool as chat's; None for any other tool."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        return None
+    function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+    return {"type": "function", "function": function}
 
 
 def metadata(raw: str | None) -> dict[str, str] | None:

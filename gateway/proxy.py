@@ -183,7 +183,7 @@ class Proxy:
                     events_out = api.client_events if added else None
                     await self._relay_events(send, response, exchange, started, events_out, finish)
                 else:
-                    await self._relay_whole(send, response, exchange, finish)
+                    await self._relay_whole(send, response, exchange, api, finish)
         except GatewayError as error:
             exchange.status = error.status
             exchange.error_type = error.code
@@ -252,6 +252,7 @@ class Proxy:
         send: Send,
         response: UpstreamResponse,
         exchange: Exchange,
+        api: Api,
         finish: Callable[[], None],
     ) -> None:
         try:
@@ -261,7 +262,7 @@ class Proxy:
                 raise UpstreamTimeout("The upstream did not finish its answer in time.") from None
             raise UpstreamUnreachable("The upstream connection broke during the answer.") from None
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        exchange.response_body = body
+        exchange.response_body = api.kept_answer(response.status, body)
         finish()
         await send(
             {

@@ -52,6 +52,7 @@ class StoredCompletions:
             model=request.query_params.get("model") or None,
             metadata=_metadata_filter(request),
             answered_only=True,
+            call_type=CHAT,  # as OpenAI's: chat completions alone
         )
         async with self.history.connect() as connection:
             after = await self._after(connection, scope, request.query_params.get("after"))
@@ -130,7 +131,7 @@ class StoredCompletions:
     ) -> RowMapping | None:
         if not after:
             return None
-        row = await browse.find_completion(connection, scope, after)
+        row = await browse.find_completion(connection, scope, after, CHAT)
         if row is None:
             raise NotFound(f"No chat completion found with id '{after}'.", param="after")
         return row
@@ -140,6 +141,9 @@ class StoredCompletions:
             await accounts.audit(connection, scope.owner, action, target)
 
 
+CHAT = "chat"
+
+
 def has_nul(request: Request) -> bool:
     """NUL in a path or query can match nothing stored, and PostgreSQL refuses to be asked."""
     params = request.query_params.multi_items()
@@ -147,7 +151,7 @@ def has_nul(request: Request) -> bool:
 
 
 async def _found(connection: AsyncConnection, scope: Scope, completion_id: str) -> RowMapping:
-    row = await browse.find_completion(connection, scope, completion_id)
+    row = await browse.find_completion(connection, scope, completion_id, CHAT)
     if row is None:
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
     return row

@@ -73,6 +73,8 @@ async def write_batch(
     by day needs ``day_table``: completions and request logs go straight to the table of
     their day (SQLite cannot upsert into the view over all days)."""
     rowsets = [rowset if rowset.nul_free else _without_nul(rowset) for rowset in rowsets]
+    if any(rowset.follows for rowset in rowsets):
+        rowsets = await _join_followed(connection, rowsets)
     returning = connection.dialect.name != "mysql"
     completion_rows = [r.completion for r in rowsets if r.completion]
     others = _other_records(rowsets)
@@ -131,6 +133,47 @@ def _other_records(rowsets: Sequence[RowSet]) -> dict[Table, list[Row]]:
             if name not in _SHAPED:
                 found[name].extend(rows)
     return {history_metadata.tables[name]: found[name] for name in sorted(found)}
+
+
+async def _join_followed(connection: AsyncConnection, rowsets: Sequence[RowSet]) -> list[RowSet]:
+    """Each record that follows up an earlier answer (``RowSet.follows``) moved into that
+    answer's conversation, under its last message: the answer is found earlier in the
+    batch, or stored. One found nowhere yet stays in the conversation its capture named
+    after the answer, where the other follow-ups of that answer go too."""
+    Where = tuple[str, str | None]  # an answer's conversation, and its last message
+    wanted = {
+        (rowset.completion["owner"], rowset.follows)
+        for rowset in rowsets
+        if rowset.follows and rowset.completion
+    }
+    found: dict[tuple[str, str], Where] = {}
+    ids = sorted({answer for _, answer in wanted})
+    c = completions.c
+    for start in range(0, len(ids), LOOKUP_CHUNK):
+        query = select(
+            c.owner, c.response_id, c.conversation_id, c.request_hash, c.response_hash
+        ).where(c.response_id.in_(ids[start : start + LOOKUP_CHUNK]))
+        for row in await connection.execute(query):
+            if (row.owner, row.response_id) in wanted:
+                found[(row.owner, row.response_id)] = (
+                    row.conversation_id,
+                    row.response_hash or row.request_hash,
+                )
+    joined = []
+    for rowset in rowsets:
+        completion = rowset.completion
+        if rowset.follows and completion:
+            where = found.get((completion["owner"], rowset.follows))
+            if where is not None:
+                rowset = rowset.moved(where[0], where[1] or "")
+                completion = rowset.completion
+        if completion and completion.get("response_id"):
+            found[(completion["owner"], completion["response_id"])] = (
+                completion["conversation_id"],
+                completion["response_hash"] or completion["request_hash"],
+            )
+        joined.append(rowset)
+    return joined
 
 
 async def add_usage(connection: AsyncConnection, counted: Tally) -> None:

@@ -36,6 +36,7 @@ class CompletionFilter:
     answered_only: bool = False  # a 2xx answer: what OpenAI's stored-completions API lists
     conversation_id: str | None = None
     tool: str | None = None  # a tool the answer called
+    call_type: str | None = None  # chat, responses, embeddings, completions
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -57,16 +58,19 @@ def public_id(row: RowMapping) -> str:
 
 
 async def find_completion(
-    connection: AsyncConnection, scope: Scope, completion_id: str
+    connection: AsyncConnection, scope: Scope, completion_id: str, call_type: str | None = None
 ) -> RowMapping | None:
-    """One of the scope's completions, by the upstream's id or the gateway's record id."""
+    """One of the scope's completions (of ``call_type``, if given), by the upstream's id or
+    the gateway's record id."""
     if not storable(completion_id):
         return None
+    kind = [] if call_type is None else [completions.c.call_type == call_type]
     query = (
         select(completions)
         .where(
             scope.where(completions),
             or_(completions.c.response_id == completion_id, completions.c.id == completion_id),
+            *kind,
         )
         .order_by(completions.c.started_at.desc(), completions.c.id.desc())
         .limit(1)
@@ -123,8 +127,11 @@ async def list_conversations(
     after: RowMapping | None = None,
     descending: bool = True,
 ) -> Page:
-    """Conversations, latest activity first, that hold a completion matching ``filters``."""
+    """Conversations, latest activity first, that hold a completion matching ``filters``.
+    Those of embeddings (a call's inputs, a conversation each) only when asked for."""
     query = select(conversations).where(scope.where(conversations))
+    if filters.call_type is None:
+        query = query.where(conversations.c.call_type != "embeddings")
     if filters.since is not None:
         query = query.where(conversations.c.updated_at >= filters.since)
     if filters.until is not None:
@@ -194,11 +201,31 @@ class Rebuilder:
         return ordered
 
     def request(self, row: RowMapping) -> list[Any]:
-        return self.chain(row["conversation_id"], row["request_hash"])
+        """The request's messages (or Responses input items), as sent: the last
+        ``request_message_count`` of its chain. A chat request sends its whole chain; a
+        Responses request that follows up an earlier answer sends only what is new."""
+        return last(
+            self.chain(row["conversation_id"], row["request_hash"]), row["request_message_count"]
+        )
 
     def answer(self, row: RowMapping) -> Any:
-        found = self._trees[row["conversation_id"]].get(row["response_hash"] or "")
+        """The assistant's message (the first choice); for a Responses call, its output
+        items, in order: the chain from the request's last item to the answer's."""
+        tree = self._trees[row["conversation_id"]]
+        if row["call_type"] == "responses":
+            items, tail = [], row["response_hash"]
+            while tail and tail != row["request_hash"] and tail in tree:
+                parent, item = tree[tail]
+                items.append(item)
+                tail = parent
+            items.reverse()
+            return items
+        found = tree.get(row["response_hash"] or "")
         return None if found is None else found[1]
+
+
+def last(chain: list[Any], count: int) -> list[Any]:
+    return chain[len(chain) - count :] if 0 <= count < len(chain) else chain
 
 
 async def iter_completions(
@@ -227,7 +254,13 @@ def _completion_conditions(
     connection: AsyncConnection, filters: CompletionFilter, time: bool = True
 ) -> list[ColumnElement[bool]]:
     c = completions.c
-    texts = [filters.model, filters.conversation_id, filters.tool, *filters.metadata.items()]
+    texts = [
+        filters.model,
+        filters.conversation_id,
+        filters.tool,
+        filters.call_type,
+        *filters.metadata.items(),
+    ]
     if not all(
         storable(t) for item in texts for t in (item if isinstance(item, tuple) else [item])
     ):
@@ -249,6 +282,8 @@ def _completion_conditions(
         conditions.append(and_(c.status_code >= 200, c.status_code < 300))
     if filters.conversation_id is not None:
         conditions.append(c.conversation_id == filters.conversation_id)
+    if filters.call_type is not None:
+        conditions.append(c.call_type == filters.call_type)
     if filters.tool is not None:
         needle = '"name":' + _json_string(filters.tool)
         conditions.append(

@@ -75,8 +75,11 @@ async def _allow_deep_recursion(connection: AsyncConnection) -> None:
 
 
 async def request_messages(connection: AsyncConnection, row: RowMapping) -> list[JSON]:
-    """The ``messages`` list of a captured request, exactly as the client sent it."""
-    return await chain_to(connection, row["conversation_id"], row["request_hash"])
+    """The ``messages`` list of a captured request, exactly as the client sent it: the last
+    ``request_message_count`` of its chain (see ``browse.Rebuilder.request``)."""
+    chain = await chain_to(connection, row["conversation_id"], row["request_hash"])
+    count = row["request_message_count"]
+    return chain[len(chain) - count :] if 0 <= count < len(chain) else chain
 
 
 async def answer_message(connection: AsyncConnection, row: RowMapping) -> JSON | None:

@@ -29,8 +29,9 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import MetaData, Table, delete, text
+from sqlalchemy import Column, DefaultClause, MetaData, Table, delete, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import quoted_name
@@ -443,7 +444,7 @@ async def _sqlite_view(connection: AsyncConnection, table: str) -> None:
     names = await _sqlite_tables(connection, table)
     columns = [column.name for column in history_metadata.tables[table].columns]
     listed = ", ".join(columns)
-    new = ", ".join(f"NEW.{column}" for column in columns)
+    new = ", ".join(_new_value(history_metadata.tables[table].c[column]) for column in columns)
     await connection.execute(text(f"DROP VIEW IF EXISTS {table}"))  # and its triggers
     await connection.execute(
         text(
@@ -480,6 +481,16 @@ async def _sqlite_view(connection: AsyncConnection, table: str) -> None:
             + "END"
         )
     )
+
+
+def _new_value(column: Column[Any]) -> str:
+    """A column of the row a view's INSERT trigger routes: what the statement gave, or the
+    column's default where it gave none (a view has no defaults of its own)."""
+    default = column.server_default
+    if isinstance(default, DefaultClause) and isinstance(default.arg, str):
+        literal = default.arg.replace("'", "''")
+        return f"COALESCE(NEW.{column.name}, '{literal}')"
+    return f"NEW.{column.name}"
 
 
 async def _sqlite_convert(connection: AsyncConnection, table: str, today: date) -> None:

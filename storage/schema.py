@@ -30,7 +30,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-from capture.columns import FINISH_REASON, ID, IP, METHOD, NAME, PATH, ROLE, USER_AGENT
+from capture.columns import (
+    CALL_TYPE,
+    FINISH_REASON,
+    ID,
+    IP,
+    METHOD,
+    NAME,
+    PATH,
+    ROLE,
+    USER_AGENT,
+)
 from capture.rows import COMPLETIONS, CONVERSATIONS, MESSAGES, REQUEST_LOGS
 
 # MySQL's TEXT stops at 64 KB and its DATETIME at whole seconds.
@@ -97,6 +107,9 @@ conversations = Table(
     Column("prompt_tokens", BigInteger, nullable=False, default=0),
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     Column("total_tokens", BigInteger, nullable=False, default=0),
+    # The kind of its first record (capture/registry.py): conversation lists leave out
+    # those of embeddings unless asked for them.
+    Column("call_type", String(CALL_TYPE), nullable=False, server_default="chat"),
     Index("ix_conversations_owner_updated_id", "owner", "updated_at", "id"),
     Index("ix_conversations_updated", "updated_at"),
     Index("ix_conversations_created", "created_at"),
@@ -153,6 +166,7 @@ completions = Table(
     Column("latency_ms", Float, nullable=True),
     Column("upstream_created", BigInteger, nullable=True),
     Column("system_fingerprint", String(NAME), nullable=True),
+    Column("call_type", String(CALL_TYPE), nullable=False, server_default="chat"),
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),

@@ -29,6 +29,7 @@ class Hit:
     created_at: datetime
     title: str | None
     owner: str
+    call_type: str
     snippet: str
 
 
@@ -72,7 +73,7 @@ async def search(
         # for 100,000 conversations; scanning the messages alone takes 149).
         latest = found.order_by(*newest_first).limit(limit + 1).subquery()
         query = (
-            select(latest, conversations.c.title, conversations.c.owner)
+            select(latest, conversations.c.title, conversations.c.owner, conversations.c.call_type)
             .join(conversations, conversations.c.id == latest.c.conversation_id)
             .order_by(
                 latest.c.created_at.desc(), latest.c.conversation_id.desc(), latest.c.hash.desc()
@@ -80,7 +81,9 @@ async def search(
         )
     else:
         query = (
-            found.add_columns(conversations.c.title, conversations.c.owner)
+            found.add_columns(
+                conversations.c.title, conversations.c.owner, conversations.c.call_type
+            )
             .join(conversations, conversations.c.id == m.conversation_id)
             .where(scope.where(conversations))
             .order_by(*newest_first)
@@ -94,6 +97,7 @@ async def search(
             created_at=row.created_at,
             title=row.title,
             owner=row.owner,
+            call_type=row.call_type,
             snippet=snippet(row.content_text or "", phrase),
         )
         for row in rows[:limit]
@@ -135,5 +139,6 @@ def as_dict(hit: Hit) -> dict[str, Any]:
         "created_at": hit.created_at,
         "title": hit.title,
         "user_id": hit.owner,
+        "call_type": hit.call_type,
         "snippet": hit.snippet,
     }

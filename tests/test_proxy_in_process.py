@@ -171,16 +171,16 @@ async def test_other_v1_routes_are_relayed_and_leave_a_request_log(
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         models = await client.get("/v1/models?limit=2")
-        embedded = await client.post("/v1/embeddings", json={"model": "e", "input": "hi"})
+        moderated = await client.post("/v1/moderations", json={"input": "hi"})
     assert models.status_code == 200 and models.json()["data"]
-    assert embedded.status_code == 200
+    assert moderated.status_code == 404  # the fake upstream has no such route
     await running.written(before + 2)
     logs = await running.history.rows(select(request_logs).order_by(request_logs.c.started_at))
     assert [(r["method"], r["path"], r["status_code"]) for r in logs[-2:]] == [
         ("GET", "/v1/models", 200),
-        ("POST", "/v1/embeddings", 200),
+        ("POST", "/v1/moderations", 404),
     ]
-    assert logs[-1]["bytes_out"] == len(embedded.content)
+    assert logs[-1]["bytes_out"] == len(moderated.content)
 
 
 async def test_the_gateways_own_routes_answer_in_each_surfaces_shape(

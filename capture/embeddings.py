@@ -1,0 +1,140 @@
+"""OpenAI's embeddings (``POST /v1/embeddings``): the model, each input's text as a user
+message of a conversation of the call's own (search finds them; conversation lists show
+them only when asked for embeddings), how many inputs there were, ``dimensions`` and
+``encoding_format`` among the parameters, and the usage. Never the vectors: a thousand
+inputs answer with megabytes of them, which would outweigh the rest of the history. They
+are cut from the answer before it is spooled (``kept_answer``), on the request path, by
+looking for where they end, not by parsing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from capture import columns
+from capture.api import Api
+from capture.chain import chain
+from capture.chat import first_words, parse_json_object
+from capture.completions import prompt_messages
+from capture.exchange import Exchange
+from capture.message_rows import message_row
+from capture.rows import (
+    COMPLETIONS,
+    CONVERSATIONS,
+    MESSAGES,
+    RowSet,
+    integer,
+    json_or_none,
+    short,
+    text_or_none,
+)
+
+JSON = dict[str, Any]
+_SMALL = 4096  # an answer this short is kept whole
+
+
+def kept_answer(status: int, body: bytes) -> bytes:
+    """The answer without its vectors: ``"data"`` emptied, everything else as sent. The
+    data is a list of objects, each ending in a vector (numbers or base64 text), so the
+    first ``}]`` after ``"data"`` is where the list ends: one search in C, however long
+    the vectors. What is kept must parse, or the whole answer is kept."""
+    if not 200 <= status < 300 or len(body) <= _SMALL:
+        return body
+    start = body.find(b'"data"')
+    end = body.find(b"}]", start) if start >= 0 else -1
+    if end < 0:
+        return body
+    kept = body[:start] + b'"data":[]' + body[end + 2 :]
+    try:
+        orjson.loads(kept)
+    except orjson.JSONDecodeError:
+        return body
+    return kept
+
+
+@dataclass(slots=True)
+class EmbeddingsExchange(Exchange):
+    """One proxied embeddings call."""
+
+    kind = "embeddings"
+
+    def rows(self) -> RowSet:
+        inputs = prompt_messages(self.request.get("input"))
+        linked = list(chain(inputs))
+        message_rows = [
+            message_row(self.id, digest, parent, message, self.started_at)
+            for digest, parent, message in linked
+        ]
+        taken = "input" if inputs else None
+        params = {k: v for k, v in self.request.items() if k != taken}
+        answer = self._answer()
+        usage: JSON = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
+        error: JSON = answer["error"] if isinstance(answer.get("error"), dict) else {}
+        completion = {
+            "id": self.id,
+            "call_type": self.kind,
+            "response_id": None,
+            "conversation_id": self.id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "end_user": short(self.request.get("user"), columns.NAME),
+            "requested_model": short(self.request.get("model"), columns.NAME),
+            "response_model": short(answer.get("model"), columns.NAME),
+            "params": orjson.dumps(params).decode(),
+            "metadata": None,
+            "request_hash": linked[-1][0] if linked else None,
+            "request_message_count": len(inputs),
+            "response_hash": None,
+            "extra_choices": None,
+            "finish_reason": None,
+            "prompt_tokens": integer(usage.get("prompt_tokens")),
+            "completion_tokens": 0 if usage else None,
+            "total_tokens": integer(usage.get("total_tokens")),
+            "cached_tokens": None,
+            "reasoning_tokens": None,
+            "usage": json_or_none(usage or None),
+            "status_code": self.status,
+            "error_type": short(
+                self.error_type or error.get("type") or error.get("code"), columns.NAME
+            ),
+            "error_message": self.error_message or text_or_none(error.get("message")),
+            "client_ip": self.client_ip,
+            "user_agent": short(self.user_agent, columns.USER_AGENT),
+            "stream": False,
+            "started_at": self.started_at,
+            "ttft_ms": None,
+            "latency_ms": self.latency_ms,
+            "upstream_created": None,
+            "system_fingerprint": None,
+        }
+        first = next((m["content"] for m in inputs if isinstance(m.get("content"), str)), None)
+        conversation = {
+            "id": self.id,
+            "owner": self.owner,
+            "call_type": self.kind,
+            "client_conversation_id": None,
+            "title": first_words(first) if first else None,
+            "created_at": self.started_at,
+            "updated_at": self.started_at,
+        }
+        return RowSet(
+            {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
+            nul_free=self.nul_free,
+        )
+
+    def _answer(self) -> JSON:
+        try:
+            parsed = orjson.loads(self.response_body) if self.response_body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+        if self.status >= 400 and self.response_body:
+            return {"error": {"message": self.response_body[:2000].decode(errors="replace")}}
+        return {}
+
+
+API = Api(record=EmbeddingsExchange, parse=parse_json_object, kept_answer=kept_answer)
