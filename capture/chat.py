@@ -56,7 +56,20 @@ def parse_json_object(body: bytes) -> JSON:
         raise InvalidBody("The request body must be a JSON object.")
     if "stream" in request and not isinstance(request["stream"], bool | None):
         raise InvalidBody("'stream' must be a boolean.", param="stream")
+    if body.count(b"[") + body.count(b"{") >= _NESTING:  # else it cannot be nested so deep
+        try:
+            orjson.dumps([request])  # as deep as the record nests it
+        except orjson.JSONEncodeError:
+            raise InvalidBody(
+                f"The request is nested too deeply: at most {_NESTING} levels of arrays "
+                "and objects."
+            ) from None
     return request
+
+
+# How deep the JSON of a record may nest: orjson writes no deeper, and a record that cannot
+# be written would be lost. A body with fewer brackets than this cannot be that deep.
+_NESTING = 250
 
 
 def ask_for_usage(request: JSON, body: bytes) -> tuple[bytes, bool]:

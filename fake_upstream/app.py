@@ -11,6 +11,7 @@ gateway forwards them):
 - ``X-Fake-Hang: s``              sleep that long (at most 120) before answering
 - ``X-Fake-Response-Status: incomplete|failed``  ``/v1/responses``: end the response so
 - ``X-Fake-Stream-Error: 1``       ``/v1/responses`` streams: an ``error`` event mid-stream
+- ``X-Fake-Split-Bytes: N``       streams: each event sent in pieces of N bytes
 
 It answers ``/v1/chat/completions``, ``/v1/responses`` (and ``GET``, ``DELETE``,
 ``/input_items`` and ``/cancel`` of the responses it keeps: see ``fake_upstream.responses_api``),
@@ -176,9 +177,11 @@ class FakeUpstream:
         self, events: Iterable[bytes], headers: dict[bytes, bytes], receive: Receive, send: Send
     ) -> None:
         """Sends ``events`` as an SSE stream, with X-Fake-Chunk-Delay between two of them, and
-        breaking the connection at X-Fake-Reset-After."""
+        breaking the connection at X-Fake-Reset-After, each event in pieces of
+        X-Fake-Split-Bytes bytes if given."""
         delay = _delay(headers)
         reset_after = int(headers.get(b"x-fake-reset-after", b"-1"))
+        piece = int(headers.get(b"x-fake-split-bytes", b"0"))
         self.stats["streams_started"] += 1
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone))
@@ -192,7 +195,12 @@ class FakeUpstream:
                 if gone.is_set():
                     self.stats["streams_abandoned"] += 1
                     return
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                if piece:  # X-Fake-Split-Bytes: the event in pieces, as a network may cut it
+                    for at in range(0, len(event), piece):
+                        part = event[at : at + piece]
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
+                else:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
                 if delay:
                     await asyncio.sleep(delay)
             await send({"type": "http.response.body", "body": b""})

@@ -305,6 +305,47 @@ async def user_conversations(
     return _page([_conversation(r) for r in page.rows], page.has_more)
 
 
+@router.get("/request-logs", response_model=m.ListOf[m.RequestLog])
+async def list_request_logs(
+    request: Request,
+    actor: Actor,
+    path: Annotated[
+        str | None, Query(description="The path; ending in *, the paths that begin so.")
+    ] = None,
+    method: Annotated[str | None, Query(max_length=16)] = None,
+    status: Status = None,
+    errors_only: ErrorsOnly = False,
+    user_id: str | None = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Limit = 50,
+    after: str | None = None,
+    order: Order = "desc",
+) -> dict[str, Any]:
+    """Every other proxied /v1 request (listing models, stored responses, files, ...):
+    method, path, status, latency, bytes, user and client, newest first; everyone's
+    unless ``user_id`` is given."""
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    filters = browse.LogFilter(
+        path=path,
+        method=method,
+        status=status,
+        errors_only=errors_only,
+        since=_utc(since),
+        until=_utc(until),
+    )
+    async with _history(request).connect() as connection:
+        cursor = None
+        if after:
+            cursor = await browse.find_request_log(connection, scope, after)
+            if cursor is None:
+                raise NotFound(f"No request log '{after}'.", param="after")
+        page = await browse.list_request_logs(
+            connection, scope, filters, limit=limit, after=cursor, descending=order == "desc"
+        )
+    return _page([{**_plain(r), "user_id": r["owner"]} for r in page.rows], page.has_more)
+
+
 @router.delete("/users/{user_id}/history", response_model=m.Deleted)
 async def delete_user_history(user_id: str, request: Request, actor: Actor) -> Any:
     async with _history(request).begin() as connection:

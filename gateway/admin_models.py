@@ -137,6 +137,24 @@ class CompletionDetail(Completion):
     extra_choices: list[Any] | None
 
 
+class RequestLog(BaseModel):
+    """A proxied /v1 request the gateway relayed without capturing it whole."""
+
+    id: str
+    user_id: str = Field(description="The owner: a user id, or a key fingerprint.")
+    key_fingerprint: str | None
+    method: str
+    path: str
+    status_code: int
+    error_type: str | None
+    latency_ms: float | None
+    bytes_in: int
+    bytes_out: int
+    client_ip: str | None
+    user_agent: str | None
+    started_at: Timestamp
+
+
 class Conversation(BaseModel):
     id: str
     user_id: str

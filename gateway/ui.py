@@ -31,7 +31,7 @@ from gateway.admin import export_response
 from gateway.errors import GatewayError, NotFound, gateway_error
 from gateway.services import services
 from gateway.sessions import COOKIE, SESSION_SECONDS, Viewer
-from storage import browse, search, usage
+from storage import browse, search, stats, usage
 from storage.browse import CompletionFilter
 from storage.scope import Scope
 
@@ -265,12 +265,17 @@ async def errors_page(request: Request, viewer: Viewer) -> Response:
         page = await browse.list_completions(
             connection, viewer.scope, CompletionFilter(errors_only=True), limit=PAGE, after=after
         )
+        # The other routes' errors: the latest, beside the captured calls' (a page of each).
+        logged = await browse.list_request_logs(
+            connection, viewer.scope, browse.LogFilter(errors_only=True), limit=PAGE
+        )
     return _page(
         request,
         "errors.html",
         viewer,
         completions=page.rows,
         next_after=page.rows[-1]["id"] if page.rows and page.has_more else None,
+        logged=logged.rows,
     )
 
 
@@ -283,6 +288,9 @@ async def stats_page(request: Request, viewer: Viewer) -> Response:
     async with _history(request).connect() as connection:
         by_day = await usage.daily_usage(connection, viewer.scope, "day", since, percentiles=False)
         by_model = await usage.daily_usage(connection, viewer.scope, "model", since)
+        routes = await stats.route_stats(
+            connection, viewer.scope, datetime.combine(since, datetime.min.time())
+        )
     return _page(
         request,
         "stats.html",
@@ -296,6 +304,7 @@ async def stats_page(request: Request, viewer: Viewer) -> Response:
             ("Errors per day", bars(by_day, "errors")),
         ],
         model_chart=bars(by_model, "requests"),
+        routes=routes,
     )
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 
 from capture.message_rows import stored_message
-from storage.schema import completions, conversations, messages
+from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope, storable
 
 JSON = dict[str, Any]
@@ -296,6 +296,58 @@ def _completion_conditions(
     for key, value in sorted(filters.metadata.items()):
         conditions.append(json_text(connection, c.metadata, key) == value)
     return conditions
+
+
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    """Which request logs: every proxied ``/v1`` request the gateway did not capture whole
+    (``GET /v1/models``, stored responses, files, ...)."""
+
+    path: str | None = None  # the path, or its beginning when it ends in "*"
+    method: str | None = None
+    status: int | None = None
+    errors_only: bool = False
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def find_request_log(
+    connection: AsyncConnection, scope: Scope, log_id: str
+) -> RowMapping | None:
+    if not storable(log_id):
+        return None
+    query = select(request_logs).where(scope.where(request_logs), request_logs.c.id == log_id)
+    return (await connection.execute(query)).mappings().first()
+
+
+async def list_request_logs(
+    connection: AsyncConnection,
+    scope: Scope,
+    filters: LogFilter,
+    *,
+    limit: int,
+    after: RowMapping | None = None,
+    descending: bool = True,
+) -> Page:
+    c = request_logs.c
+    if not storable(filters.path) or not storable(filters.method):
+        return Page(rows=[], has_more=False)
+    query = select(request_logs).where(scope.where(request_logs))
+    if filters.path is not None and filters.path.endswith("*"):
+        query = query.where(c.path.startswith(filters.path[:-1], autoescape=True))
+    elif filters.path is not None:
+        query = query.where(c.path == filters.path)
+    if filters.method is not None:
+        query = query.where(c.method == filters.method.upper())
+    if filters.status is not None:
+        query = query.where(c.status_code == filters.status)
+    if filters.errors_only:
+        query = query.where(c.status_code >= 400)
+    if filters.since is not None:
+        query = query.where(c.started_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(c.started_at < filters.until)
+    return await _page(connection, query, request_logs, "started_at", limit, after, descending)
 
 
 def json_text(connection: AsyncConnection, column: Any, key: str) -> ColumnElement[Any]:
