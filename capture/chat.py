@@ -6,7 +6,6 @@ chain, the completion with its usage and timings, and its conversation.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ import orjson
 
 from capture import columns
 from capture.accumulate import StreamAccumulator
+from capture.answers import conversation_key, read_body
 from capture.api import Api, InvalidBody
 from capture.chain import ROOT, chain, content_text, continuation_key
 from capture.exchange import Exchange
@@ -218,13 +218,9 @@ class ChatExchange(Exchange):
         assistant message and no answer (an error, say) is a conversation of its own.
         """
         if self.conversation_header:
-            scoped = f"{self.owner}\n{self.conversation_header}"
-        else:
-            key = continuation_key(exchange, digests)
-            if key is None:
-                return self.id
-            scoped = f"{self.owner}\nthread\n{key}"
-        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
+            return conversation_key(self.owner, self.conversation_header)
+        key = continuation_key(exchange, digests)
+        return self.id if key is None else conversation_key(self.owner, "thread", key)
 
     def _answer(self) -> Answer:
         if self.stream and self.chunks and 200 <= self.status < 300:
@@ -297,6 +293,10 @@ def _chat_message(choice: JSON) -> JSON | None:
     return message if isinstance(message, dict) else None
 
 
+def _has_error(answer: JSON) -> bool:
+    return "error" in answer
+
+
 def json_answer(
     body: bytes,
     status: int,
@@ -304,24 +304,14 @@ def json_answer(
     message_of: Callable[[JSON], JSON | None] = _chat_message,
 ) -> Answer:
     """The answer of a whole body; ``message_of`` gives a choice's message."""
-    try:
-        parsed = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    read = read_body(body, status, _has_error)
+    parsed = read.parsed
+    if parsed is None:
         return Answer(
-            finish_reason=cut_short,
-            error_message=body[:2000].decode(errors="replace") if status >= 400 and body else None,
+            finish_reason=None if read.whole else cut_short,
+            error_type=read.error_type,
+            error_message=read.error_message,
         )
-    if status >= 400 or "error" in parsed:
-        error = parsed.get("error")
-        if isinstance(error, dict):
-            kind = error.get("type") or error.get("code")
-            return Answer(
-                error_type=str(kind) if kind else None,
-                error_message=text_or_none(error.get("message")),
-            )
-        return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
     choices = []
     for choice in parsed.get("choices") or ():
         if isinstance(choice, dict) and (message := message_of(choice)) is not None:

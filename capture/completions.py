@@ -8,10 +8,10 @@ one (``X-Conversation-Id``).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from capture.answers import conversation_key
 from capture.api import Api, InvalidBody
 from capture.chat import (
     Answer,
@@ -83,8 +83,7 @@ class CompletionsExchange(ChatExchange):
     def _conversation_id(self, exchange: list[JSON], digests: list[str]) -> str:
         if not self.conversation_header:
             return self.id
-        scoped = f"{self.owner}\n{self.conversation_header}"
-        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
+        return conversation_key(self.owner, self.conversation_header)
 
     def _answer(self) -> Answer:
         if self.stream and self.chunks and 200 <= self.status < 300:

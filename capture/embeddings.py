@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from capture import columns
+from capture.answers import read_body
 from capture.api import Api
 from capture.chain import chain
 from capture.chat import first_words, parse_json_object
@@ -29,7 +30,6 @@ from capture.rows import (
     integer,
     json_or_none,
     short,
-    text_or_none,
 )
 
 JSON = dict[str, Any]
@@ -70,9 +70,9 @@ class EmbeddingsExchange(Exchange):
         ]
         taken = "input" if inputs else None
         params = {k: v for k, v in self.request.items() if k != taken}
-        answer = self._answer()
+        read = read_body(self.response_body, self.status, _has_error)
+        answer = read.parsed or {}
         usage: JSON = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
-        error: JSON = answer["error"] if isinstance(answer.get("error"), dict) else {}
         completion = {
             "id": self.id,
             "call_type": self.kind,
@@ -97,10 +97,8 @@ class EmbeddingsExchange(Exchange):
             "reasoning_tokens": None,
             "usage": json_or_none(usage or None),
             "status_code": self.status,
-            "error_type": short(
-                self.error_type or error.get("type") or error.get("code"), columns.NAME
-            ),
-            "error_message": self.error_message or text_or_none(error.get("message")),
+            "error_type": short(self.error_type or read.error_type, columns.NAME),
+            "error_message": self.error_message or read.error_message,
             "client_ip": self.client_ip,
             "user_agent": short(self.user_agent, columns.USER_AGENT),
             "stream": False,
@@ -125,16 +123,9 @@ class EmbeddingsExchange(Exchange):
             nul_free=self.nul_free,
         )
 
-    def _answer(self) -> JSON:
-        try:
-            parsed = orjson.loads(self.response_body) if self.response_body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            return parsed
-        if self.status >= 400 and self.response_body:
-            return {"error": {"message": self.response_body[:2000].decode(errors="replace")}}
-        return {}
+
+def _has_error(answer: JSON) -> bool:
+    return "error" in answer
 
 
 API = Api(record=EmbeddingsExchange, parse=parse_json_object, kept_answer=kept_answer)

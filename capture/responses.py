@@ -18,13 +18,13 @@ once.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from capture import columns
+from capture.answers import conversation_key, read_body
 from capture.api import Api, InvalidBody
 from capture.chain import ROOT, canonical, chain, content_text, link
 from capture.chat import first_words, parse_json_object
@@ -175,15 +175,11 @@ class ResponsesExchange(Exchange):
         by its first exchange, as chat's; else its own."""
         named = self._named_conversation()
         if named is not None:
-            scoped = f"{self.owner}\n{named}"
-        elif previous is not None:
-            scoped = f"{self.owner}\nprevious\n{previous}"
-        else:
-            key = continuation_key(exchange)
-            if key is None:
-                return self.id
-            scoped = f"{self.owner}\nresponses\n{key}"
-        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
+            return conversation_key(self.owner, named)
+        if previous is not None:
+            return conversation_key(self.owner, "previous", previous)
+        key = continuation_key(exchange)
+        return self.id if key is None else conversation_key(self.owner, "responses", key)
 
     def _answer(self) -> Answer:
         if self.stream and self.chunks and 200 <= self.status < 300:
@@ -236,25 +232,19 @@ def _from_response(response: JSON, answer: Answer) -> Answer:
 
 
 def _json_answer(body: bytes, status: int, cut_short: str | None) -> Answer:
-    try:
-        parsed = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    read = read_body(body, status, _is_error)
+    if read.parsed is None:
         return Answer(
-            finish_reason=cut_short,
-            error_message=body[:2000].decode(errors="replace") if status >= 400 and body else None,
+            finish_reason=None if read.whole else cut_short,
+            error_type=read.error_type,
+            error_message=read.error_message,
         )
-    if status >= 400 or (isinstance(parsed.get("error"), dict) and "output" not in parsed):
-        error = parsed.get("error")
-        if isinstance(error, dict):
-            kind = error.get("type") or error.get("code")
-            return Answer(
-                error_type=str(kind) if kind else None,
-                error_message=text_or_none(error.get("message")),
-            )
-        return Answer(error_message=orjson.dumps(parsed)[:2000].decode(errors="replace"))
-    return _from_response(parsed, Answer())
+    return _from_response(read.parsed, Answer())
+
+
+def _is_error(answer: JSON) -> bool:
+    """An error object, not a response (whose ``error`` says why it failed, if it did)."""
+    return isinstance(answer.get("error"), dict) and "output" not in answer
 
 
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})

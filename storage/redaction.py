@@ -22,12 +22,13 @@ from capture.message_rows import stored_message
 from capture.rows import Row, RowSet
 
 MASK = "[REDACTED]"
-KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type"})
+KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "call_id", "type"})
 
 
 # What a message keeps when its content goes: who said it, and the shape of its tool calls
-# (ids and function names, which the admin API filters on), not what was said.
-_STRUCTURE_KEYS = ("role", "name", "tool_call_id")
+# (ids and function names, which the admin API filters on), not what was said. A Responses
+# item keeps its type, and a call or its output the call's id.
+_STRUCTURE_KEYS = ("role", "type", "name", "tool_call_id", "call_id")
 
 
 def without_content(row: Row) -> Row:

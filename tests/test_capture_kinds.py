@@ -379,3 +379,25 @@ def test_items_the_gateway_has_never_seen_are_kept_as_json() -> None:
     assert messages(rows) == odd
     assert rows.messages[0]["parent_hash"] is None
     assert rows.messages[0]["hash"] != ROOT
+
+
+def test_with_content_off_a_responses_record_keeps_its_shape_and_nothing_said() -> None:
+    from storage.redaction import Redactor
+
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "secret result"}
+    rows = record(
+        ResponsesExchange,
+        {"model": "m", "input": [{"role": "user", "content": "secret question"}, output]},
+        response_body=orjson.dumps(response([REASONING, {**CALL, "arguments": '{"pin":1234}'}])),
+    ).rows()
+    kept = Redactor((), capture_content=False).rows(rows)
+    stored = messages(kept)
+    assert "secret" not in orjson.dumps(stored).decode() and "1234" not in str(stored)
+    assert stored[1] == {"type": "function_call_output", "call_id": "call_1", "content": None}
+    assert stored[3] == {
+        "type": "function_call",
+        "name": "f",
+        "call_id": "call_1",
+        "content": None,
+    }
+    assert kept.conversation is not None and kept.conversation["title"] is None
