@@ -148,52 +148,32 @@ class ChatExchange(Exchange):
                     {"index": index, "message": message, "finish_reason": finish_reason}
                 )
         usage = answer.usage or {}
-        completion = {
-            "id": self.id,
-            "call_type": self.kind,
-            "response_id": answer.id,
-            "conversation_id": conversation_id,
-            "owner": self.owner,
-            "key_fingerprint": self.key_fingerprint,
-            "end_user": short(self.request.get("user"), columns.NAME),
-            "requested_model": short(self.request.get("model"), columns.NAME),
-            "response_model": short(answer.model, columns.NAME),
-            "params": orjson.dumps(params).decode(),
-            "metadata": json_or_none(self.request.get("metadata")),
-            "request_hash": request_hash,
-            "request_message_count": len(messages),
-            "response_hash": response_hash,
-            "extra_choices": orjson.dumps(extra_choices).decode() if extra_choices else None,
-            "finish_reason": answer.finish_reason,
-            "prompt_tokens": integer(usage.get("prompt_tokens")),
-            "completion_tokens": integer(usage.get("completion_tokens")),
-            "total_tokens": integer(usage.get("total_tokens")),
-            "cached_tokens": integer(dig(usage, "prompt_tokens_details", "cached_tokens")),
-            "reasoning_tokens": integer(
-                dig(usage, "completion_tokens_details", "reasoning_tokens")
-            ),
-            "usage": json_or_none(answer.usage),
-            "status_code": self.status,
-            "error_type": short(self.error_type or answer.error_type, columns.NAME),
-            "error_message": self.error_message or answer.error_message,
-            "client_ip": self.client_ip,
-            "user_agent": short(self.user_agent, columns.USER_AGENT),
-            "stream": self.stream,
-            "started_at": self.started_at,
-            "ttft_ms": answer.ttft_ms if answer.ttft_ms is not None else None,
-            "latency_ms": self.latency_ms,
-            "upstream_created": integer(answer.created),
-            "system_fingerprint": short(answer.system_fingerprint, columns.NAME),
-        }
-        conversation = {
-            "id": conversation_id,
-            "owner": self.owner,
-            "call_type": self.kind,
-            "client_conversation_id": short(self.conversation_header, columns.NAME),
-            "title": _title(messages),
-            "created_at": self.started_at,
-            "updated_at": self.started_at,
-        }
+        completion = self.completion_row(
+            conversation_id,
+            answer.error_type,
+            answer.error_message,
+            response_id=answer.id,
+            response_model=short(answer.model, columns.NAME),
+            params=orjson.dumps(params).decode(),
+            metadata=json_or_none(self.request.get("metadata")),
+            request_hash=request_hash,
+            request_message_count=len(messages),
+            response_hash=response_hash,
+            extra_choices=orjson.dumps(extra_choices).decode() if extra_choices else None,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=integer(usage.get("prompt_tokens")),
+            completion_tokens=integer(usage.get("completion_tokens")),
+            total_tokens=integer(usage.get("total_tokens")),
+            cached_tokens=integer(dig(usage, "prompt_tokens_details", "cached_tokens")),
+            reasoning_tokens=integer(dig(usage, "completion_tokens_details", "reasoning_tokens")),
+            usage=json_or_none(answer.usage),
+            ttft_ms=answer.ttft_ms,
+            upstream_created=integer(answer.created),
+            system_fingerprint=short(answer.system_fingerprint, columns.NAME),
+        )
+        conversation = self.conversation_row(
+            conversation_id, _title(messages), self.conversation_header
+        )
         return RowSet(
             {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
             resent=_resent(messages),

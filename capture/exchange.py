@@ -59,6 +59,50 @@ class Exchange:
     def rows(self) -> RowSet:
         raise NotImplementedError(f"{type(self).__name__} does not say what its rows are")
 
+    def completion_row(
+        self,
+        conversation_id: str,
+        error_type: str | None,
+        error_message: str | None,
+        **answered: Any,
+    ) -> JSON:
+        """The record's row of ``completions``: what every captured call fills alike (who
+        called, from where, when, for how long, how it ended), then ``answered``, what its
+        API's answer says. The request path's own error, if any, wins over the answer's."""
+        return {
+            "id": self.id,
+            "call_type": self.kind,
+            "conversation_id": conversation_id,
+            "owner": self.owner,
+            "key_fingerprint": self.key_fingerprint,
+            "end_user": short(self.request.get("user"), columns.NAME),
+            "requested_model": short(self.request.get("model"), columns.NAME),
+            "status_code": self.status,
+            "error_type": short(self.error_type or error_type, columns.NAME),
+            "error_message": self.error_message or error_message,
+            "client_ip": self.client_ip,
+            "user_agent": short(self.user_agent, columns.USER_AGENT),
+            "stream": self.stream,
+            "started_at": self.started_at,
+            "latency_ms": self.latency_ms,
+            **answered,
+        }
+
+    def conversation_row(
+        self, conversation_id: str, title: str | None, named: str | None = None
+    ) -> JSON:
+        """The row of the conversation this record starts or continues (its totals are the
+        writer's to add)."""
+        return {
+            "id": conversation_id,
+            "owner": self.owner,
+            "call_type": self.kind,
+            "client_conversation_id": short(named, columns.NAME),
+            "title": title,
+            "created_at": self.started_at,
+            "updated_at": self.started_at,
+        }
+
     def journal(self) -> JSON:
         """Everything ``rows()`` needs, as JSON, for the spool (bytes kept as latin-1 text,
         which maps each byte to one character and back)."""
