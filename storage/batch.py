@@ -46,6 +46,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
+from capture.answers import conversation_key
+from capture.chain import link
 from capture.rows import COMPLETIONS, CONVERSATIONS, MESSAGES, Row, RowSet
 from storage.schema import (
     DAILY,
@@ -116,6 +118,8 @@ async def write_batch(
                     await connection.execute(insert(target), unseen)
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
+    if any(r.completion and r.completion.get("response_id") for r in fresh):
+        await adopt_follow_ups(connection, fresh)
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
     return len(new_ids) + sum(map(len, new_others.values()))
 
@@ -174,6 +178,127 @@ async def _join_followed(connection: AsyncConnection, rowsets: Sequence[RowSet])
             )
         joined.append(rowset)
     return joined
+
+
+async def adopt_follow_ups(connection: AsyncConnection, fresh: Sequence[RowSet]) -> None:
+    """Follow-ups of this batch's answers that were written before them (by another
+    replica's writer, running ahead), moved into the answers' conversations.
+
+    Such a follow-up found no answer to join (``_join_followed``), so it went into the
+    conversation its capture named after the answer, ``conversation_key(owner, "previous",
+    id)``, with any follow-ups of its own. That conversation is looked up by its key, one
+    query a batch; found (rarely), its messages move under the answer's last one, as
+    ``RowSet.moved`` moves a record's, its completions follow, and its totals are added."""
+    targets: dict[str, tuple[str, str | None]] = {}
+    for rowset in fresh:
+        completion = rowset.completion
+        if completion is None or not completion.get("response_id"):
+            continue
+        named = conversation_key(completion["owner"], "previous", completion["response_id"])
+        tail = completion["response_hash"] or completion["request_hash"]
+        targets[named] = (completion["conversation_id"], tail)
+    keys = sorted(targets)
+    found: list[str] = []
+    for start in range(0, len(keys), LOOKUP_CHUNK):
+        query = select(conversations.c.id).where(
+            conversations.c.id.in_(keys[start : start + LOOKUP_CHUNK])
+        )
+        found.extend((await connection.execute(query)).scalars())
+    for early in sorted(found):
+        target, tail = targets[early]
+        if target != early:
+            await _adopt(connection, early, target, tail)
+
+
+async def _adopt(connection: AsyncConnection, early: str, target: str, tail: str | None) -> None:
+    """Conversation ``early`` moved into ``target``, its chains hung under ``tail``."""
+    await lock_conversations(connection, [early, target])
+    m, c = messages.c, completions.c
+    rows = [
+        dict(row)
+        for row in (await connection.execute(select(messages).where(m.conversation_id == early)))
+        .mappings()
+        .all()
+    ]
+    renamed = _rehung(rows, tail or "")
+    moved = [
+        {
+            **row,
+            "conversation_id": target,
+            "hash": renamed[row["hash"]],
+            "parent_hash": renamed.get(row["parent_hash"] or "", tail) or None,
+        }
+        for row in rows
+    ]
+    unique = _unique(moved, ("conversation_id", "hash"))
+    gained: Any = conversations.c.message_count
+    if connection.dialect.name == "mysql":  # no RETURNING: counted again below
+        if unique:
+            await connection.execute(insert_ignore(connection, messages), unique)
+    elif unique:
+        added = await _returning(connection, messages, unique, "conversation_id", "hash")
+        gained = conversations.c.message_count + len(added)
+    records = (
+        await connection.execute(
+            select(c.id, c.request_hash, c.response_hash).where(c.conversation_id == early)
+        )
+    ).all()
+    for record in records:
+        await connection.execute(
+            update(completions)
+            .where(c.id == record.id)
+            .values(
+                conversation_id=target,
+                request_hash=renamed.get(record.request_hash or "", record.request_hash),
+                response_hash=renamed.get(record.response_hash or "", record.response_hash),
+            )
+        )
+    await connection.execute(delete(messages).where(m.conversation_id == early))
+    before = (
+        (await connection.execute(select(conversations).where(conversations.c.id == early)))
+        .mappings()
+        .one()
+    )
+    totals = {
+        name: conversations.c[name] + before[name] for name in TOTALS if name != "message_count"
+    }
+    later = case(
+        (conversations.c.updated_at < before["updated_at"], before["updated_at"]),
+        else_=conversations.c.updated_at,
+    )
+    await connection.execute(
+        update(conversations)
+        .where(conversations.c.id == target)
+        .values(
+            **totals,
+            message_count=gained,
+            updated_at=later,
+        )
+    )
+    if connection.dialect.name == "mysql":
+        await connection.execute(_RECOUNT, [{"b_id": target}])
+    await connection.execute(delete(conversations).where(conversations.c.id == early))
+
+
+def _rehung(rows: list[Row], tail: str) -> dict[str, str]:
+    """Each message's new hash, its chain hung under ``tail``: its old hash linked to its
+    new parent's, parents first (a message whose parent is not among ``rows`` is a root)."""
+    children: dict[str, list[Row]] = defaultdict(list)
+    hashes = {row["hash"] for row in rows}
+    roots = []
+    for row in rows:
+        parent = row["parent_hash"]
+        if parent in hashes:
+            children[parent].append(row)
+        else:
+            roots.append(row)
+    renamed: dict[str, str] = {}
+    waiting = [(row, tail) for row in roots]
+    while waiting:
+        row, parent = waiting.pop()
+        renamed[row["hash"]] = link(parent, row["hash"].encode())
+        waiting.extend((child, renamed[row["hash"]]) for child in children[row["hash"]])
+    return renamed
 
 
 async def add_usage(connection: AsyncConnection, counted: Tally) -> None:
