@@ -34,6 +34,11 @@ def _whole(status: int, body: bytes) -> bytes:
     return body
 
 
+def is_done(event: bytes) -> bool:
+    """OpenAI's ``data: [DONE]``: a chat or legacy completion stream's last event."""
+    return event.startswith(b"data: [DONE]")
+
+
 @dataclass(frozen=True, slots=True)
 class Api:
     """One captured API. ``parse`` reads the request (or raises ``InvalidBody``);
@@ -41,13 +46,15 @@ class Api:
     own needs, in which case each batch of a stream's SSE events goes through
     ``client_events`` to take it out again. ``kept_answer`` gives the part of a whole
     answer the record keeps (by its status and body), on the request path: it must be
-    cheap."""
+    cheap. ``last_event`` tells a stream's closing event, which waits until the record is
+    spooled: a client that has the whole answer has it recorded."""
 
     record: type[Exchange]
     parse: Callable[[bytes], JSON]
     upstream_body: Callable[[JSON, bytes], tuple[bytes, bool]] = _unchanged
     client_events: Callable[[list[bytes], bytes], bytes] = _as_sent
     kept_answer: Callable[[int, bytes], bytes] = _whole
+    last_event: Callable[[bytes], bool] = is_done
 
     @property
     def kind(self) -> str:

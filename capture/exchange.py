@@ -174,5 +174,16 @@ class RequestLog:
             "client_ip": self.client_ip,
             "user_agent": short(self.user_agent, columns.USER_AGENT),
             "started_at": self.started_at,
+            "route": route_of(self.path)[: columns.PATH],
         }
         return RowSet({REQUEST_LOGS: [row]})
+
+
+def route_of(path: str) -> str:
+    """A path with its ids as ``{id}``, so that statistics group a route's requests: a
+    segment with a digit in it, 8 characters or more (``resp_68b...``, ``file-abc123``), is
+    an id, not part of the route."""
+    return "/".join(
+        "{id}" if len(part) >= 8 and any(ch.isdigit() for ch in part) else part
+        for part in path.split("/")
+    )

@@ -32,7 +32,7 @@ def message_row(
     split = isinstance(content, str) and "\x00" not in content
     if not split:
         body, text = canonical(message).decode(), content_text(message)
-    elif len(message) == 2 and type(role) is str and role in _ROLE_ONLY:  # most messages
+    elif len(message) == 2 and "role" in message and type(role) is str and role in _ROLE_ONLY:
         body, text = _ROLE_ONLY[role], content
     else:
         rest = dict(message)

@@ -447,4 +447,11 @@ def _title(items: list[Any]) -> str | None:
     return None
 
 
-API = Api(record=ResponsesExchange, parse=parse_request)
+def is_terminal(event: bytes) -> bool:
+    """A Responses stream's last event: the one that carries the whole response."""
+    return event.startswith(_TERMINAL_LINES)
+
+
+_TERMINAL_LINES = tuple(f"event: {kind}\n".encode() for kind in sorted(_TERMINAL))
+
+API = Api(record=ResponsesExchange, parse=parse_request, last_event=is_terminal)

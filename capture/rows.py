@@ -60,6 +60,8 @@ class RowSet:
             for column in ("request_hash", "response_hash"):
                 if row.get(column):
                     row[column] = renamed.get(row[column], row[column])
+            # A request that sent nothing new ends where it was hung: its answer begins there.
+            row["request_hash"] = row.get("request_hash") or parent_hash or None
         return RowSet(tables, resent=0, nul_free=self.nul_free)
 
     def one(self, table: str) -> Row | None:

@@ -580,7 +580,10 @@ async def _export_lines(
     first = True
     if format == "json":
         yield b"["
-    async for row, request, answer in browse.iter_completions(engine, scope, filters):
+    context = format == "fine-tuning"  # a follow-up's example needs what came before it
+    async for row, request, answer in browse.iter_completions(
+        engine, scope, filters, context=context
+    ):
         if format == "fine-tuning":
             example = fine_tuning_example(row, request, answer)
             if example is not None:

@@ -46,7 +46,6 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 _CONSUMED = frozenset({b"host", b"content-length", b"x-conversation-id"})
 _CREDENTIALS = frozenset({b"authorization", b"api-key"})
 _EVENT_STREAM = "text/event-stream"
-_DONE = b"data: [DONE]"
 _STREAM_ERROR = (
     b'data: {"error":{"message":"The upstream connection was lost before the answer was '
     b'complete.","type":"upstream_error","param":null,"code":"upstream_disconnected"}}\n\n'
@@ -181,7 +180,9 @@ class Proxy:
                 events = _EVENT_STREAM in content_type(response)
                 if exchange.stream and is_success(response) and events:
                     events_out = api.client_events if added else None
-                    await self._relay_events(send, response, exchange, started, events_out, finish)
+                    await self._relay_events(
+                        send, response, exchange, started, events_out, api.last_event, finish
+                    )
                 else:
                     await self._relay_whole(send, response, exchange, api, finish)
         except GatewayError as error:
@@ -211,6 +212,7 @@ class Proxy:
         exchange: Exchange,
         started: float,
         client_events: Callable[[list[bytes], bytes], bytes] | None,
+        last_event: Callable[[bytes], bool],
         finish: Callable[[], None],
     ) -> None:
         """Relay a stream event by event; ``client_events``, if given, takes out of each
@@ -224,7 +226,7 @@ class Proxy:
         )
         splitter = EventSplitter()
         chunks = exchange.chunks
-        held = b""  # the closing "data: [DONE]" waits until the record is spooled
+        held = b""  # the closing event ("data: [DONE]", say) waits until the record is spooled
         try:
             async for raw in response.chunks():
                 events = splitter.feed(raw)
@@ -232,7 +234,7 @@ class Proxy:
                     continue
                 whole = events[0] if len(events) == 1 else b"".join(events)
                 chunks.append((_since(started), whole))
-                if events[-1].startswith(_DONE):
+                if last_event(events[-1]):
                     held, events = events[-1], events[:-1]
                     whole = b"".join(events)
                 out = client_events(events, whole) if client_events and events else whole
@@ -243,7 +245,7 @@ class Proxy:
             exchange.cut_short = UPSTREAM_DISCONNECTED
             exchange.error_type = UPSTREAM_DISCONNECTED
             exchange.error_message = f"upstream stream broke: {error}"
-            held = _STREAM_ERROR
+            held = held or _STREAM_ERROR  # the closing event came: the answer is whole
         finish()
         await send({"type": "http.response.body", "body": held, "more_body": False})
 

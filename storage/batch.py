@@ -249,7 +249,8 @@ async def _adopt(connection: AsyncConnection, early: str, target: str, tail: str
             .where(c.id == record.id)
             .values(
                 conversation_id=target,
-                request_hash=renamed.get(record.request_hash or "", record.request_hash),
+                request_hash=renamed.get(record.request_hash or "", record.request_hash)
+                or tail,  # a request that sent nothing new ends where it was hung
                 response_hash=renamed.get(record.response_hash or "", record.response_hash),
             )
         )
@@ -376,7 +377,7 @@ def _without_nul(rowset: RowSet) -> RowSet:
         return {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in row.items()}
 
     tables = {name: [clean(row) for row in rows] for name, rows in rowset.tables.items()}
-    return RowSet(tables, resent=rowset.resent)
+    return RowSet(tables, resent=rowset.resent, follows=rowset.follows)
 
 
 async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> list[Row]:

@@ -229,11 +229,17 @@ def last(chain: list[Any], count: int) -> list[Any]:
 
 
 async def iter_completions(
-    engine: AsyncEngine, scope: Scope, filters: CompletionFilter, page_size: int = 500
+    engine: AsyncEngine,
+    scope: Scope,
+    filters: CompletionFilter,
+    page_size: int = 500,
+    *,
+    context: bool = False,
 ) -> AsyncIterator[tuple[RowMapping, list[Any], Any]]:
     """Every matching completion, oldest first, with its request and answer rebuilt: a page
     at a time, each page read on a connection of its own, so that exporting a million rows
-    holds one page in memory and no transaction open for long."""
+    holds one page in memory and no transaction open for long. With ``context``, the
+    request is its whole chain: for a Responses follow-up, what came before it too."""
     after: RowMapping | None = None
     while True:
         async with engine.connect() as connection:
@@ -242,7 +248,16 @@ async def iter_completions(
             )
             rebuilder = Rebuilder(connection)
             await rebuilder.load(row["conversation_id"] for row in page.rows)
-            items = [(row, rebuilder.request(row), rebuilder.answer(row)) for row in page.rows]
+            items = [
+                (
+                    row,
+                    rebuilder.chain(row["conversation_id"], row["request_hash"])
+                    if context
+                    else rebuilder.request(row),
+                    rebuilder.answer(row),
+                )
+                for row in page.rows
+            ]
         for item in items:
             yield item
         if not page.has_more:

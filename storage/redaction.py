@@ -38,6 +38,8 @@ def without_content(row: Row) -> Row:
     if row.get("content_dropped"):
         return row
     message = stored_message(row)
+    if not isinstance(message, dict):  # a Responses item may be any JSON: none of it kept
+        message = {}
     kept: dict[str, Any] = {k: message[k] for k in _STRUCTURE_KEYS if k in message}
     kept["content"] = None
     calls = message.get("tool_calls")
@@ -99,7 +101,19 @@ def _metadata_only(rowset: RowSet) -> RowSet:
     if rowset.completion is not None:
         rowset.completion["extra_choices"] = None
         params = rowset.completion.get("params")
-        if params and "prediction" in (decoded := orjson.loads(params)):
-            del decoded["prediction"]  # predicted output: the answer's text, in advance
+        if params and _SAID_IN_PARAMS.intersection(decoded := orjson.loads(params)):
+            for name in ("prediction", "instructions", "suffix"):
+                decoded.pop(name, None)
+            prompt = decoded.get("prompt")
+            if isinstance(prompt, dict):  # a template: its id and version stay
+                prompt.pop("variables", None)
+            elif prompt is not None:  # a legacy prompt the record could not take as messages
+                del decoded["prompt"]
             rowset.completion["params"] = orjson.dumps(decoded).decode()
     return rowset
+
+
+# Request fields, beside the messages, that hold what was said: chat's predicted output
+# (the answer's text, in advance), a Responses call's instructions (its system prompt) and
+# the values it fills into a prompt template, a legacy completion's suffix and prompt.
+_SAID_IN_PARAMS = frozenset({"prediction", "instructions", "suffix", "prompt"})

@@ -189,6 +189,7 @@ request_logs = Table(
     Column("client_ip", String(IP), nullable=True),
     Column("user_agent", String(USER_AGENT), nullable=True),
     Column("started_at", Timestamp, nullable=False),
+    Column("route", String(PATH), nullable=True),  # the path, its ids as {id}
     Index("ix_request_logs_owner_started", "owner", "started_at"),
     Index("ix_request_logs_started", "started_at"),
 )

@@ -401,3 +401,36 @@ def test_with_content_off_a_responses_record_keeps_its_shape_and_nothing_said() 
         "content": None,
     }
     assert kept.conversation is not None and kept.conversation["title"] is None
+
+
+def test_with_content_off_no_parameter_keeps_what_was_said() -> None:
+    from storage.redaction import Redactor
+
+    request = {
+        "model": "m",
+        "input": "hi",
+        "instructions": "secret system prompt",
+        "prompt": {"id": "pmpt_1", "version": "2", "variables": {"name": "secret name"}},
+    }
+    rows = record(ResponsesExchange, request, response_body=orjson.dumps(response([SAID]))).rows()
+    kept = Redactor((), capture_content=False).rows(rows)
+    assert kept.completion is not None
+    params = orjson.loads(kept.completion["params"])
+    assert params == {"model": "m", "prompt": {"id": "pmpt_1", "version": "2"}}
+    legacy = record(
+        CompletionsExchange,
+        {"model": "m", "prompt": "secret start", "suffix": "secret end"},
+        response_body=b"{}",
+    ).rows()
+    kept = Redactor((), capture_content=False).rows(legacy)
+    assert kept.completion is not None and "secret" not in kept.completion["params"]
+
+
+def test_with_content_off_items_that_are_not_objects_are_kept_as_nothing() -> None:
+    from storage.redaction import Redactor
+
+    rows = record(
+        ResponsesExchange, {"model": "m", "input": [1, "secret", None]}, response_body=b"{}"
+    ).rows()
+    kept = Redactor((), capture_content=False).rows(rows)
+    assert [orjson.loads(row["body"]) for row in kept.messages] == [{"content": None}] * 3

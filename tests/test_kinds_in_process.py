@@ -5,11 +5,13 @@ statistics covering the routes that are only logged."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import pytest_asyncio
 
@@ -112,3 +114,62 @@ async def test_the_viewers_errors_and_statistics_cover_every_route(site: Site) -
     assert "POST /v1/moderations" in errors and "GET /v1/responses/resp_gone99" in errors
     stats = (await browser.get("/ui/stats")).text
     assert "GET /v1/responses/{id}" in stats and "GET /v1/models" in stats
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "last"),
+    [
+        ("/v1/responses", {"model": "m", "input": "hi", "stream": True}, b"response.completed"),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+            b"[DONE]",
+        ),
+        ("/v1/completions", {"model": "m", "prompt": "hi", "stream": True}, b"[DONE]"),
+    ],
+)
+async def test_a_streams_closing_event_reaches_the_client_after_its_record_is_spooled(
+    site: Site, path: str, body: dict[str, Any], last: bytes
+) -> None:
+    proxy = site.gateway.services.proxy
+    spooled = proxy.capture
+    seen_at_spool: list[bytes] = []
+    received = bytearray()  # what went to the client, at the ASGI boundary
+
+    def capture(record: Any) -> bool:
+        seen_at_spool.append(bytes(received))
+        return spooled(record)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            received.extend(message.get("body", b""))
+
+    sent = orjson.dumps(body)
+    requests = [{"type": "http.request", "body": sent, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays until the answer ends
+        raise AssertionError("unreachable")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [
+            (b"authorization", f"Bearer {site.user[1]}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(sent)).encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+    }
+    proxy.capture = capture
+    try:
+        await proxy(scope, receive, send)
+    finally:
+        proxy.capture = spooled
+    assert len(seen_at_spool) == 1
+    assert last in received and last not in seen_at_spool[0]

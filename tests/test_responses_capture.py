@@ -7,6 +7,7 @@ record called."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,16 @@ async def test_a_codex_loop_chained_by_previous_response_id_is_one_conversation_
             assert [(row["key"], row["requests"]) for row in by_kind] == [("responses", TURNS)]
             tuned = admin.get("/admin/export", params={"format": "fine-tuning"}).text.splitlines()
             assert len(tuned) == TURNS  # every turn maps onto chat messages
+            # A follow-up's example holds the whole loop before it, calls before their outputs.
+            example = json.loads(tuned[-1])["messages"]
+            assert example[:2] == [
+                {"role": "system", "content": "You are a coding agent."},
+                {"role": "user", "content": "list the files"},
+            ]
+            called = set()
+            for message in example:
+                called.update(c["id"] for c in message.get("tool_calls", ()))
+                assert message["role"] != "tool" or message["tool_call_id"] in called
 
 
 async def test_a_stateless_loop_that_resends_its_items_stores_each_once(
