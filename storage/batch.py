@@ -118,8 +118,8 @@ async def write_batch(
                     await connection.execute(insert(target), unseen)
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
-    if any(r.completion and r.completion.get("response_id") for r in fresh):
-        await adopt_follow_ups(connection, fresh)
+    if any(r.completion and r.completion["call_type"] == "responses" for r in fresh):
+        await settle_follow_ups(connection, fresh)
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
     return len(new_ids) + sum(map(len, new_others.values()))
 
@@ -180,34 +180,69 @@ async def _join_followed(connection: AsyncConnection, rowsets: Sequence[RowSet])
     return joined
 
 
-async def adopt_follow_ups(connection: AsyncConnection, fresh: Sequence[RowSet]) -> None:
-    """Follow-ups of this batch's answers that were written before them (by another
-    replica's writer, running ahead), moved into the answers' conversations.
+async def settle_follow_ups(connection: AsyncConnection, fresh: Sequence[RowSet]) -> None:
+    """Follow-ups and the responses they follow brought together, whichever was written
+    first.
 
-    Such a follow-up found no answer to join (``_join_followed``), so it went into the
-    conversation its capture named after the answer, ``conversation_key(owner, "previous",
-    id)``, with any follow-ups of its own. That conversation is looked up by its key, one
-    query a batch; found (rarely), its messages move under the answer's last one, as
-    ``RowSet.moved`` moves a record's, its completions follow, and its totals are added."""
-    targets: dict[str, tuple[str, str | None]] = {}
+    A follow-up that found no response to join (``_join_followed``) went into the
+    conversation its capture named after the response, ``conversation_key(owner,
+    "previous", id)`` (with any follow-ups of its own). So the batch that writes a response
+    looks for that conversation, and the batch that left a follow-up there looks again for
+    its response; found (rarely), the waiting conversation moves under the response's last
+    message (``_adopt``). Two writers doing each at once would not see each other's rows:
+    on PostgreSQL both take a lock on the waiting conversation's key first, held to
+    commit, so the second sees what the first wrote; on MySQL the lookups are locking
+    reads, which wait for a row being written and see it once it is."""
+    responses: dict[str, tuple[str, str | None]] = {}
+    waiting: dict[str, tuple[str, str]] = {}
     for rowset in fresh:
         completion = rowset.completion
-        if completion is None or not completion.get("response_id"):
+        if completion is None or completion["call_type"] != "responses":
             continue
-        named = conversation_key(completion["owner"], "previous", completion["response_id"])
-        tail = completion["response_hash"] or completion["request_hash"]
-        targets[named] = (completion["conversation_id"], tail)
-    keys = sorted(targets)
+        if completion["response_id"]:
+            named = conversation_key(completion["owner"], "previous", completion["response_id"])
+            tail = completion["response_hash"] or completion["request_hash"]
+            responses[named] = (completion["conversation_id"], tail)
+        if rowset.follows:
+            named = conversation_key(completion["owner"], "previous", rowset.follows)
+            if completion["conversation_id"] == named:
+                waiting[named] = (completion["owner"], rowset.follows)
+    if not responses and not waiting:
+        return
+    mysql = connection.dialect.name == "mysql"
+    if connection.dialect.name == "postgresql":
+        locks = sorted({int(key[:15], 16) for key in (*responses, *waiting)})
+        await connection.exec_driver_sql(_KEY_LOCKS, (locks,))
+    keys = sorted(responses)
     found: list[str] = []
     for start in range(0, len(keys), LOOKUP_CHUNK):
         query = select(conversations.c.id).where(
             conversations.c.id.in_(keys[start : start + LOOKUP_CHUNK])
         )
-        found.extend((await connection.execute(query)).scalars())
+        found.extend(
+            (await connection.execute(query.with_for_update() if mysql else query)).scalars()
+        )
     for early in sorted(found):
-        target, tail = targets[early]
+        target, tail = responses[early]
         if target != early:
             await _adopt(connection, early, target, tail)
+    c = completions.c
+    for early, (owner, answer) in sorted(waiting.items()):
+        query = (
+            select(c.conversation_id, c.request_hash, c.response_hash)
+            .where(c.response_id == answer, c.owner == owner, c.call_type == "responses")
+            .limit(1)
+        )
+        stored = (
+            await connection.execute(query.with_for_update(read=True) if mysql else query)
+        ).first()
+        if stored is not None and stored.conversation_id != early:
+            tail = stored.response_hash or stored.request_hash
+            await _adopt(connection, early, stored.conversation_id, tail)
+
+
+# PostgreSQL: locks on waiting conversations' keys (their first 60 bits), in order, to commit.
+_KEY_LOCKS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
 
 
 async def _adopt(connection: AsyncConnection, early: str, target: str, tail: str | None) -> None:

@@ -5,10 +5,12 @@ backend."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import func, select
 
 from capture.responses import ResponsesExchange
@@ -123,3 +125,47 @@ async def test_follow_ups_written_in_order_make_the_same_conversation(history_ds
     assert in_order["thread"] == [item for _, _, items, output in TURNS for item in items + output]
     assert in_order["messages"] == 7
     assert in_order["totals"][0][1:] == (3, 7, 45)
+
+
+async def _lock_waits(engine: Any) -> int:
+    """How many transactions wait for a lock (PostgreSQL and MySQL; SQLite: none)."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        return 1  # a second writer waits for the database's one write lock
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        if dialect == "postgresql"
+        else "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+    )
+    async with engine.connect() as connection:
+        return int((await connection.exec_driver_sql(query)).scalar() or 0)
+
+
+@pytest.mark.parametrize("first", ["follow-up", "response"])
+async def test_a_follow_up_and_its_response_written_at_once_meet(
+    history_dsn: str, first: str
+) -> None:
+    """Two writers, one with the follow-up, one with the response, in transactions that
+    overlap: whichever commits first, the second sees it and moves the follow-up."""
+    engine = create_engine(await ensure_database(history_dsn), pool_size=3)
+    try:
+        await migrate(engine, "history")
+        batches = {"follow-up": [turn(1).rows()], "response": [turn(0).rows()]}
+        second = "response" if first == "follow-up" else "follow-up"
+        async with engine.connect() as one, engine.connect() as two:
+            await one.begin()
+            await write_batch(one, batches[first])
+            await two.begin()
+            waiting = asyncio.get_running_loop().create_task(write_batch(two, batches[second]))
+            while not waiting.done() and await _lock_waits(engine) == 0:
+                await asyncio.sleep(0.01)  # until the second writer waits for the first
+            await one.commit()
+            await waiting
+            await two.commit()
+        async with engine.connect() as connection:
+            rows = (await connection.execute(select(completions))).mappings().all()
+            kept = (await connection.execute(select(conversations))).mappings().all()
+        assert len({row["conversation_id"] for row in rows}) == 1
+        assert [(c["completion_count"], c["message_count"]) for c in kept] == [(2, 5)]
+    finally:
+        await engine.dispose()
