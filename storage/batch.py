@@ -118,7 +118,7 @@ async def write_batch(
                     await connection.execute(insert(target), unseen)
         if totals:
             await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
-    if any(r.completion and r.completion["call_type"] == "responses" for r in fresh):
+    if any(r.completion and r.completion.get("call_type") == "responses" for r in fresh):
         await settle_follow_ups(connection, fresh)
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
     return len(new_ids) + sum(map(len, new_others.values()))
@@ -197,7 +197,7 @@ async def settle_follow_ups(connection: AsyncConnection, fresh: Sequence[RowSet]
     waiting: dict[str, tuple[str, str]] = {}
     for rowset in fresh:
         completion = rowset.completion
-        if completion is None or completion["call_type"] != "responses":
+        if completion is None or completion.get("call_type") != "responses":
             continue
         if completion["response_id"]:
             named = conversation_key(completion["owner"], "previous", completion["response_id"])
