@@ -386,14 +386,19 @@ async def get_conversation(conversation_id: str, request: Request, actor: Actor)
             descending=False,
         )
     by_id = {item["id"]: item for item in tree}
+    # Chat: the latest completion's request and answer, which hold all before them. The
+    # Responses API: every turn's, in order, each item once (a turn in a conversation the
+    # client names sends only what is new, hung under nothing before it).
+    turns = page.rows if row["call_type"] == "responses" else page.rows[-1:]
+    shown: set[str] = set()
     thread: list[Any] = []
-    if page.rows:
-        latest = page.rows[-1]
-        tail = latest["response_hash"] or latest["request_hash"]
-        while tail in by_id:
-            thread.append(by_id[tail]["message"])
+    for turn in turns:
+        walked, tail = [], turn["response_hash"] or turn["request_hash"]
+        while tail in by_id and tail not in shown:
+            walked.append(tail)
             tail = by_id[tail]["parent_id"]
-        thread.reverse()
+        shown.update(walked)
+        thread.extend(by_id[key]["message"] for key in reversed(walked))
     return {
         **_conversation(row),
         "messages": tree,

@@ -202,8 +202,9 @@ class ConversationDetail(Conversation):
     messages: list[TreeMessage] = Field(description="Every message of the tree, oldest first.")
     completions: list[Completion]
     thread: list[Any] = Field(
-        description="The latest completion's request and answer: the conversation as it "
-        "stands, in OpenAI's message format."
+        description="The conversation as it stands, in OpenAI's format: for chat, the "
+        "latest completion's request and answer; for the Responses API, every turn's items "
+        "in order, each once."
     )
 
 

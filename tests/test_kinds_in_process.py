@@ -173,3 +173,24 @@ async def test_a_streams_closing_event_reaches_the_client_after_its_record_is_sp
         proxy.capture = spooled
     assert len(seen_at_spool) == 1
     assert last in received and last not in seen_at_spool[0]
+
+
+async def test_a_conversation_the_client_names_reads_as_one_thread(site: Site) -> None:
+    running = site.gateway
+    before = running.services.writer.counters()["records_written"]
+    sent: list[Any] = []
+    async with running.as_user(site.user[1]) as client:
+        for question in ("first question", "second question", "third question"):
+            item = {"role": "user", "content": question}
+            answer = await client.post(
+                "/v1/responses",
+                json={"model": "m", "input": [item], "conversation": "conv_trip"},
+            )
+            sent += [item, *answer.json()["output"]]
+    await running.written(before + 3)
+    admin = running.client
+    listed = await admin.get(f"/admin/users/{site.user[0]}/conversations", headers=ADMIN)
+    named = [c for c in listed.json()["data"] if c["client_conversation_id"] == "conv_trip"]
+    assert len(named) == 1 and named[0]["completion_count"] == 3
+    detail = await admin.get(f"/admin/conversations/{named[0]['id']}", headers=ADMIN)
+    assert detail.json()["thread"] == sent
