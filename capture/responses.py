@@ -138,7 +138,7 @@ class ResponsesExchange(Exchange):
             {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
             resent=_resent(items),
             nul_free=self.nul_free,
-            follows=previous if previous and self.conversation_header is None else None,
+            follows=previous if previous and self._named_conversation() is None else None,
         )
 
     def _named_conversation(self) -> str | None:
