@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from capture import columns
-from capture.rows import REQUEST_LOGS, RowSet, short
+from capture.rows import REQUEST_LOGS, RowSet, json_or_none, short
 
 JSON = dict[str, Any]
 
@@ -53,6 +53,8 @@ class Exchange:
     error_type: str | None = None
     error_message: str | None = None
     cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
+    upstream: str | None = None  # the name of the upstream that answered (or was tried last)
+    attempts: list[JSON] = field(default_factory=list)  # {upstream, status or error, ms}
     # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
     nul_free: bool = field(default=False, compare=False)
 
@@ -85,6 +87,8 @@ class Exchange:
             "stream": self.stream,
             "started_at": self.started_at,
             "latency_ms": self.latency_ms,
+            "upstream": short(self.upstream, columns.NAME),
+            "attempts": json_or_none(self.attempts or None),
             **answered,
         }
 
@@ -145,6 +149,8 @@ class RequestLog:
     latency_ms: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    upstream: str | None = None
+    attempts: list[JSON] = field(default_factory=list)
 
     def journal(self) -> JSON:
         return {
@@ -175,6 +181,8 @@ class RequestLog:
             "user_agent": short(self.user_agent, columns.USER_AGENT),
             "started_at": self.started_at,
             "route": route_of(self.path)[: columns.PATH],
+            "upstream": short(self.upstream, columns.NAME),
+            "attempts": json_or_none(self.attempts or None),
         }
         return RowSet({REQUEST_LOGS: [row]})
 

@@ -18,6 +18,10 @@ It answers ``/v1/chat/completions``, ``/v1/responses`` (and ``GET``, ``DELETE``,
 ``/v1/embeddings``, the legacy ``/v1/completions`` and ``/v1/models``; streamed or not where
 OpenAI streams.
 
+An upstream started with ``behaviour`` (``--behave X-Fake-Status=503``) acts on those headers
+for every request that does not send its own: one fake of several that fails, stalls or
+breaks whatever the client asked. ``models`` sets what ``GET /v1/models`` lists.
+
 ``GET /_fake/requests`` lists what it received (``DELETE`` clears it); ``GET /_fake/stats``
 counts streams started, completed and abandoned by their client.
 """
@@ -54,7 +58,16 @@ class ConnectionReset(Exception):
 
 
 class FakeUpstream:
-    def __init__(self, history: int = 5000) -> None:
+    def __init__(
+        self,
+        history: int = 5000,
+        behaviour: dict[str, str] | None = None,
+        models: list[str] | None = None,
+    ) -> None:
+        self.behaviour = {
+            name.lower().encode(): value.encode() for name, value in (behaviour or {}).items()
+        }
+        self.models = models
         self.received: deque[tuple[str, str, list[tuple[bytes, bytes]], bytes]] = deque(
             maxlen=history
         )
@@ -73,7 +86,10 @@ class FakeUpstream:
             await self._introspect(method, path, send)
             return
         self.received.append((method, path, scope["headers"], body))
-        headers = {k.lower(): v for k, v in scope["headers"] if k.lower().startswith(b"x-fake-")}
+        headers = {
+            **self.behaviour,
+            **{k.lower(): v for k, v in scope["headers"] if k.lower().startswith(b"x-fake-")},
+        }
         await _pause(headers.get(b"x-fake-hang"), cap=120.0)
         await _pause(headers.get(b"x-fake-first-byte-delay"), cap=60.0)
         if b"x-fake-status" in headers:
@@ -95,7 +111,7 @@ class FakeUpstream:
         query: bytes = b"",
     ) -> None:
         if method == "GET" and path == "/v1/models":
-            await _send(send, 200, responses.models())
+            await _send(send, 200, responses.models(self.models))
             return
         if method == "GET" and path.startswith("/v1/models/"):
             await _send(send, 200, responses.model(path.removeprefix("/v1/models/")))
@@ -236,8 +252,10 @@ class FakeUpstream:
             )
 
 
-def create_app() -> FakeUpstream:
-    return FakeUpstream()
+def create_app(
+    behaviour: dict[str, str] | None = None, models: list[str] | None = None
+) -> FakeUpstream:
+    return FakeUpstream(behaviour=behaviour, models=models)
 
 
 def _chunks(headers: dict[bytes, bytes]) -> int:

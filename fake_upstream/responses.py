@@ -295,8 +295,8 @@ def missing(name: str) -> bytes:
     )
 
 
-def models() -> bytes:
-    names = ["gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small"]
+def models(names: list[str] | None = None) -> bytes:
+    names = names or ["gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small"]
     return orjson.dumps(
         {
             "object": "list",

@@ -48,11 +48,17 @@ def _wait_until_listening(port: int, timeout: float = 20.0) -> None:
 
 
 @contextmanager
-def serve(host: str = "127.0.0.1", port: int = 0) -> Iterator[Served]:
-    """The fake upstream under uvicorn in a background thread."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    behaviour: dict[str, str] | None = None,
+    models: list[str] | None = None,
+) -> Iterator[Served]:
+    """The fake upstream under uvicorn in a background thread (``behaviour`` and ``models``:
+    see ``fake_upstream.app``)."""
     port = port or free_port()
     config = uvicorn.Config(
-        create_app(),
+        create_app(behaviour, models),
         host=host,
         port=port,
         loop="uvloop",

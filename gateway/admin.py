@@ -193,6 +193,7 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 def _completion(row: RowMapping) -> dict[str, Any]:
     record = {**_plain(row), "user_id": row["owner"], "params": stored_json(row["params"])}
     record["metadata"] = stored_json(row["metadata"])
+    record["attempts"] = stored_json(row["attempts"])
     return record
 
 
@@ -213,6 +214,7 @@ def _filters(
     errors_only: bool,
     tool: str | None,
     call_type: str | None = None,
+    upstream: str | None = None,
 ) -> CompletionFilter:
     return CompletionFilter(
         model=model,
@@ -222,6 +224,7 @@ def _filters(
         errors_only=errors_only,
         tool=tool,
         call_type=call_type,
+        upstream=upstream,
     )
 
 
@@ -232,6 +235,9 @@ Status = Annotated[int | None, Query(ge=100, le=599, description="HTTP status.")
 ErrorsOnly = Annotated[bool, Query(description="Only completions with status >= 400.")]
 Tool = Annotated[str | None, Query(description="Only answers that called this tool.")]
 Order = Annotated[Literal["asc", "desc"], Query()]
+UpstreamQuery = Annotated[
+    str | None, Query(max_length=255, description="Only records this upstream answered.")
+]
 CallTypeQuery = Annotated[
     m.CallType | None,
     Query(description="Only records of this API; conversations of embeddings only so."),
@@ -250,11 +256,12 @@ class HistoryQuery:
         errors_only: ErrorsOnly = False,
         tool: Tool = None,
         call_type: CallTypeQuery = None,
+        upstream: UpstreamQuery = None,
         limit: Limit = 50,
         after: str | None = None,
         order: Order = "desc",
     ) -> None:
-        self.filters = _filters(model, since, until, status, errors_only, tool, call_type)
+        self.filters = _filters(model, since, until, status, errors_only, tool, call_type, upstream)
         self.limit, self.after, self.descending = limit, after, order == "desc"
 
 
@@ -343,7 +350,13 @@ async def list_request_logs(
         page = await browse.list_request_logs(
             connection, scope, filters, limit=limit, after=cursor, descending=order == "desc"
         )
-    return _page([{**_plain(r), "user_id": r["owner"]} for r in page.rows], page.has_more)
+    return _page(
+        [
+            {**_plain(r), "user_id": r["owner"], "attempts": stored_json(r["attempts"])}
+            for r in page.rows
+        ],
+        page.has_more,
+    )
 
 
 @router.delete("/users/{user_id}/history", response_model=m.Deleted)
@@ -514,13 +527,13 @@ async def search_messages(
 async def usage_stats(
     request: Request,
     actor: Actor,
-    by: Literal["user", "model", "day", "call_type"] = "day",
+    by: Literal["user", "model", "day", "call_type", "upstream"] = "day",
     user_id: str | None = None,
     since: Since = None,
     until: Until = None,
 ) -> dict[str, Any]:
-    """Requests, errors, tokens and latency percentiles per user, model, day (UTC) or
-    call type (chat, responses, embeddings, completions)."""
+    """Requests, errors, tokens and latency percentiles per user, model, day (UTC), call
+    type (chat, responses, embeddings, completions) or upstream (the one that answered)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
     async with _history(request).connect() as connection:
         rows = await stats.usage_stats(connection, scope, by, _utc(since), _utc(until))
@@ -546,13 +559,18 @@ async def export(
     since: Since = None,
     until: Until = None,
     call_type: CallTypeQuery = None,
+    upstream: UpstreamQuery = None,
 ) -> StreamingResponse:
     """Completions with their requests and answers, oldest first, streamed: ``json`` (an
     array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
     fine-tuning format, a line per answered completion)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
     filters = CompletionFilter(
-        model=model, since=_utc(since), until=_utc(until), call_type=call_type
+        model=model,
+        since=_utc(since),
+        until=_utc(until),
+        call_type=call_type,
+        upstream=upstream,
     )
     return await export_response(request, actor, scope, format, filters)
 

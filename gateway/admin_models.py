@@ -91,6 +91,15 @@ class IssuedKey(Key):
 CallType = Literal["chat", "responses", "embeddings", "completions"]
 
 
+class Attempt(BaseModel):
+    """One try at an upstream: its answer's status, or the error that stopped it."""
+
+    upstream: str
+    status: int | None = None
+    error: str | None = Field(default=None, description="upstream_unreachable or upstream_timeout.")
+    ms: float = Field(description="Milliseconds until the answer's head, or the error.")
+
+
 class Completion(BaseModel):
     """A captured call (a chat completion, a Responses call, embeddings, a legacy
     completion), as the gateway recorded it."""
@@ -124,6 +133,12 @@ class Completion(BaseModel):
     started_at: Timestamp
     ttft_ms: float | None
     latency_ms: float | None
+    upstream: str | None = Field(
+        description="The upstream that answered, as UPSTREAMS names it (default: the one)."
+    )
+    attempts: list[Attempt] | None = Field(
+        description="Every upstream tried, in order: the last one answered."
+    )
 
 
 class CompletionDetail(Completion):
@@ -153,6 +168,8 @@ class RequestLog(BaseModel):
     client_ip: str | None
     user_agent: str | None
     started_at: Timestamp
+    upstream: str | None
+    attempts: list[Attempt] | None
 
 
 class Conversation(BaseModel):
@@ -239,7 +256,7 @@ class StatsRow(BaseModel):
 
 
 class Stats(BaseModel):
-    by: Literal["user", "model", "day", "call_type"]
+    by: Literal["user", "model", "day", "call_type", "upstream"]
     since: Timestamp | None
     until: Timestamp | None
     data: list[StatsRow]

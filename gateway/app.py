@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, NotFound, json_error
 from gateway.services import Services, running, services
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
-from gateway.upstream import Upstream
+from gateway.upstream import Transport
 from storage.database import ping
 
 
@@ -134,14 +134,14 @@ class OnFirstUse:
         await self._app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, upstream: Upstream | None = None) -> Gateway:
+def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Gateway:
     """The gateway, configured by ``settings`` (read from the environment when not given);
-    ``upstream`` stands in for the one the settings name (a test's fake)."""
+    ``transport`` carries its requests upstream instead of its own pool (a test's fake)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        async with running(settings, upstream) as started:
+        async with running(settings, transport) as started:
             yield {"services": started}
 
     return Gateway(

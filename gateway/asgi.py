@@ -74,8 +74,9 @@ async def send_json(send: Send, status: int, body: bytes, headers: Headers | Non
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
-    await send_json(send, error.status, error.body())
+async def send_error(send: Send, error: GatewayError, anthropic: bool = False) -> None:
+    """The gateway's own error, in OpenAI's shape, or Anthropic's on its route."""
+    await send_json(send, error.status, error.anthropic_body() if anthropic else error.body())
 
 
 def connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:

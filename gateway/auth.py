@@ -36,7 +36,9 @@ class Caller:
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:
-    """The key in ``Authorization: Bearer ...`` or, as Azure clients send it, ``api-key``."""
+    """The key in ``Authorization: Bearer ...`` or else ``api_key``: the ``api-key`` header
+    Azure clients send, or the ``x-api-key`` of Anthropic's (the same key either way is the
+    same caller)."""
     if authorization:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
@@ -76,7 +78,8 @@ class Authenticator:
         if key is None:
             if self._managed:
                 raise InvalidGatewayKey(
-                    "Missing gateway key: send it as 'Authorization: Bearer <key>'."
+                    "Missing gateway key: send it as 'Authorization: Bearer <key>' "
+                    "(or 'x-api-key: <key>')."
                 )
             return Caller(ANONYMOUS, None)
         return await self.caller_of(fingerprint(key))

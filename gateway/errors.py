@@ -12,10 +12,14 @@ upstream sent it. These are for what goes wrong before or instead of an upstream
     ├── InvalidGatewayKey    401  managed mode, and the key is missing or not a gateway key
     ├── Forbidden            403  an admin route without GATEWAY_ADMIN_KEY
     ├── NotFound             404  a route the gateway does not serve, or history not the caller's
+    │   └── ModelNotFound    404  no upstream's UPSTREAM_<NAME>_MODELS matches the model
     ├── MethodNotAllowed     405  a route the gateway serves, with another method
     ├── KeyStoreUnavailable  503  managed mode, an unknown key, and the main database is down
     ├── UpstreamUnreachable  502  the upstream refused or dropped the connection
     └── UpstreamTimeout      504  the upstream did not answer within UPSTREAM_TIMEOUT
+
+On Anthropic's route (``/v1/messages``) the same errors take Anthropic's shape
+(``anthropic_body``), so that its SDKs raise the error they would raise there.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ class GatewayError(Exception):
             }
         )
 
+    def anthropic_body(self) -> bytes:
+        """The error as Anthropic's API words it: its type says what the status says."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
 
 class InvalidRequest(GatewayError):
     status = 400
@@ -72,6 +92,10 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class MethodNotAllowed(GatewayError):

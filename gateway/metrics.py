@@ -17,6 +17,7 @@ _HELP = {
     "records_dropped": "Records not accepted because the spool was full (should stay 0).",
     "write_retries": "Batch writes retried because the database was unavailable.",
     "upstream_errors": "Requests the upstream could not answer (unreachable, timeout, reset).",
+    "upstream_failovers": "Tries moved to a fallback upstream (unreachable, timeout, 429, 5xx).",
     "client_disconnects": "Streams the client left before the end.",
     "retention_completions_deleted": "Completions removed by MES_RETENTION_DAYS.",
     "retention_request_logs_deleted": "Request logs removed by MES_RETENTION_DAYS.",

@@ -9,10 +9,14 @@ Everything else about capture happens after the bytes are sent, or later in the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 from capture.api import Api, InvalidBody
 from capture.exchange import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
@@ -34,8 +38,15 @@ from gateway.asgi import (
 )
 from gateway.auth import Authenticator, Caller
 from gateway.client_ip import client_ip
-from gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from gateway.metrics import Metrics
+from gateway.routing import ANTHROPIC, OPENAI, Router, format_of
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamBroke, UpstreamResponse, content_type, is_success
 
@@ -44,7 +55,10 @@ log = logging.getLogger("mes.proxy")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 # Headers the gateway reads itself and never sends on.
 _CONSUMED = frozenset({b"host", b"content-length", b"x-conversation-id"})
-_CREDENTIALS = frozenset({b"authorization", b"api-key"})
+_CREDENTIALS = frozenset({b"authorization", b"api-key", b"x-api-key"})
+# What makes the gateway try the next upstream: too many requests, or the upstream failing.
+_RETRIED = frozenset({429, 500, 502, 503, 504})
+MODEL_LIST_SECONDS = 5.0  # how long the merged GET /v1/models is kept
 _EVENT_STREAM = "text/event-stream"
 _STREAM_ERROR = (
     b'data: {"error":{"message":"The upstream connection was lost before the answer was '
@@ -56,24 +70,26 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        upstream: Upstream,
+        router: Router,
         authenticator: Authenticator,
         capture: Callable[[Record], bool],
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.upstream = upstream
+        self.router = router
         self.authenticator = authenticator
         self.capture = capture
         self.metrics = metrics
-        self._upstream_auth = upstream.credentials
-        self._send = upstream.transport.send  # one call less a request than upstream.send
+        self._managed = settings.managed_mode
+        self._model_lists: dict[str | None, tuple[float, bytes]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
+        path: str = scope["path"]
         try:
             caller = await self.authenticator.identify(
-                header(headers, b"authorization"), header(headers, b"api-key")
+                header(headers, b"authorization"),
+                header(headers, b"api-key") or header(headers, b"x-api-key"),
             )
             length = header(headers, b"content-length")
             body = await read_body(
@@ -81,27 +97,87 @@ class Proxy:
                 self.settings.max_body_bytes,
                 int(length) if length and length.isdigit() else None,
             )
-            api = captured(scope["method"], scope["path"])
+            api = captured(scope["method"], path)
             if api is not None:
                 request = _parse(api, body)
+                chain = self._chain(path, request.get("model"))
+            elif self.router.single:
+                chain = self.router.upstreams
+            elif scope["method"] == "GET" and path == "/v1/models":
+                chain = ()  # the gateway answers: the lists of every upstream, merged
+            else:
+                chain = self._chain(path, _model_of(path, headers, body))
         except GatewayError as error:
             self.metrics.inc("requests_rejected")
-            await send_error(send, error)
+            await send_error(send, error, anthropic=path.startswith("/v1/messages"))
             return
         except ClientGone:
             return
         if api is not None:
-            await self._captured(scope, receive, send, caller, api, body, request)
+            await self._captured(scope, receive, send, caller, api, body, request, chain)
         else:
-            await self._relay(scope, receive, send, caller, body)
+            await self._relay(scope, receive, send, caller, body, chain)
 
-    def _upstream_url(self, scope: Scope) -> str:
+    def _chain(self, path: str, model: object) -> tuple[Upstream, ...]:
+        """The upstreams to try for a request to ``path`` for ``model``, in order."""
+        name = model if isinstance(model, str) else None
+        chain = self.router.chain(format_of(path), name)
+        if not chain:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or is not served by this gateway."
+                if name is not None
+                else f"No upstream of this gateway serves {path}.",
+                param="model",
+            )
+        return chain
+
+    async def _open(
+        self,
+        method: str,
+        scope: Scope,
+        read: bool,
+        body: bytes,
+        chain: tuple[Upstream, ...],
+        record: Exchange | RequestLog,
+    ) -> UpstreamResponse:
+        """The answer of the first upstream of ``chain`` that gives one, trying the next
+        while one cannot be reached, does not answer in time, or answers 429 or 5xx (the
+        last one's answer, whatever it is, goes to the client). Each try is noted in the
+        record's ``attempts``; nothing has gone to the client yet."""
         path: bytes = scope.get("raw_path") or scope["path"].encode()
-        return self.upstream.url(path, scope.get("query_string", b""))
+        query: bytes = scope.get("query_string", b"")
+        last = len(chain) - 1
+        for index, upstream in enumerate(chain):
+            began = time.perf_counter()
+            record.upstream = upstream.name
+            try:
+                response = await upstream.transport.send(
+                    method,
+                    upstream.url(path, query),
+                    self._upstream_headers(scope["headers"], read, upstream),
+                    body,
+                )
+            except (UpstreamUnreachable, UpstreamTimeout) as error:
+                self.metrics.inc("upstream_errors")
+                record.attempts.append(
+                    {"upstream": upstream.name, "error": error.code, "ms": _rounded(began)}
+                )
+                if index == last:
+                    raise
+                self.metrics.inc("upstream_failovers")
+                continue
+            record.attempts.append(
+                {"upstream": upstream.name, "status": response.status, "ms": _rounded(began)}
+            )
+            if index == last or response.status not in _RETRIED:
+                return response
+            response.close()
+            self.metrics.inc("upstream_failovers")
+        raise AssertionError("a chain has at least one upstream")
 
-    def _upstream_headers(self, headers: Headers, read: bool) -> Headers:
+    def _upstream_headers(self, headers: Headers, read: bool, upstream: Upstream) -> Headers:
         dropped = HOP_BY_HOP | _CONSUMED | connection_listed(headers)
-        if self._upstream_auth is not None:
+        if self._managed:  # the client's key is the gateway's: it never goes upstream
             dropped |= _CREDENTIALS
         forwarded = [
             (name, value)
@@ -110,8 +186,9 @@ class Proxy:
         ]
         if read:  # the gateway reads the answer, so it asks for it uncompressed
             forwarded.append((b"accept-encoding", b"identity"))
-        if self._upstream_auth is not None:
-            forwarded.append(self._upstream_auth)
+        credentials = upstream.credentials
+        if credentials is not None:
+            forwarded.append(credentials)
         return forwarded
 
     def _exchange(
@@ -146,11 +223,11 @@ class Proxy:
         api: Api,
         body: bytes,
         request: dict[str, object],
+        chain: tuple[Upstream, ...],
     ) -> None:
         exchange = self._exchange(scope, caller, api, request)
         upstream_body, added = api.upstream_body(request, body)
-        url = self._upstream_url(scope)
-        upstream_headers = self._upstream_headers(scope["headers"], read=True)
+        anthropic = chain[0].format == ANTHROPIC
         started = time.perf_counter()
         response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
@@ -174,7 +251,7 @@ class Proxy:
 
         try:
             async with watch:
-                response = await self._send_upstream("POST", url, upstream_headers, upstream_body)
+                response = await self._open("POST", scope, True, upstream_body, chain, exchange)
                 exchange.status = response.status
                 exchange.first_byte_ms = _since(started)
                 events = _EVENT_STREAM in content_type(response)
@@ -190,20 +267,11 @@ class Proxy:
             exchange.error_type = error.code
             exchange.error_message = error.message
             finish()
-            await send_error(send, error)
+            await send_error(send, error, anthropic)
         finally:
             if response is not None:
                 response.close()
             finish()
-
-    async def _send_upstream(
-        self, method: str, url: str, headers: Headers, body: bytes
-    ) -> UpstreamResponse:
-        try:
-            return await self._send(method, url, headers, body)
-        except GatewayError:
-            self.metrics.inc("upstream_errors")
-            raise
 
     async def _relay_events(
         self,
@@ -277,7 +345,13 @@ class Proxy:
         await send({"type": "http.response.body", "body": body})
 
     async def _relay(
-        self, scope: Scope, receive: Receive, send: Send, caller: Caller, body: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        caller: Caller,
+        body: bytes,
+        chain: tuple[Upstream, ...],
     ) -> None:
         log_row = RequestLog(
             owner=caller.owner,
@@ -289,14 +363,15 @@ class Proxy:
             started_at=datetime.now(UTC).replace(tzinfo=None),
             bytes_in=len(body),
         )
-        url = self._upstream_url(scope)
-        upstream_headers = self._upstream_headers(scope["headers"], read=False)
         started = time.perf_counter()
         response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)
         try:
             async with watch:
-                response = await self._send_upstream(scope["method"], url, upstream_headers, body)
+                if not chain:
+                    await self._merged_models(scope, send, caller, log_row)
+                    return
+                response = await self._open(scope["method"], scope, False, body, chain, log_row)
                 log_row.status = response.status
                 await send(
                     {
@@ -316,7 +391,7 @@ class Proxy:
         except GatewayError as error:
             log_row.status = error.status
             log_row.error_type = error.code
-            await send_error(send, error)
+            await send_error(send, error, format_of(scope["path"]) == ANTHROPIC)
         finally:
             if response is not None:
                 response.close()
@@ -326,6 +401,85 @@ class Proxy:
             log_row.latency_ms = _since(started)
             self.metrics.inc("requests")
             self.capture(log_row)
+
+    async def _merged_models(
+        self, scope: Scope, send: Send, caller: Caller, log_row: RequestLog
+    ) -> None:
+        """``GET /v1/models`` across the OpenAI-format upstreams: their lists merged (the
+        first to list a model wins), kept a few seconds per caller. An upstream that does
+        not answer is left out, and logged; with none answering, the client gets a 502."""
+        key = caller.key_fingerprint
+        kept = self._model_lists.get(key)
+        if kept is None or kept[0] < time.monotonic():
+            upstreams = self.router.of_format(OPENAI)
+            lists = await asyncio.gather(*(self._models_of(u, scope) for u in upstreams))
+            if all(found is None for found in lists):
+                raise UpstreamUnreachable("No upstream answered with its list of models.")
+            merged: list[Any] = []
+            seen: set[object] = set()
+            for found in lists:
+                for model in found or ():
+                    if isinstance(model, dict) and model.get("id") not in seen:
+                        seen.add(model.get("id"))
+                        merged.append(model)
+            if len(self._model_lists) >= 1024:
+                self._model_lists.clear()
+            kept = (
+                time.monotonic() + MODEL_LIST_SECONDS,
+                orjson.dumps({"object": "list", "data": merged}),
+            )
+            self._model_lists[key] = kept
+        body = kept[1]
+        log_row.status, log_row.bytes_out = 200, len(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _models_of(self, upstream: Upstream, scope: Scope) -> list[Any] | None:
+        """One upstream's models, or None (logged) if it does not give them."""
+        headers = self._upstream_headers(scope["headers"], True, upstream)
+        try:
+            response = await upstream.transport.send(
+                "GET", upstream.url(b"/v1/models", b""), headers, b""
+            )
+            try:
+                body = b"".join([raw async for raw in response.chunks()])
+            finally:
+                response.close()
+            found = orjson.loads(body).get("data") if is_success(response) else None
+            if not isinstance(found, list):
+                raise ValueError(f"status {response.status}, no list of models")
+            return found
+        except (GatewayError, UpstreamBroke, ValueError, AttributeError) as error:
+            log.warning("GET /v1/models: upstream %s left out (%s)", upstream.name, error)
+            return None
+
+
+def _model_of(path: str, headers: Headers, body: bytes) -> str | None:
+    """The model a request the gateway does not capture is for, to route it: ``model`` in
+    a JSON body (``/v1/messages/count_tokens``), or the id in ``/v1/models/{id}``."""
+    if path.startswith("/v1/models/"):
+        return path.removeprefix("/v1/models/")
+    if not body or "json" not in (header(headers, b"content-type") or ""):
+        return None
+    try:
+        found = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = found.get("model") if isinstance(found, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _rounded(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000.0, 3)
 
 
 def _parse(api: Api, body: bytes) -> dict[str, object]:

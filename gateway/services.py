@@ -1,6 +1,6 @@
 """The gateway's long-lived objects, made once in the lifespan and handed to every request as
 one typed ``Services``: the database engines, the history writer and its spool, the
-upstream, the proxy, the stored-completions API, maintenance, metrics. Endpoints reach them
+upstreams, the proxy, the stored-completions API, maintenance, metrics. Endpoints reach them
 with ``services(request)``; nothing is read back by name.
 """
 
@@ -23,10 +23,11 @@ from gateway.auth import Authenticator
 from gateway.maintenance import Maintenance
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
+from gateway.routing import Router
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
-from gateway.upstream import Upstream
+from gateway.upstream import Transport, Upstream
 from gateway.upstream_pool import UpstreamPool
 from storage import accounts
 from storage.accounts import KeyGrant
@@ -51,7 +52,7 @@ class Services:
     metrics: Metrics
     writer: WriterProcess
     maintenance: Maintenance
-    upstream: Upstream
+    router: Router
     proxy: Proxy
     stored: StoredCompletions
     ui_sessions: Sessions
@@ -70,15 +71,30 @@ def services(connection: HTTPConnection) -> Services:
     return found
 
 
-def build_upstream(settings: Settings) -> Upstream:
-    """The upstream the settings name, on the gateway's own connection pool (it needs the
-    running event loop: made in the lifespan)."""
-    pool = UpstreamPool(
+def build_router(settings: Settings, transport: Transport | None = None) -> Router:
+    """The upstreams the settings name, on one connection pool of the gateway's own (it
+    needs the running event loop: made in the lifespan), or on ``transport`` (a test's)."""
+    transport = transport or UpstreamPool(
         max_connections=settings.upstream_max_connections,
         connect_timeout=settings.upstream_connect_timeout,
         timeout=settings.upstream_timeout,
     )
-    return Upstream(settings.upstream_base_url, settings.upstream_api_key, pool)
+    if not settings.upstreams:
+        return Router([Upstream(settings.upstream_base_url, settings.upstream_api_key, transport)])
+    return Router(
+        [
+            Upstream(
+                spec.base_url,
+                spec.api_key,
+                transport,
+                name=spec.name,
+                format=spec.format,
+                models=spec.models,
+                fallbacks=spec.fallbacks,
+            )
+            for spec in settings.upstreams
+        ]
+    )
 
 
 def writer_config(settings: Settings) -> WriterConfig:
@@ -99,11 +115,13 @@ def writer_config(settings: Settings) -> WriterConfig:
 
 
 @asynccontextmanager
-async def running(settings: Settings, upstream: Upstream | None = None) -> AsyncIterator[Services]:
+async def running(
+    settings: Settings, transport: Transport | None = None
+) -> AsyncIterator[Services]:
     """Make every service, serve while the block runs, then stop them in order. A database
     that is down at start does not stop the gateway: requests are served and spooled, and
-    the databases are set up as soon as they answer. ``upstream`` stands in for the one the
-    settings name (a test's fake)."""
+    the databases are set up as soon as they answer. ``transport`` carries requests to the
+    upstreams instead of the gateway's own pool (a test's fake)."""
     main_engine = create_engine(parse_dsn(settings.main_dsn), settings.db_pool_size)
     history_engine = main_engine
     if settings.history_dsn != settings.main_dsn:
@@ -143,7 +161,7 @@ async def running(settings: Settings, upstream: Upstream | None = None) -> Async
         await asyncio.shield(main_ready)
 
     maintenance.start(databases_ready)
-    upstream = upstream or build_upstream(settings)
+    router = build_router(settings, transport)
     capture = writer.submit if settings.capture else _not_captured
     started = Services(
         settings=settings,
@@ -153,8 +171,8 @@ async def running(settings: Settings, upstream: Upstream | None = None) -> Async
         metrics=registry,
         writer=writer,
         maintenance=maintenance,
-        upstream=upstream,
-        proxy=Proxy(settings, upstream, authenticator, capture, registry),
+        router=router,
+        proxy=Proxy(settings, router, authenticator, capture, registry),
         stored=StoredCompletions(history_engine, main_engine, authenticator),
         ui_sessions=Sessions(settings),
     )
@@ -164,8 +182,13 @@ async def running(settings: Settings, upstream: Upstream | None = None) -> Async
     gc.collect()
     gc.freeze()
     log.info(
-        "MES Gateway ready: upstream %s, %s mode",
-        upstream.base_url,
+        "MES Gateway ready: %s, %s mode",
+        ", ".join(
+            f"upstream {u.name} {u.base_url} ({u.format}: {','.join(u.models)})"
+            if not router.single
+            else f"upstream {u.base_url}"
+            for u in router.upstreams
+        ),
         "managed" if settings.managed_mode else "pass-through",
     )
     try:
@@ -175,7 +198,7 @@ async def running(settings: Settings, upstream: Upstream | None = None) -> Async
             task.cancel()
         await maintenance.close()
         await writer.close(settings.shutdown_grace_seconds)
-        await upstream.close()
+        await router.upstreams[0].transport.close()  # one pool for them all
         for engine in started.engines.values():
             await engine.dispose()
 

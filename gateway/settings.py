@@ -9,15 +9,19 @@ variable.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 DEFAULT_SQLITE_PATH = "mes_gateway.db"
+FORMATS = ("openai", "anthropic")
+
+log = logging.getLogger("mes.settings")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -27,9 +31,24 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class UpstreamSpec:
+    """One of several upstreams (``UPSTREAMS``), from its ``UPSTREAM_<NAME>_*`` variables."""
+
+    name: str
+    base_url: str = ""
+    api_key: str | None = field(default=None, repr=False)
+    models: tuple[str, ...] = ("*",)
+    format: str = "openai"
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_names: tuple[str, ...] = ()
+    # Made by ``from_env`` from UPSTREAM_VARIABLES, one for each of ``upstream_names``.
+    upstreams: tuple[UpstreamSpec, ...] = ()
     gateway_keys: frozenset[str] = field(default=frozenset(), repr=False)
     sql_dsn: str | None = field(default=None, repr=False)
     mes_sql_dsn: str | None = field(default=None, repr=False)
@@ -64,7 +83,10 @@ class Settings:
 
     @property
     def managed_mode(self) -> bool:
-        """True when the gateway holds the upstream key and clients present gateway keys."""
+        """True when the gateway holds an upstream's key and clients present gateway keys
+        (which then reach no upstream, whether it has a key of the gateway's or not)."""
+        if self.upstreams:
+            return any(spec.api_key is not None for spec in self.upstreams)
         return self.upstream_api_key is not None
 
     @property
@@ -79,9 +101,19 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         settings = cls(**{v.field: v.read(env, getattr(cls, v.field)) for v in VARIABLES})
+        if settings.upstream_names:
+            settings = replace(settings, upstreams=upstream_specs(settings.upstream_names, env))
+            ignored = [name for name in ("UPSTREAM_BASE_URL", "UPSTREAM_API_KEY") if env.get(name)]
+            if ignored:
+                log.warning(
+                    "UPSTREAMS is set: %s not used (each upstream has its own "
+                    "UPSTREAM_<NAME>_BASE_URL and UPSTREAM_<NAME>_API_KEY)",
+                    " and ".join(ignored) + (" is" if len(ignored) == 1 else " are"),
+                )
         if settings.managed_mode and not (settings.gateway_keys or settings.gateway_admin_key):
+            keys = "an UPSTREAM_<NAME>_API_KEY" if settings.upstreams else "UPSTREAM_API_KEY"
             raise ConfigError(
-                "UPSTREAM_API_KEY is set (managed mode) but neither GATEWAY_KEYS nor "
+                f"{keys} is set (managed mode) but neither GATEWAY_KEYS nor "
                 "GATEWAY_ADMIN_KEY is: set GATEWAY_KEYS to the comma-separated keys clients "
                 "may use, or GATEWAY_ADMIN_KEY to issue keys through the admin API."
             )
@@ -184,6 +216,31 @@ def patterns(raw: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def ordered_names(raw: str) -> tuple[str, ...]:
+    """Comma-separated upstream names, in order, each of letters, digits and underscores."""
+    found = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
+    for name in found:
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"must list names of letters, digits and underscores ({name!r})")
+    if len(set(found)) != len(found):
+        raise ValueError("must not name an upstream twice")
+    return found
+
+
+def globs(raw: str) -> tuple[str, ...]:
+    """Comma-separated glob patterns of model names (``gpt-*,o3*``)."""
+    found = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not found:
+        raise ValueError("must list at least one model pattern, like gpt-*,o3*")
+    return found
+
+
+def api_format(raw: str) -> str:
+    if raw.lower() not in FORMATS:
+        raise ValueError(f"must be one of {', '.join(FORMATS)}")
+    return raw.lower()
+
+
 def networks(raw: str) -> tuple[IPNetwork, ...]:
     found = []
     for item in (item.strip() for item in raw.split(",")):
@@ -196,6 +253,58 @@ def networks(raw: str) -> tuple[IPNetwork, ...]:
     return tuple(found)
 
 
+def upstream_specs(names: tuple[str, ...], environ: Mapping[str, str]) -> tuple[UpstreamSpec, ...]:
+    """The upstreams ``UPSTREAMS`` names, each from its own variables; refused, naming the
+    variable, when one has no base URL, or its fallbacks name an unknown upstream, one of
+    another format, or lead back to it."""
+    specs = []
+    for name in names:
+        fields = {}
+        for template in UPSTREAM_VARIABLES:
+            named = replace(template, name=template.name.replace("<NAME>", name.upper()))
+            fields[template.field] = named.read(environ, getattr(UpstreamSpec, template.field))
+        spec = UpstreamSpec(name=name, **fields)
+        if not spec.base_url:
+            raise ConfigError(
+                f"UPSTREAM_{name.upper()}_BASE_URL is not set: each upstream UPSTREAMS names "
+                "needs the URL its /v1 requests go to."
+            )
+        specs.append(spec)
+    by_name = {spec.name: spec for spec in specs}
+    for spec in specs:
+        listed = f"UPSTREAM_{spec.name.upper()}_FALLBACKS"
+        for fallback in spec.fallbacks:
+            if fallback not in by_name:
+                raise ConfigError(
+                    f"{listed} names {fallback!r}, which UPSTREAMS does not ({', '.join(names)})."
+                )
+            if by_name[fallback].format != spec.format:
+                raise ConfigError(
+                    f"{listed} names {fallback!r}, whose format is "
+                    f"{by_name[fallback].format}, not {spec.format}: the gateway translates "
+                    "nothing, so a fallback speaks the format of the upstream it stands in for."
+                )
+    for spec in specs:
+        cycle = _cycle(spec.name, by_name, [])
+        if cycle:
+            raise ConfigError(
+                f"UPSTREAM_{cycle[-2].upper()}_FALLBACKS leads back to {cycle[-1]!r} "
+                f"({' -> '.join(cycle)}): fallbacks must not form a cycle."
+            )
+    return tuple(specs)
+
+
+def _cycle(name: str, by_name: Mapping[str, UpstreamSpec], path: list[str]) -> list[str]:
+    """The fallback path from ``path`` back to one of its names, or an empty list."""
+    if name in path:
+        return [*path[path.index(name) :], name]
+    for fallback in by_name[name].fallbacks:
+        found = _cycle(fallback, by_name, [*path, name])
+        if found:
+            return found
+    return []
+
+
 VARIABLES: tuple[Variable, ...] = (
     Variable("UPSTREAM_BASE_URL", "upstream_base_url", url, "where /v1 requests go"),
     Variable(
@@ -203,6 +312,12 @@ VARIABLES: tuple[Variable, ...] = (
         "upstream_api_key",
         text,
         "set: managed mode, the gateway's key upstream; unset: the client's key goes on",
+    ),
+    Variable(
+        "UPSTREAMS",
+        "upstream_names",
+        ordered_names,
+        "several upstreams, by name: each has the UPSTREAM_<NAME>_* variables below",
     ),
     Variable("GATEWAY_KEYS", "gateway_keys", names, "managed mode: keys clients may present"),
     Variable("SQL_DSN", "sql_dsn", text, "main database (users, keys)"),
@@ -283,4 +398,29 @@ VARIABLES: tuple[Variable, ...] = (
         "TRUSTED_PROXIES", "trusted_proxies", networks, "IPs or CIDRs whose X-Forwarded-For counts"
     ),
     Variable("LOG_LEVEL", "log_level", lowered, "debug, info, warning or error"),
+)
+
+
+# Each upstream's own, NAME upper-cased: UPSTREAM_CLAUDE_BASE_URL for "claude" in UPSTREAMS.
+UPSTREAM_VARIABLES: tuple[Variable, ...] = (
+    Variable("UPSTREAM_<NAME>_BASE_URL", "base_url", url, "where its requests go (required)"),
+    Variable(
+        "UPSTREAM_<NAME>_API_KEY",
+        "api_key",
+        text,
+        "set: the gateway's key there (managed mode); unset: the client's key goes on",
+    ),
+    Variable(
+        "UPSTREAM_<NAME>_MODELS",
+        "models",
+        globs,
+        "glob patterns of the models it serves: the first upstream that matches answers",
+    ),
+    Variable("UPSTREAM_<NAME>_FORMAT", "format", api_format, "openai, or anthropic (/v1/messages)"),
+    Variable(
+        "UPSTREAM_<NAME>_FALLBACKS",
+        "fallbacks",
+        ordered_names,
+        "upstreams tried in order when it fails before its answer begins",
+    ),
 )

@@ -3,12 +3,14 @@
 
 An ``Upstream`` is one place requests go: its base URL, the key the gateway uses there in
 managed mode, and the ``Transport`` that carries the bytes (the gateway's own keep-alive
-pool, ``gateway/upstream_pool.py``; a test's fake). ``services.build_upstream(settings)``
-makes the one the settings name. Routing between several upstreams picks one of these per request.
+pool, ``gateway/upstream_pool.py``; a test's fake), and, when there are several
+(``UPSTREAMS``), its name, the format it speaks, the models it serves and the upstreams that
+stand in for it. ``gateway/routing.py`` picks them for each request.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,12 +59,21 @@ class Upstream:
     base_url: str  # ends with the API's version, as clients name it: https://host/v1
     api_key: str | None = field(repr=False)  # set: managed mode, this key goes upstream
     transport: Transport = field(repr=False)
+    name: str = "default"
+    format: str = "openai"  # or "anthropic": /v1/messages, its key in x-api-key
+    models: tuple[str, ...] = ("*",)  # glob patterns
+    fallbacks: tuple[str, ...] = ()  # names, tried in order when this one fails
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
     @property
     def credentials(self) -> tuple[bytes, bytes] | None:
         """The header that carries the gateway's own key upstream, in managed mode."""
         if self.api_key is None:
             return None
+        if self.format == "anthropic":
+            return (b"x-api-key", self.api_key.encode())
         return (b"authorization", b"Bearer " + self.api_key.encode())
 
     def url(self, raw_path: bytes, query: bytes) -> str:

@@ -37,6 +37,7 @@ class CompletionFilter:
     conversation_id: str | None = None
     tool: str | None = None  # a tool the answer called
     call_type: str | None = None  # chat, responses, embeddings, completions
+    upstream: str | None = None  # the one that answered, as UPSTREAMS names it
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -274,6 +275,7 @@ def _completion_conditions(
         filters.conversation_id,
         filters.tool,
         filters.call_type,
+        filters.upstream,
         *filters.metadata.items(),
     ]
     if not all(
@@ -299,6 +301,8 @@ def _completion_conditions(
         conditions.append(c.conversation_id == filters.conversation_id)
     if filters.call_type is not None:
         conditions.append(c.call_type == filters.call_type)
+    if filters.upstream is not None:
+        conditions.append(c.upstream == filters.upstream)
     if filters.tool is not None:
         needle = '"name":' + _json_string(filters.tool)
         conditions.append(

@@ -167,6 +167,8 @@ completions = Table(
     Column("upstream_created", BigInteger, nullable=True),
     Column("system_fingerprint", String(NAME), nullable=True),
     Column("call_type", String(CALL_TYPE), nullable=False, server_default="chat"),
+    Column("upstream", String(NAME), nullable=True),  # as UPSTREAMS names it
+    Column("attempts", LongText, nullable=True),  # JSON: [{upstream, status or error, ms}]
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),
@@ -190,6 +192,8 @@ request_logs = Table(
     Column("user_agent", String(USER_AGENT), nullable=True),
     Column("started_at", Timestamp, nullable=False),
     Column("route", String(PATH), nullable=True),  # the path, its ids as {id}
+    Column("upstream", String(NAME), nullable=True),
+    Column("attempts", LongText, nullable=True),
     Index("ix_request_logs_owner_started", "owner", "started_at"),
     Index("ix_request_logs_started", "started_at"),
 )

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from storage.schema import completions, request_logs
 from storage.scope import Scope
 
-GroupBy = Literal["user", "model", "day", "call_type"]
+GroupBy = Literal["user", "model", "day", "call_type", "upstream"]
 PERCENTILES = (0.5, 0.95, 0.99)
 # Latency buckets for SQLite's and MySQL's percentiles: 0.1 % wide on a log scale (a few
 # thousand per group at most), so the second pass reads ~0.1 % of a group's rows per rank.
@@ -222,6 +222,8 @@ def _group_key(by: GroupBy) -> ColumnElement[Any]:
         return func.coalesce(c.response_model, c.requested_model)
     if by == "call_type":
         return c.call_type
+    if by == "upstream":
+        return c.upstream
     return func.date(c.started_at)
 
 

@@ -26,7 +26,7 @@ from gateway.asgi import Headers, Message, Receive, Scope, Send
 from gateway.errors import UpstreamUnreachable
 from gateway.services import Services, running
 from gateway.settings import Settings
-from gateway.upstream import Upstream, UpstreamBroke
+from gateway.upstream import Transport, UpstreamBroke
 from tests.history_db import HistoryDB
 
 ADMIN_KEY = "admin-in-process"
@@ -156,12 +156,37 @@ class Gateway:
         return user_id, key.json()["key"]
 
 
+class Hosts:
+    """Several fake upstreams, each the upstream of its host (``http://HOST/v1``); a host
+    with none refuses the connection."""
+
+    def __init__(self, fakes: dict[str, FakeUpstream]) -> None:
+        self.transports = {host: InProcessTransport(fake) for host, fake in fakes.items()}
+
+    async def send(self, method: str, url: str, headers: Headers, body: bytes) -> InProcessResponse:
+        found = self.transports.get(urlsplit(url).netloc)
+        if found is None:
+            raise UpstreamUnreachable("The upstream could not be reached.")
+        return await found.send(method, url, headers, body)
+
+    async def close(self) -> None:
+        pass
+
+
 @asynccontextmanager
-async def gateway(folder: Path, managed: bool = True, **settings: Any) -> AsyncIterator[Gateway]:
+async def gateway(
+    folder: Path,
+    managed: bool = True,
+    env: dict[str, str] | None = None,
+    fakes: dict[str, FakeUpstream] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Gateway]:
     """A gateway in this process, history in ``folder``; managed mode (keys issued through
-    the admin API) unless ``managed`` is False."""
+    the admin API) unless ``managed`` is False. ``env`` is read as the environment would be
+    (``UPSTREAMS`` and each one's variables, say), and ``fakes`` are the upstreams of their
+    hosts; otherwise one fake answers everything."""
     configured = replace(
-        Settings(),
+        Settings.from_env(env or {}),
         sqlite_path=str(folder / "history.db"),
         spool_dir=str(folder / "spool"),
         capture_flush_interval=0.01,
@@ -169,12 +194,10 @@ async def gateway(folder: Path, managed: bool = True, **settings: Any) -> AsyncI
         upstream_api_key=UPSTREAM_KEY if managed else None,
         **settings,
     )
-    fake = FakeUpstream()
-    upstream = Upstream(
-        "http://upstream.test/v1", configured.upstream_api_key, InProcessTransport(fake)
-    )
-    app = create_app(configured, upstream)
-    async with running(configured, upstream) as started:
+    fake = next(iter(fakes.values())) if fakes else FakeUpstream()
+    transport: Transport = Hosts(fakes) if fakes else InProcessTransport(fake)
+    app = create_app(configured, transport)
+    async with running(configured, transport) as started:
 
         async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
             scope["state"] = {"services": started}  # what uvicorn gives from the lifespan

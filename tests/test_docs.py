@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import VARIABLES, Settings, Variable
+from gateway.settings import UPSTREAM_VARIABLES, VARIABLES, Settings, UpstreamSpec, Variable
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -37,9 +37,25 @@ def shown(default: object) -> str | None:
 
 
 def test_every_setting_is_read_from_exactly_one_variable() -> None:
-    fields = [field.name for field in dataclasses.fields(Settings)]
+    # ``upstreams`` is made of UPSTREAMS' names and each one's UPSTREAM_<NAME>_* variables.
+    fields = [field.name for field in dataclasses.fields(Settings) if field.name != "upstreams"]
     assert sorted(v.field for v in VARIABLES) == sorted(fields)
     assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+    each = [field.name for field in dataclasses.fields(UpstreamSpec) if field.name != "name"]
+    assert sorted(v.field for v in UPSTREAM_VARIABLES) == sorted(each)
+
+
+@pytest.mark.parametrize("variable", UPSTREAM_VARIABLES, ids=lambda v: v.name)
+def test_every_upstream_variable_is_in_the_readme_with_its_default(variable: Variable) -> None:
+    default = getattr(UpstreamSpec, variable.field)
+    last_column = readme_row(variable.name).rstrip(" |").rsplit("|", 1)[-1]
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    plain = shown(default) if default else None
+    if plain is not None:
+        assert f"`{plain}`" in last_column, (variable.name, plain, last_column)
+    else:
+        assert "unset" in last_column or "`" in last_column, (variable.name, last_column)
 
 
 @pytest.mark.parametrize("variable", VARIABLES, ids=lambda v: v.name)
