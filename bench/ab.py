@@ -52,69 +52,97 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-ab-"))
     workdir.chmod(0o755)  # the database server runs as its own user
-    body = workdir / "body.json"
-    body.write_bytes(prompt_body(1000, False))
-    names = {"this": REPO, "other": other}
     print(f"this: {REPO}\nother: {other}")
     with serve_subprocess() as upstream:
-        direct_url = upstream.base_url + "/chat/completions"
         for config in args.configs:
-            runs: dict[tuple[str, int], list[WrkRun]] = {}
-            with history_database(config, workdir / config) as database:
-                gateways = {}
-                for name, repo in names.items():
-                    folder = workdir / config / name
-                    env = bench_settings(upstream.base_url, folder, dict(database))
-                    if "MES_SQLITE_PATH" in env:  # each its own file
-                        env["MES_SQLITE_PATH"] = str(folder / "history.db")
-                    if "SQL_DSN" in env:  # each its own database on the one server
-                        env["SQL_DSN"] = env["SQL_DSN"].rsplit("/", 1)[0] + f"/mes_{name}"
-                    gateways[name] = GatewayProcess(env, folder, repo=repo).start()
-                try:
-                    for gateway in gateways.values():  # warm up: pools, the database, the JIT
-                        wrk(gateway.url + "/v1/chat/completions", body, 16, 2)
-                    print(f"\n== capture {'off' if config == 'off' else 'into ' + config} ==")
-                    for round_ in range(1, args.rounds + 1):
-                        # Which goes first alternates: the second runs on a machine the
-                        # first may have left warmer, or busier.
-                        order = list(gateways.items())[:: 1 if round_ % 2 else -1]
-                        for connections in args.concurrency:
-                            line = f"round {round_} c={connections:<3}"
-                            direct = wrk(direct_url, body, connections, args.duration)
-                            runs.setdefault(("direct", connections), []).append(direct)
-                            line += f" direct {direct.requests_per_second:>7.0f}/s"
-                            for name, gateway in order:
-                                for each in gateways.values():  # no writer busy meanwhile
-                                    drained(each)
-                                url = gateway.url + "/v1/chat/completions"
-                                run = wrk(url, body, connections, args.duration)
-                                runs.setdefault((name, connections), []).append(run)
-                                line += (
-                                    f"  {name} {run.requests_per_second:>6.0f}/s "
-                                    f"+{run.p50_ms - direct.p50_ms:.2f}/"
-                                    f"+{run.p99_ms - direct.p99_ms:.2f} ms"
-                                )
-                            print(line, flush=True)
-                finally:
-                    for gateway in gateways.values():
-                        gateway.stop()
-            summary(config, runs, args.concurrency)
+            variants = {"this": (REPO, {}), "other": (other, {})}
+            runs = side_by_side(
+                upstream.base_url,
+                config,
+                workdir,
+                variants,
+                args.concurrency,
+                args.rounds,
+                args.duration,
+            )
+            summary(config, runs, args.concurrency, list(variants))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def summary(config: str, runs: dict[tuple[str, int], list[WrkRun]], levels: list[int]) -> None:
+Variant = tuple[Path, dict[str, str]]  # a checkout, and the settings it runs with
+
+
+def side_by_side(
+    upstream_base: str,
+    config: str,
+    workdir: Path,
+    variants: dict[str, Variant],
+    levels: list[int],
+    rounds: int,
+    duration: float,
+) -> dict[tuple[str, int], list[WrkRun]]:
+    """wrk against the direct upstream and then each variant's gateway (which goes first
+    alternates), at each concurrency, ``rounds`` times; every run, by name and concurrency."""
+    body = workdir / "body.json"
+    body.write_bytes(prompt_body(1000, False))
+    direct_url = upstream_base + "/chat/completions"
+    runs: dict[tuple[str, int], list[WrkRun]] = {}
+    with history_database(config, workdir / config) as database:
+        gateways = {}
+        for name, (repo, extra) in variants.items():
+            folder = workdir / config / name
+            env = {**bench_settings(upstream_base, folder, dict(database)), **extra}
+            if "MES_SQLITE_PATH" in env:  # each its own file
+                env["MES_SQLITE_PATH"] = str(folder / "history.db")
+            if "SQL_DSN" in env:  # each its own database on the one server
+                env["SQL_DSN"] = env["SQL_DSN"].rsplit("/", 1)[0] + f"/mes_{name}"
+            gateways[name] = GatewayProcess(env, folder, repo=repo).start()
+        try:
+            for gateway in gateways.values():  # warm up: pools, the database, the JIT
+                wrk(gateway.url + "/v1/chat/completions", body, 16, 2)
+            print(f"\n== capture {'off' if config == 'off' else 'into ' + config} ==")
+            for round_ in range(1, rounds + 1):
+                # Which goes first alternates: the second runs on a machine the first may
+                # have left warmer, or busier.
+                order = list(gateways.items())[:: 1 if round_ % 2 else -1]
+                for connections in levels:
+                    line = f"round {round_} c={connections:<3}"
+                    direct = wrk(direct_url, body, connections, duration)
+                    runs.setdefault(("direct", connections), []).append(direct)
+                    line += f" direct {direct.requests_per_second:>7.0f}/s"
+                    for name, gateway in order:
+                        for each in gateways.values():  # no writer busy meanwhile
+                            drained(each)
+                        url = gateway.url + "/v1/chat/completions"
+                        run = wrk(url, body, connections, duration)
+                        runs.setdefault((name, connections), []).append(run)
+                        line += (
+                            f"  {name} {run.requests_per_second:>6.0f}/s "
+                            f"+{run.p50_ms - direct.p50_ms:.2f}/"
+                            f"+{run.p99_ms - direct.p99_ms:.2f} ms"
+                        )
+                    print(line, flush=True)
+        finally:
+            for gateway in gateways.values():
+                gateway.stop()
+    return runs
+
+
+def summary(
+    config: str, runs: dict[tuple[str, int], list[WrkRun]], levels: list[int], names: list[str]
+) -> None:
     print(f"medians, capture {'off' if config == 'off' else 'into ' + config}:")
-    print(f"{'':>6}{'conc':>5}{'req/s':>9}{'(range)':>17}{'added p50':>11}{'added p99':>11}")
+    print(f"{'':>8}{'conc':>5}{'req/s':>9}{'(range)':>17}{'added p50':>11}{'added p99':>11}")
     for connections in levels:
         direct = runs[("direct", connections)]
-        for name in ("this", "other"):
+        for name in names:
             own = runs[(name, connections)]
             rates = [run.requests_per_second for run in own]
             p50 = [run.p50_ms - d.p50_ms for run, d in zip(own, direct, strict=True)]
             p99 = [run.p99_ms - d.p99_ms for run, d in zip(own, direct, strict=True)]
             spread = f"{min(rates):.0f}-{max(rates):.0f}"
             print(
-                f"{name:>6}{connections:>5}{statistics.median(rates):>9.0f}{spread:>17}"
+                f"{name:>8}{connections:>5}{statistics.median(rates):>9.0f}{spread:>17}"
                 f"{statistics.median(p50):>11.2f}{statistics.median(p99):>11.2f}"
             )
 

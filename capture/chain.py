@@ -7,7 +7,7 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -136,3 +136,20 @@ def _without_empties(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_empties(v) for v in value]
     return value
+
+
+def exchange_key(
+    items: Sequence[Any], form: Callable[[Any], Any], answers: Callable[[Any], bool]
+) -> str | None:
+    """The identity of the first exchange in ``items``: everything up to and including the
+    first item of an answer, each in its match ``form`` (a form of None left out). None when
+    no item answers."""
+    parent = ROOT
+    for item in items:
+        shape = form(item)
+        if shape is None:
+            continue
+        parent = link(parent, canonical(shape))
+        if answers(item):
+            return parent
+    return None

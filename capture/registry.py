@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from capture import chat, completions, embeddings, responses
+from capture import chat, completions, embeddings, messages, responses
 from capture.api import Api
 from capture.exchange import Exchange, RequestLog
 
@@ -16,6 +16,7 @@ ROUTES: Mapping[tuple[str, str], Api] = MappingProxyType(
         ("POST", "/v1/responses"): responses.API,
         ("POST", "/v1/embeddings"): embeddings.API,
         ("POST", "/v1/completions"): completions.API,
+        ("POST", "/v1/messages"): messages.API,
     }
 )
 

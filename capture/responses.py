@@ -26,7 +26,7 @@ import orjson
 from capture import columns
 from capture.answers import conversation_key, read_body
 from capture.api import Api, InvalidBody
-from capture.chain import ROOT, canonical, chain, content_text, link
+from capture.chain import ROOT, chain, content_text, exchange_key
 from capture.chat import first_words, parse_json_object
 from capture.exchange import UPSTREAM_DISCONNECTED, Exchange
 from capture.message_rows import message_row
@@ -417,15 +417,7 @@ def continuation_key(items: list[Any]) -> str | None:
     """The identity of the first exchange in ``items``: everything up to and including the
     first item of an answer (in match form; reasoning left out). None when there is none.
     A first request with its answer, and every later request that resends them, share it."""
-    parent = ROOT
-    for item in items:
-        form = match_form(item)
-        if form is None:
-            continue
-        parent = link(parent, canonical(form))
-        if is_output(item):
-            return parent
-    return None
+    return exchange_key(items, match_form, is_output)
 
 
 def _resent(items: list[Any]) -> int:

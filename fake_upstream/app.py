@@ -15,8 +15,8 @@ gateway forwards them):
 
 It answers ``/v1/chat/completions``, ``/v1/responses`` (and ``GET``, ``DELETE``,
 ``/input_items`` and ``/cancel`` of the responses it keeps: see ``fake_upstream.responses_api``),
-``/v1/embeddings``, the legacy ``/v1/completions`` and ``/v1/models``; streamed or not where
-OpenAI streams.
+``/v1/embeddings``, the legacy ``/v1/completions``, ``/v1/models``, and Anthropic's
+``/v1/messages`` (``fake_upstream.messages_api``); streamed or not where they stream.
 
 An upstream started with ``behaviour`` (``--behave X-Fake-Status=503``) acts on those headers
 for every request that does not send its own: one fake of several that fails, stalls or
@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from fake_upstream import responses
+from fake_upstream import messages_api, responses
 from fake_upstream.responses_api import ResponseStore
 
 Scope = MutableMapping[str, Any]
@@ -94,7 +94,10 @@ class FakeUpstream:
         await _pause(headers.get(b"x-fake-first-byte-delay"), cap=60.0)
         if b"x-fake-status" in headers:
             status = int(headers[b"x-fake-status"])
-            await _send(send, status, responses.error(status))
+            anthropic = path.startswith("/v1/messages")
+            await _send(
+                send, status, (messages_api.error if anthropic else responses.error)(status)
+            )
             return
         await self._route(
             method, path, body, headers, receive, send, scope.get("query_string", b"")
@@ -120,6 +123,9 @@ class FakeUpstream:
             await _send(
                 send, *self.responses.resource(method, path[len("/v1/responses/") :], query)
             )
+            return
+        if method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens"):
+            await self._messages(path, body, headers, receive, send)
             return
         if method != "POST" or path not in {
             "/v1/chat/completions",
@@ -157,6 +163,26 @@ class FakeUpstream:
             await _send(send, 200, answer.completion())
             return
         await self._stream(answer.events(_include_usage(request)), headers, receive, send)
+
+    async def _messages(
+        self, path: str, body: bytes, headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
+        """Anthropic's Messages API: see ``fake_upstream.messages_api``."""
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            request = None
+        refused = messages_api.validate(request)
+        if refused is not None and not (path.endswith("/count_tokens") and request):
+            await _send(send, 400, refused)
+        elif path.endswith("/count_tokens"):
+            await _send(send, 200, messages_api.count_tokens(request))
+        else:
+            reply = messages_api.Reply(request, _chunks(headers))
+            if request.get("stream") is True:
+                await self._stream(reply.events(), headers, receive, send)
+            else:
+                await _send(send, 200, reply.message())
 
     async def _completions(
         self, request: dict[str, Any], headers: dict[bytes, bytes], receive: Receive, send: Send

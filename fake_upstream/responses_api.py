@@ -174,11 +174,11 @@ def _given(request: JSON, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _sse(kind: str, data: JSON) -> bytes:
+def sse(kind: str, data: JSON) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def _split(text: str, parts: int) -> list[str]:
+def split(text: str, parts: int) -> list[str]:
     step = max(1, -(-len(text) // parts))
     return [text[start : start + step] for start in range(0, len(text), step)]
 
@@ -263,7 +263,7 @@ class ResponseAnswer:
                 "call_id": f"call_{self.digest[position * 8 : position * 8 + 24]}",
                 "name": function["name"],
             }
-            self.items.append(_Item(call, _split(arguments, 3)))
+            self.items.append(_Item(call, split(arguments, 3)))
         kept = pieces[:allowed]
         if not calls and (kept or not pieces):
             message = {
@@ -372,7 +372,7 @@ class ResponseAnswer:
         numbers = itertools.count()
 
         def event(kind: str, **fields: Any) -> bytes:
-            return _sse(kind, {"type": kind, "sequence_number": next(numbers), **fields})
+            return sse(kind, {"type": kind, "sequence_number": next(numbers), **fields})
 
         yield event("response.created", response=self.body("in_progress"))
         yield event("response.in_progress", response=self.body("in_progress"))

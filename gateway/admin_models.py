@@ -88,7 +88,7 @@ class IssuedKey(Key):
     key: str = Field(description="The key itself. Shown this once; only its hash is stored.")
 
 
-CallType = Literal["chat", "responses", "embeddings", "completions"]
+CallType = Literal["chat", "responses", "embeddings", "completions", "messages"]
 
 
 class Attempt(BaseModel):
@@ -105,7 +105,9 @@ class Completion(BaseModel):
     completion), as the gateway recorded it."""
 
     id: str = Field(description="The gateway's record id.")
-    call_type: str = Field(description="chat, responses, embeddings or completions.")
+    call_type: str = Field(
+        description="chat, responses, embeddings, completions or messages (Anthropic's)."
+    )
     response_id: str | None = Field(
         description="The upstream's id: chatcmpl-..., resp_..., cmpl-...; none for embeddings."
     )
@@ -122,7 +124,10 @@ class Completion(BaseModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
-    cached_tokens: int | None
+    cached_tokens: int | None = Field(description="Input tokens read from the prompt cache.")
+    cache_write_tokens: int | None = Field(
+        description="Input tokens written to the prompt cache (Anthropic's cache creation)."
+    )
     reasoning_tokens: int | None
     status_code: int
     error_type: str | None

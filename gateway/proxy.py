@@ -227,7 +227,7 @@ class Proxy:
     ) -> None:
         exchange = self._exchange(scope, caller, api, request)
         upstream_body, added = api.upstream_body(request, body)
-        anthropic = chain[0].format == ANTHROPIC
+        anthropic = format_of(scope["path"]) == ANTHROPIC
         started = time.perf_counter()
         response: UpstreamResponse | None = None
         watch = DisconnectWatch(receive)

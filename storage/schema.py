@@ -169,6 +169,7 @@ completions = Table(
     Column("call_type", String(CALL_TYPE), nullable=False, server_default="chat"),
     Column("upstream", String(NAME), nullable=True),  # as UPSTREAMS names it
     Column("attempts", LongText, nullable=True),  # JSON: [{upstream, status or error, ms}]
+    Column("cache_write_tokens", Integer, nullable=True),  # in prompt_tokens, as cache reads
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),

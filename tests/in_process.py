@@ -186,7 +186,7 @@ async def gateway(
     (``UPSTREAMS`` and each one's variables, say), and ``fakes`` are the upstreams of their
     hosts; otherwise one fake answers everything."""
     configured = replace(
-        Settings.from_env(env or {}),
+        Settings.from_env({"GATEWAY_ADMIN_KEY": ADMIN_KEY, **(env or {})}),
         sqlite_path=str(folder / "history.db"),
         spool_dir=str(folder / "spool"),
         capture_flush_interval=0.01,
