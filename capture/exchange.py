@@ -90,6 +90,8 @@ class Exchange:
             "upstream": short(self.upstream, columns.NAME),
             "attempts": json_or_none(self.attempts or None),
             "cache_write_tokens": None,  # the APIs that report cache writes say otherwise
+            "cost_usd": None,  # the writer's to price (storage/prices.py)
+            "price_version": None,
             **answered,
         }
 

@@ -138,6 +138,13 @@ class Completion(BaseModel):
     started_at: Timestamp
     ttft_ms: float | None
     latency_ms: float | None
+    cost_usd: float | None = Field(
+        description="What it cost, in US dollars; none where its model has no known price."
+    )
+    price_version: str | None = Field(
+        description="The prices it came from: genai-prices and its version, or the "
+        "MES_PRICES_FILE digest."
+    )
     upstream: str | None = Field(
         description="The upstream that answered, as UPSTREAMS names it (default: the one)."
     )
@@ -255,6 +262,9 @@ class StatsRow(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cost_usd: float | None = Field(
+        description="The cost of those with a known price; none where none had one."
+    )
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None

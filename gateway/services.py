@@ -35,6 +35,7 @@ from storage.batch import insert_ignore
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import Partitions
+from storage.prices import provider_of
 from storage.schema import api_keys
 from storage.spool import Spool
 from storage.writer import adopt
@@ -111,6 +112,11 @@ def writer_config(settings: Settings) -> WriterConfig:
         capture_content=settings.capture_content,
         shutdown_grace=settings.shutdown_grace_seconds,
         log_level=settings.log_level,
+        providers={
+            spec.name: provider_of(spec.base_url, spec.provider) for spec in settings.upstreams
+        }
+        or {"default": provider_of(settings.upstream_base_url, None)},
+        prices_file=settings.prices_file,
     )
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from storage.prices import read_prices_file
+
 DEFAULT_SQLITE_PATH = "mes_gateway.db"
 FORMATS = ("openai", "anthropic")
 
@@ -40,6 +42,7 @@ class UpstreamSpec:
     models: tuple[str, ...] = ("*",)
     format: str = "openai"
     fallbacks: tuple[str, ...] = ()
+    provider: str | None = None  # genai-prices' id, for prices; else from the base URL
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Settings:
     db_pool_size: int = 5
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
+    prices_file: str | None = None
 
     @property
     def managed_mode(self) -> bool:
@@ -241,6 +245,12 @@ def api_format(raw: str) -> str:
     return raw.lower()
 
 
+def prices_file(raw: str) -> str:
+    """A JSON file of prices (read now, so that a mistake stops the start)."""
+    read_prices_file(raw)
+    return raw
+
+
 def networks(raw: str) -> tuple[IPNetwork, ...]:
     found = []
     for item in (item.strip() for item in raw.split(",")):
@@ -398,6 +408,12 @@ VARIABLES: tuple[Variable, ...] = (
         "TRUSTED_PROXIES", "trusted_proxies", networks, "IPs or CIDRs whose X-Forwarded-For counts"
     ),
     Variable("LOG_LEVEL", "log_level", lowered, "debug, info, warning or error"),
+    Variable(
+        "MES_PRICES_FILE",
+        "prices_file",
+        prices_file,
+        "JSON prices per model, for local models and negotiated prices",
+    ),
 )
 
 
@@ -422,5 +438,11 @@ UPSTREAM_VARIABLES: tuple[Variable, ...] = (
         "fallbacks",
         ordered_names,
         "upstreams tried in order when it fails before its answer begins",
+    ),
+    Variable(
+        "UPSTREAM_<NAME>_PROVIDER",
+        "provider",
+        lowered,
+        "its provider in genai-prices (openai, anthropic, ...), for costs",
     ),
 )

@@ -170,6 +170,8 @@ completions = Table(
     Column("upstream", String(NAME), nullable=True),  # as UPSTREAMS names it
     Column("attempts", LongText, nullable=True),  # JSON: [{upstream, status or error, ms}]
     Column("cache_write_tokens", Integer, nullable=True),  # in prompt_tokens, as cache reads
+    Column("cost_usd", Float, nullable=True),  # None: a model with no known price
+    Column("price_version", String(64), nullable=True),  # where the price came from
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
     Index("ix_completions_response_id", "response_id"),
@@ -213,6 +215,8 @@ usage_daily = Table(
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
     Column("total_tokens", BigInteger, nullable=False),
+    Column("priced", BigInteger, nullable=False, server_default="0"),  # completions with a cost
+    Column("cost_usd", Float, nullable=False, server_default="0"),  # the sum of their costs
 )
 
 latency_daily = Table(

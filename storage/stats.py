@@ -55,6 +55,8 @@ async def usage_stats(
         func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(c.total_tokens), 0).label("total_tokens"),
+        func.count(c.cost_usd).label("priced"),
+        func.coalesce(func.sum(c.cost_usd), 0).label("cost_usd"),
         func.count(c.latency_ms).label("timed"),
     ]
     dialect = connection.dialect.name
@@ -86,6 +88,8 @@ async def usage_stats(
         group["key"] = None if group["key"] is None else str(group["key"])
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"):
             group[name] = int(group[name] or 0)
+        # The cost of the priced ones; none at all where none was priced (never 0).
+        group["cost_usd"] = float(group["cost_usd"]) if group.pop("priced") else None
         for p in PERCENTILES:
             value = group[percentile_name(p)]
             group[percentile_name(p)] = None if value is None else round(float(value), 3)
@@ -101,6 +105,7 @@ def _bucket() -> ColumnElement[Any]:
 
 
 _SUMMED = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "timed")
+_ADDED = (*_SUMMED, "priced", "cost_usd")
 
 
 def _fold(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[tuple[Any, int]]]]:
@@ -110,11 +115,13 @@ def _fold(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[t
     histograms: list[list[tuple[Any, int]]] = []
     for row in rows:
         if not groups or groups[-1]["key"] != row["key"]:
-            groups.append({"key": row["key"], **dict.fromkeys(_SUMMED, 0)})
+            groups.append({"key": row["key"], **dict.fromkeys(_ADDED, 0)})
             histograms.append([])
         group = groups[-1]
         for name in _SUMMED:
             group[name] += int(row[name] or 0)
+        group["priced"] += int(row["priced"] or 0)
+        group["cost_usd"] += float(row["cost_usd"] or 0)
         if row["bucket"] is not None:
             histograms[-1].append((row["bucket"], int(row["timed"])))
     return groups, histograms

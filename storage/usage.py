@@ -34,7 +34,17 @@ GroupBy = Literal["user", "model", "day"]
 BUCKETS_PER_E = 100  # a bucket spans a factor of e^(1/100): 1 % wide
 # How far a bucket's middle may be from a latency in it, relative: e^(1/200) - 1, 0.501 %.
 HALF_BUCKET = math.exp(0.5 / BUCKETS_PER_E) - 1
-COUNTED = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
+# ``priced`` counts the completions with a cost, ``cost_usd`` sums their costs: a day whose
+# completions all went unpriced has no cost, not a cost of 0.
+COUNTED = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "priced",
+    "cost_usd",
+)
 USAGE_KEY = ("day", "owner", "model")
 LATENCY_KEY = (*USAGE_KEY, "bucket")
 # What a completion contributes: the columns read to take it away again.
@@ -48,6 +58,7 @@ COLUMNS = (
     "completion_tokens",
     "total_tokens",
     "latency_ms",
+    "cost_usd",
 )
 
 
@@ -66,7 +77,7 @@ class Tally:
     +1 as they are stored, -1 as they are deleted."""
 
     def __init__(self) -> None:
-        self.usage: dict[tuple[Any, ...], list[int]] = {}
+        self.usage: dict[tuple[Any, ...], list[float]] = {}
         self.latency: dict[tuple[Any, ...], int] = defaultdict(int)
 
     def add(self, completion: Mapping[Any, Any], sign: int = 1) -> None:
@@ -74,12 +85,16 @@ class Tally:
         key = (completion["started_at"].date(), completion["owner"], model)
         sums = self.usage.get(key)
         if sums is None:
-            sums = self.usage[key] = [0] * len(COUNTED)
+            sums = self.usage[key] = [0] * (len(COUNTED) - 1) + [0.0]
         sums[0] += sign
         sums[1] += sign if completion["status_code"] >= 400 else 0
         sums[2] += sign * (completion["prompt_tokens"] or 0)
         sums[3] += sign * (completion["completion_tokens"] or 0)
         sums[4] += sign * (completion["total_tokens"] or 0)
+        cost = completion["cost_usd"]
+        if cost is not None:
+            sums[5] += sign
+            sums[6] += sign * cost
         if completion["latency_ms"] is not None:
             self.latency[(*key, bucket_of(completion["latency_ms"]))] += sign
 
@@ -127,7 +142,8 @@ async def daily_usage(
     groups = []
     for row in (await connection.execute(query)).mappings():
         group: dict[str, Any] = {"key": _key(by, row["key"])}
-        group.update((name, int(row[name] or 0)) for name in COUNTED)
+        group.update((name, int(row[name] or 0)) for name in COUNTED[:-2])
+        group["cost_usd"] = float(row["cost_usd"]) if row["priced"] else None
         group.update(dict.fromkeys(map(percentile_name, PERCENTILES)))
         groups.append(group)
     if percentiles and groups:

@@ -40,6 +40,7 @@ from tenacity import (
 from capture.rows import Record, RowSet
 from storage.batch import StaleRowType, write_batch
 from storage.partitions import Partitions
+from storage.prices import Pricer, Prices
 from storage.redaction import Redactor
 from storage.schema import DAILY
 from storage.spool import Position, Spool
@@ -154,6 +155,7 @@ class HistoryWriter:
         retry_seconds: float,
         prepare: Callable[[], Awaitable[None]] | None = None,
         redactor: Redactor | None = None,
+        pricer: Pricer | None = None,
         partitions: Partitions | None = None,
         stalled_since: float | None = None,
     ) -> None:
@@ -166,6 +168,7 @@ class HistoryWriter:
         self.retry_seconds = retry_seconds
         self.prepare = prepare
         self.redactor = redactor or Redactor(())
+        self.pricer = pricer or Pricer(Prices(), {})
         self.partitions = partitions
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
@@ -391,7 +394,7 @@ class HistoryWriter:
             if behind and n % STEP_RECORDS == 0:
                 await asyncio.sleep(0)
             try:
-                rowsets.append((record, self.redactor.rows(record.rows())))
+                rowsets.append((record, self.pricer.rows(self.redactor.rows(record.rows()))))
             except Exception as error:  # a record we cannot shape is a bug: keep it aside
                 log.exception("could not build rows for record %s", record.id)
                 self._dead_letter(record, f"rows: {type(error).__name__}: {error}")

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -40,6 +40,7 @@ from capture.rows import Record
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
+from storage.prices import Pricer, Prices, read_prices_file
 from storage.redaction import Redactor
 from storage.spool import Spool
 from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
@@ -75,6 +76,9 @@ class WriterConfig:
     capture_content: bool
     shutdown_grace: float
     log_level: str
+    # The provider of each upstream, by name, for prices; and MES_PRICES_FILE.
+    providers: dict[str, str | None] = field(default_factory=dict)
+    prices_file: str | None = None
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
@@ -254,6 +258,10 @@ async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO
         retry_seconds=config.retry_seconds,
         prepare=prepare,
         redactor=Redactor(config.redact_patterns, capture_content=config.capture_content),
+        pricer=Pricer(
+            Prices(*read_prices_file(config.prices_file)) if config.prices_file else Prices(),
+            config.providers,
+        ),
         stalled_since=state["stalled_since_ms"] / 1000 or None,  # the writer before this one's
     )
     released = state["released_bytes"]  # by the writers before this one

@@ -105,6 +105,8 @@ async def fill(engine: AsyncEngine, total: int, owner: str = OWNER) -> dict[str,
                     "prompt_tokens": 20,
                     "completion_tokens": 5,
                     "total_tokens": 25,
+                    "cost_usd": 6e-06,  # gpt-4o-mini's price of these tokens
+                    "price_version": "genai-prices 0.2.3",
                     "status_code": 200,
                     "stream": index % 2 == 0,
                     "started_at": at,

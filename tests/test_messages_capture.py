@@ -7,6 +7,7 @@ storage grows linearly; keys go where they should."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import httpx2
 import orjson
 import pytest
 import pytest_asyncio
+from genai_prices import Usage, calc_price
 
 from fake_upstream.app import FakeUpstream
 from tests.in_process import ADMIN_KEY, Gateway, gateway
@@ -139,6 +141,17 @@ async def test_a_call_is_recorded_whole(site: Site) -> None:
         assert row["completion_tokens"] == usage.output_tokens
         assert row["total_tokens"] == row["prompt_tokens"] + usage.output_tokens
         assert orjson.loads(row["params"])["tools"] == TOOLS
+        own = calc_price(
+            Usage(
+                input_tokens=row["prompt_tokens"],
+                cache_write_tokens=cache_write,
+                output_tokens=usage.output_tokens,
+            ),
+            MODEL,
+            provider_id="anthropic",
+            genai_request_timestamp=row["started_at"].replace(tzinfo=UTC),
+        )
+        assert row["cost_usd"] == pytest.approx(float(own.total_price), rel=1e-3)
         thread = await _thread(site, row["conversation_id"])
         assert thread[0] == {"role": "system", "content": system}
         assert thread[1] == asked["messages"][0]

@@ -52,6 +52,8 @@ def rows(count: int) -> list[dict[str, Any]]:
                 "prompt_tokens": n % 50,
                 "completion_tokens": n % 13,
                 "total_tokens": n % 50 + n % 13,
+                # A model with no known price (here: none named) has no cost.
+                "cost_usd": None if n % 7 % 3 == 2 else (n % 50) * 1e-6 + (n % 13) * 4e-6,
                 "status_code": 429 if n % 31 == 0 else 200,
                 "stream": False,
                 "started_at": START + timedelta(minutes=7 * n),
@@ -81,6 +83,9 @@ def expected(made: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
             "prompt_tokens": sum(r["prompt_tokens"] for r in members),
             "completion_tokens": sum(r["completion_tokens"] for r in members),
             "total_tokens": sum(r["total_tokens"] for r in members),
+            "cost_usd": sum(costs)
+            if (costs := [r["cost_usd"] for r in members if r["cost_usd"] is not None])
+            else None,
         }
         for p in PERCENTILES:
             value = percentile(timed, p)
