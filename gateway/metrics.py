@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 _HELP = {
@@ -33,9 +33,15 @@ class Metrics:
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
     # counters kept by another process (the history writer's), added in when rendered
     shared: Callable[[], dict[str, int]] | None = None
+    costs: dict[str, float] = field(default_factory=dict)  # dollars by model
+    shared_costs: Callable[[], dict[str, float]] | None = None  # the writer process's
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
+
+    def add_costs(self, costs: Mapping[str, float]) -> None:
+        for model, usd in costs.items():
+            self.costs[model] = self.costs.get(model, 0.0) + usd
 
     def render(self) -> str:
         lines = []
@@ -45,7 +51,19 @@ class Metrics:
             lines.append(f"# HELP mes_{name}_total {_HELP.get(name, name)}")
             lines.append(f"# TYPE mes_{name}_total counter")
             lines.append(f"mes_{name}_total {value}")
+        costs = dict(self.costs)
+        for model, usd in (self.shared_costs() if self.shared_costs is not None else {}).items():
+            costs[model] = costs.get(model, 0.0) + usd
+        lines.append("# HELP mes_cost_usd_total Dollars spent, by model, on the records written.")
+        lines.append("# TYPE mes_cost_usd_total counter")
+        for model, usd in sorted(costs.items()):
+            lines.append(f'mes_cost_usd_total{{model="{_label(model)}"}} {usd!r}')
         for name, read in self.gauges.items():
             lines.append(f"# TYPE mes_{name} gauge")
             lines.append(f"mes_{name} {read()}")
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslashes, quotes and newlines escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -149,6 +149,7 @@ async def running(
     spool.open()
     writer = WriterProcess(writer_config(settings), spool, registry)
     registry.shared = writer.counters
+    registry.shared_costs = writer.costs
     writer.start()  # its imports overlap the main database's setup
     registry.gauges["queue_depth"] = lambda: writer.depth
     registry.gauges["spool_bytes"] = lambda: spool.pending_bytes

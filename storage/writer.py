@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Protocol
@@ -53,6 +53,10 @@ class Counter(Protocol):
     the gateway's metrics, or the shared memory a writer process reports through."""
 
     def inc(self, name: str, amount: int = 1) -> None: ...
+
+    def add_costs(self, costs: Mapping[str, float]) -> None:
+        """Dollars spent, by model, on the records just written."""
+        ...
 
 
 Decode = Callable[[bytes], Record]
@@ -412,6 +416,7 @@ class HistoryWriter:
                     await self._write_one(record, rows)
                 return
             self.metrics.inc("records_written", len(rowsets))
+            self._count_costs([rows for _, rows in rowsets])
         except Exception:
             log.exception("history writer failed on a batch of %d", size)
             self.metrics.inc("records_failed", size)
@@ -424,6 +429,17 @@ class HistoryWriter:
             self._dead_letter(record, f"{type(error).__name__}: {error}")
             return
         self.metrics.inc("records_written")
+        self._count_costs([rows])
+
+    def _count_costs(self, rowsets: list[RowSet]) -> None:
+        costs: dict[str, float] = {}
+        for rowset in rowsets:
+            row = rowset.completion
+            if row is not None and row["cost_usd"] is not None:
+                model = row["response_model"] or row["requested_model"] or ""
+                costs[model] = costs.get(model, 0.0) + row["cost_usd"]
+        if costs:
+            self.metrics.add_costs(costs)
 
     def _dead_letter(self, record: Record, reason: str) -> None:
         try:

@@ -30,10 +30,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
+
+import orjson
 
 from capture.codec import from_entry, to_entry
 from capture.rows import Record
@@ -55,8 +58,11 @@ COUNTERS = (
     "records_failed",
     "write_retries",
 )
-_FIELDS = (*COUNTERS, "released_bytes", "ready", "stalled_since_ms")
+_FIELDS = (*COUNTERS, "released_bytes", "ready", "stalled_since_ms", "costs_seq", "costs_length")
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
+COSTS_BYTES = 65536  # the costs by model, as JSON, after the integers
+_BLOB_AT = 8 * len(_FIELDS)
+_SIZE = _BLOB_AT + COSTS_BYTES
 RESTART_SECONDS = 1.0
 
 
@@ -86,18 +92,41 @@ class WriterConfig:
 
 class SharedState:
     """A few 64-bit integers in shared memory (a ``memfd``): the child writes them, the
-    gateway reads them. An aligned 8-byte store is atomic, so a reader sees a whole value."""
+    gateway reads them. An aligned 8-byte store is atomic, so a reader sees a whole value.
+    After them, the dollars spent by model, as JSON, behind a sequence number the child
+    makes odd while it writes them (a reader that sees it odd, or changed, reads again)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, 8 * len(_FIELDS))
-        self._values = memoryview(self._map).cast("q")
+        self._map = mmap.mmap(fd, _SIZE)
+        self._values = memoryview(self._map)[:_BLOB_AT].cast("q")
 
     @classmethod
     def create(cls) -> SharedState:
         fd = os.memfd_create("mes-writer-state")
-        os.ftruncate(fd, 8 * len(_FIELDS))
+        os.ftruncate(fd, _SIZE)
         return cls(fd)
+
+    def write_costs(self, costs: Mapping[str, float]) -> None:
+        blob = orjson.dumps(costs)
+        if len(blob) > COSTS_BYTES:  # thousands of model names: the costliest that fit
+            kept = dict(sorted(costs.items(), key=lambda item: -item[1])[:500])
+            blob = orjson.dumps(kept)[:COSTS_BYTES]
+        self["costs_seq"] += 1
+        self._map[_BLOB_AT : _BLOB_AT + len(blob)] = blob
+        self["costs_length"] = len(blob)
+        self["costs_seq"] += 1
+
+    def read_costs(self) -> dict[str, float]:
+        for _ in range(100):
+            before = self["costs_seq"]
+            if before % 2:
+                continue
+            blob = self._map[_BLOB_AT : _BLOB_AT + self["costs_length"]]
+            if self["costs_seq"] == before:
+                found: dict[str, float] = orjson.loads(blob) if blob else {}
+                return found
+        return {}
 
     def __getitem__(self, name: str) -> int:
         return int(self._values[_INDEX[name]])
@@ -114,9 +143,15 @@ class SharedCounter:
 
     def __init__(self, state: SharedState) -> None:
         self.state = state
+        self.costs = state.read_costs()  # the writer before this one's
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.state[name] += amount
+
+    def add_costs(self, costs: Mapping[str, float]) -> None:
+        for model, usd in costs.items():
+            self.costs[model] = self.costs.get(model, 0.0) + usd
+        self.state.write_costs(self.costs)
 
 
 class WriterProcess:
@@ -137,6 +172,10 @@ class WriterProcess:
     def counters(self) -> dict[str, int]:
         """What the writer process has counted (records written, retries, ...)."""
         return self.state.counters()
+
+    def costs(self) -> dict[str, float]:
+        """The dollars spent by model on the records the writer process wrote."""
+        return self.state.read_costs()
 
     @property
     def ready(self) -> bool:

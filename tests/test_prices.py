@@ -108,6 +108,7 @@ async def test_records_and_statistics_carry_their_cost(tmp_path: Path) -> None:
         listed = await site.client.get("/admin/stats?by=model", headers=admin)
         by_model = {row["key"]: row for row in listed.json()["data"]}
         rows = {row["requested_model"]: row for row in await site.history.completions()}
+        metrics = (await site.client.get("/metrics")).text
     known = rows["gpt-4o"]
     usage = orjson.loads(known["usage"])
     own = calc_price(
@@ -129,3 +130,12 @@ async def test_records_and_statistics_carry_their_cost(tmp_path: Path) -> None:
     stats: dict[str, Any] = by_model
     assert stats["gpt-4o-2024-08-06"]["cost_usd"] == pytest.approx(known["cost_usd"])
     assert stats["mystery-model-2024-08-06"]["cost_usd"] is None
+    counted = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mes_cost_usd_total{")
+    }
+    assert counted == {
+        "gpt-4o-2024-08-06": pytest.approx(known["cost_usd"]),
+        "local-llama-2024-08-06": pytest.approx(local["cost_usd"]),
+    }
