@@ -173,11 +173,11 @@ class ChatExchange(Exchange):
             system_fingerprint=short(answer.system_fingerprint, columns.NAME),
         )
         conversation = self.conversation_row(
-            conversation_id, _title(messages), self.conversation_header
+            conversation_id, title(messages), self.conversation_header
         )
         return RowSet(
             {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
-            resent=_resent(messages),
+            resent=resent_count(messages),
             nul_free=self.nul_free,
         )
 
@@ -309,19 +309,24 @@ def json_answer(
     )
 
 
-def _resent(messages: list[JSON]) -> int:
-    """How many messages, from the first, end with the request's last assistant message:
-    history a chat client resends, which the turn that answered it stored."""
+def is_assistant(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") == "assistant"
+
+
+def resent_count(messages: list[Any], answers: Callable[[Any], bool] = is_assistant) -> int:
+    """How many messages, from the first, end with the request's last one that ``answers``
+    (an assistant's message; for the Responses API, any output item): history a client
+    resends, which the turn that answered it stored."""
     for index in range(len(messages) - 1, -1, -1):
-        if messages[index].get("role") == "assistant":
+        if answers(messages[index]):
             return index + 1
     return 0
 
 
-def _title(messages: list[JSON]) -> str | None:
+def title(messages: list[Any]) -> str | None:
     """The first words of the first user message that has any."""
     for message in messages:
-        if message.get("role") == "user":
+        if isinstance(message, dict) and message.get("role") == "user":
             text = content_text(message)
             if text and (words := first_words(text)):
                 return words

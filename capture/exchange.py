@@ -54,7 +54,9 @@ class Exchange:
     error_message: str | None = None
     cut_short: str | None = None  # CLIENT_DISCONNECTED or UPSTREAM_DISCONNECTED
     upstream: str | None = None  # the name of the upstream that answered (or was tried last)
-    attempts: list[JSON] = field(default_factory=list)  # {upstream, status or error, ms}
+    # Every try ({upstream, status or error, ms}) where there was more than one; with one,
+    # none (``attempts_of`` gives that one).
+    attempts: list[JSON] = field(default_factory=list)
     # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
     nul_free: bool = field(default=False, compare=False)
 
@@ -188,6 +190,14 @@ class RequestLog:
             "attempts": json_or_none(self.attempts or None),
         }
         return RowSet({REQUEST_LOGS: [row]})
+
+
+def attempts_of(attempts: list[JSON] | None, upstream: str | None, status: int) -> list[JSON]:
+    """A record's tries, as the read APIs give them: those stored, or, where it took one
+    (none stored), that one: the upstream that answered and its status."""
+    if attempts:
+        return attempts
+    return [{"upstream": upstream, "status": status}] if upstream else []
 
 
 def route_of(path: str) -> str:

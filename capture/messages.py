@@ -26,8 +26,8 @@ import orjson
 from capture import columns
 from capture.answers import conversation_key, read_body
 from capture.api import Api, InvalidBody
-from capture.chain import ROOT, chain, content_text, exchange_key
-from capture.chat import first_words, parse_json_object
+from capture.chain import ROOT, chain, exchange_key
+from capture.chat import is_assistant, parse_json_object, resent_count, title
 from capture.exchange import UPSTREAM_DISCONNECTED, Exchange
 from capture.message_rows import message_row
 from capture.rows import (
@@ -113,12 +113,10 @@ class MessagesExchange(Exchange):
             upstream_created=None,
             system_fingerprint=None,
         )
-        conversation = self.conversation_row(
-            conversation_id, _title(sent), self.conversation_header
-        )
+        conversation = self.conversation_row(conversation_id, title(sent), self.conversation_header)
         return RowSet(
             {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
-            resent=_resent(sent),
+            resent=resent_count(sent),
             nul_free=self.nul_free,
         )
 
@@ -127,7 +125,7 @@ class MessagesExchange(Exchange):
         rule), else its own."""
         if self.conversation_header:
             return conversation_key(self.owner, self.conversation_header)
-        key = exchange_key(exchange, match_form, _is_assistant)
+        key = exchange_key(exchange, match_form, is_assistant)
         return self.id if key is None else conversation_key(self.owner, "messages", key)
 
     def _answer(self) -> Answer:
@@ -312,26 +310,6 @@ def _without_cache_marks(block: Any) -> Any:
     if isinstance(kept.get("content"), list):  # a tool result's blocks
         kept["content"] = [_without_cache_marks(part) for part in kept["content"]]
     return kept
-
-
-def _is_assistant(message: Any) -> bool:
-    return isinstance(message, dict) and message.get("role") == "assistant"
-
-
-def _resent(messages: list[Any]) -> int:
-    for index in range(len(messages) - 1, -1, -1):
-        if _is_assistant(messages[index]):
-            return index + 1
-    return 0
-
-
-def _title(messages: list[Any]) -> str | None:
-    for message in messages:
-        if isinstance(message, dict) and message.get("role") == "user":
-            text = content_text(message)
-            if text and (words := first_words(text)):
-                return words
-    return None
 
 
 def is_message_stop(event: bytes) -> bool:

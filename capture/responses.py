@@ -26,8 +26,8 @@ import orjson
 from capture import columns
 from capture.answers import conversation_key, read_body
 from capture.api import Api, InvalidBody
-from capture.chain import ROOT, chain, content_text, exchange_key
-from capture.chat import first_words, parse_json_object
+from capture.chain import ROOT, chain, exchange_key
+from capture.chat import parse_json_object, resent_count, title
 from capture.exchange import UPSTREAM_DISCONNECTED, Exchange
 from capture.message_rows import message_row
 from capture.rows import (
@@ -132,11 +132,11 @@ class ResponsesExchange(Exchange):
             system_fingerprint=None,
         )
         conversation = self.conversation_row(
-            conversation_id, _title(items), self._named_conversation()
+            conversation_id, title(items), self._named_conversation()
         )
         return RowSet(
             {COMPLETIONS: [completion], CONVERSATIONS: [conversation], MESSAGES: message_rows},
-            resent=_resent(items),
+            resent=resent_count(items, is_output),
             nul_free=self.nul_free,
             follows=previous if previous and self._named_conversation() is None else None,
         )
@@ -418,25 +418,6 @@ def continuation_key(items: list[Any]) -> str | None:
     first item of an answer (in match form; reasoning left out). None when there is none.
     A first request with its answer, and every later request that resends them, share it."""
     return exchange_key(items, match_form, is_output)
-
-
-def _resent(items: list[Any]) -> int:
-    """How many items, from the first, end with the request's last output item: an earlier
-    answer a stateless client sends back, stored already by the turn that answered it."""
-    for index in range(len(items) - 1, -1, -1):
-        if is_output(items[index]):
-            return index + 1
-    return 0
-
-
-def _title(items: list[Any]) -> str | None:
-    """The first words of the first user message that has any."""
-    for item in items:
-        if isinstance(item, dict) and item.get("role") == "user":
-            text = content_text(item)
-            if text and (words := first_words(text)):
-                return words
-    return None
 
 
 def is_terminal(event: bytes) -> bool:

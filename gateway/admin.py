@@ -26,6 +26,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from capture.exchange import attempts_of
 from gateway import admin_models as m
 from gateway.auth import presented_key
 from gateway.completion_objects import fine_tuning_example, stored_json
@@ -193,7 +194,9 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 def _completion(row: RowMapping) -> dict[str, Any]:
     record = {**_plain(row), "user_id": row["owner"], "params": stored_json(row["params"])}
     record["metadata"] = stored_json(row["metadata"])
-    record["attempts"] = stored_json(row["attempts"])
+    record["attempts"] = attempts_of(
+        stored_json(row["attempts"]), row["upstream"], row["status_code"]
+    )
     return record
 
 
@@ -352,7 +355,13 @@ async def list_request_logs(
         )
     return _page(
         [
-            {**_plain(r), "user_id": r["owner"], "attempts": stored_json(r["attempts"])}
+            {
+                **_plain(r),
+                "user_id": r["owner"],
+                "attempts": attempts_of(
+                    stored_json(r["attempts"]), r["upstream"], r["status_code"]
+                ),
+            }
             for r in page.rows
         ],
         page.has_more,

@@ -97,7 +97,11 @@ class Attempt(BaseModel):
     upstream: str
     status: int | None = None
     error: str | None = Field(default=None, description="upstream_unreachable or upstream_timeout.")
-    ms: float = Field(description="Milliseconds until the answer's head, or the error.")
+    ms: float | None = Field(
+        default=None,
+        description="Milliseconds until the answer's head, or the error; kept where a "
+        "record took more than one try.",
+    )
 
 
 class Completion(BaseModel):
@@ -148,7 +152,7 @@ class Completion(BaseModel):
     upstream: str | None = Field(
         description="The upstream that answered, as UPSTREAMS names it (default: the one)."
     )
-    attempts: list[Attempt] | None = Field(
+    attempts: list[Attempt] = Field(
         description="Every upstream tried, in order: the last one answered."
     )
 
@@ -181,7 +185,7 @@ class RequestLog(BaseModel):
     user_agent: str | None
     started_at: Timestamp
     upstream: str | None
-    attempts: list[Attempt] | None
+    attempts: list[Attempt]
 
 
 class Conversation(BaseModel):

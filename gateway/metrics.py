@@ -57,7 +57,7 @@ class Metrics:
         lines.append("# HELP mes_cost_usd_total Dollars spent, by model, on the records written.")
         lines.append("# TYPE mes_cost_usd_total counter")
         for model, usd in sorted(costs.items()):
-            lines.append(f'mes_cost_usd_total{{model="{_label(model)}"}} {usd!r}')
+            lines.append(f'mes_cost_usd_total{{model="{_label(model)}"}} {round(usd, 12)!r}')
         for name, read in self.gauges.items():
             lines.append(f"# TYPE mes_{name} gauge")
             lines.append(f"mes_{name} {read()}")

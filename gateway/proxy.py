@@ -87,11 +87,8 @@ class Proxy:
         headers: Headers = scope["headers"]
         path: str = scope["path"]
         try:
-            caller = await self.authenticator.identify(
-                header(headers, b"authorization"),
-                header(headers, b"api-key") or header(headers, b"x-api-key"),
-            )
-            length = header(headers, b"content-length")
+            authorization, key, length = _read_heads(headers)
+            caller = await self.authenticator.identify(authorization, key)
             body = await read_body(
                 receive,
                 self.settings.max_body_bytes,
@@ -100,9 +97,10 @@ class Proxy:
             api = captured(scope["method"], path)
             if api is not None:
                 request = _parse(api, body)
-                chain = self._chain(path, request.get("model"))
-            elif self.router.single:
+            if self.router.single:
                 chain = self.router.upstreams
+            elif api is not None:
+                chain = self._chain(path, request.get("model"))
             elif scope["method"] == "GET" and path == "/v1/models":
                 chain = ()  # the gateway answers: the lists of every upstream, merged
             else:
@@ -142,11 +140,13 @@ class Proxy:
     ) -> UpstreamResponse:
         """The answer of the first upstream of ``chain`` that gives one, trying the next
         while one cannot be reached, does not answer in time, or answers 429 or 5xx (the
-        last one's answer, whatever it is, goes to the client). Each try is noted in the
-        record's ``attempts``; nothing has gone to the client yet."""
+        last one's answer, whatever it is, goes to the client); nothing has gone to the
+        client yet. The record names the upstream; where it took more than one try, its
+        ``attempts`` list them all (one try, the common case, costs no list)."""
         path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string", b"")
         last = len(chain) - 1
+        attempts = record.attempts
         for index, upstream in enumerate(chain):
             began = time.perf_counter()
             record.upstream = upstream.name
@@ -159,18 +159,20 @@ class Proxy:
                 )
             except (UpstreamUnreachable, UpstreamTimeout) as error:
                 self.metrics.inc("upstream_errors")
-                record.attempts.append(
-                    {"upstream": upstream.name, "error": error.code, "ms": _rounded(began)}
-                )
+                attempts.append({"upstream": upstream.name, "error": error.code, "ms": _ms(began)})
                 if index == last:
                     raise
                 self.metrics.inc("upstream_failovers")
                 continue
-            record.attempts.append(
-                {"upstream": upstream.name, "status": response.status, "ms": _rounded(began)}
-            )
             if index == last or response.status not in _RETRIED:
+                if attempts:
+                    attempts.append(
+                        {"upstream": upstream.name, "status": response.status, "ms": _ms(began)}
+                    )
                 return response
+            attempts.append(
+                {"upstream": upstream.name, "status": response.status, "ms": _ms(began)}
+            )
             response.close()
             self.metrics.inc("upstream_failovers")
         raise AssertionError("a chain has at least one upstream")
@@ -463,6 +465,24 @@ class Proxy:
             return None
 
 
+def _read_heads(headers: Headers) -> tuple[str | None, str | None, str | None]:
+    """The headers the proxy reads before anything else, in one pass: ``Authorization``,
+    the key of ``api-key`` (Azure's clients) or ``x-api-key`` (Anthropic's), and
+    ``Content-Length``. ASGI servers give header names in lower case."""
+    authorization = key = length = None
+    for name, value in headers:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value.decode("latin-1")
+        elif name in _KEY_HEADERS and key is None:
+            key = value.decode("latin-1")
+    return authorization, key, length
+
+
+_KEY_HEADERS = frozenset({b"api-key", b"x-api-key"})
+
+
 def _model_of(path: str, headers: Headers, body: bytes) -> str | None:
     """The model a request the gateway does not capture is for, to route it: ``model`` in
     a JSON body (``/v1/messages/count_tokens``), or the id in ``/v1/models/{id}``."""
@@ -478,7 +498,7 @@ def _model_of(path: str, headers: Headers, body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _rounded(began: float) -> float:
+def _ms(began: float) -> float:
     return round((time.perf_counter() - began) * 1000.0, 3)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from gateway.asgi import Headers
@@ -67,7 +68,7 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
-    @property
+    @cached_property
     def credentials(self) -> tuple[bytes, bytes] | None:
         """The header that carries the gateway's own key upstream, in managed mode."""
         if self.api_key is None:

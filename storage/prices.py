@@ -264,7 +264,8 @@ class Pricer:
         )
         provider = self.providers.get(row.get("upstream") or "default")
         model = row.get("response_model") or row.get("requested_model")
-        return self.prices.cost(provider, model, tokens, row["started_at"].date())
+        cost, version = self.prices.cost(provider, model, tokens, row["started_at"].date())
+        return (None if cost is None else round(cost, 12)), version  # to 1e-12 dollars
 
 
 _SOME_AUDIO = re.compile(r'"audio_tokens":\s*[1-9]')

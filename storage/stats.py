@@ -89,7 +89,7 @@ async def usage_stats(
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"):
             group[name] = int(group[name] or 0)
         # The cost of the priced ones; none at all where none was priced (never 0).
-        group["cost_usd"] = float(group["cost_usd"]) if group.pop("priced") else None
+        group["cost_usd"] = round(float(group["cost_usd"]), 12) if group.pop("priced") else None
         for p in PERCENTILES:
             value = group[percentile_name(p)]
             group[percentile_name(p)] = None if value is None else round(float(value), 3)

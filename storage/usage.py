@@ -143,7 +143,7 @@ async def daily_usage(
     for row in (await connection.execute(query)).mappings():
         group: dict[str, Any] = {"key": _key(by, row["key"])}
         group.update((name, int(row[name] or 0)) for name in COUNTED[:-2])
-        group["cost_usd"] = float(row["cost_usd"]) if row["priced"] else None
+        group["cost_usd"] = round(float(row["cost_usd"]), 12) if row["priced"] else None
         group.update(dict.fromkeys(map(percentile_name, PERCENTILES)))
         groups.append(group)
     if percentiles and groups:

@@ -122,6 +122,6 @@ async def test_a_stream_broken_after_its_first_byte_is_not_retried(
             await history.close()
     assert row["upstream"] == "breaking"
     assert row["finish_reason"] == "upstream_disconnected"
-    assert [a["upstream"] for a in orjson.loads(row["attempts"])] == ["breaking"]
+    assert row["attempts"] is None  # one try, never a second
     to_good = httpx.get(upstreams["good"].root + "/_fake/requests").json()
     assert not [r for r in to_good if "flaky-1" in r["body"]]  # never sent on

@@ -222,6 +222,13 @@ async def test_a_coding_loop_is_one_conversation_stored_linearly(site: Site) -> 
     resent = sum(row["request_message_count"] + 1 for row in rows)
     assert stored <= 1 + 4 * turns < resent / 2, (stored, resent)
     assert rows[-1]["cached_tokens"] > 0  # later turns read the cache
+    async with await site.gateway.signed_in(ADMIN_KEY) as browser:
+        page = await browser.get(f"/ui/conversations/{rows[0]['conversation_id']}")
+    assert page.status_code == 200
+    call = next(b for m in history for b in m["content"] if b["type"] == "tool_use")
+    assert f'<strong>read_file</strong> <span class="muted">{call["id"]}</span>' in page.text
+    assert f"result of {call['id']}" in page.text
+    assert "You are a coding agent." in page.text
 
 
 async def test_keys_go_where_they_should(site: Site) -> None:
