@@ -14,6 +14,12 @@ assistant message it is (``{"role": "assistant", "content": [blocks]}``). A conv
 continues by chat's rule: a request that resends an earlier exchange lands in its
 conversation, recognised by what a client keeps when it sends it back (the cache markers
 Claude Code moves from turn to turn, and the thinking blocks a client may drop, do not count).
+
+The cache markers (``cache_control``) are not stored in the messages: Claude Code puts one
+on each turn's newest message and moves it on the next turn, which would store that message
+twice, with the answer after it. The record keeps where they were (``MARKS`` in its
+parameters), and ``with_marks`` puts them back: the request is rebuilt as it was sent, and a
+turn stores its new message and its answer, as a chat turn does.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ class MessagesExchange(Exchange):
 
     def rows(self) -> RowSet:
         answer = self._answer()
-        sent = request_messages(self.request)
+        sent, marks = unmarked(request_messages(self.request))
         linked = list(chain(sent))
         request_hash = linked[-1][0] if linked else None
         reply = [{"role": "assistant", "content": answer.content}] if answer.replied else []
@@ -82,6 +88,8 @@ class MessagesExchange(Exchange):
             for digest, parent, message in linked + answered
         ]
         params = {k: v for k, v in self.request.items() if k not in ("messages", "system")}
+        if marks:
+            params[MARKS] = marks
         usage = answer.usage
         fresh = integer(usage.get("input_tokens"))
         written = integer(usage.get("cache_creation_input_tokens"))
@@ -310,6 +318,61 @@ def _without_cache_marks(block: Any) -> Any:
     if isinstance(kept.get("content"), list):  # a tool result's blocks
         kept["content"] = [_without_cache_marks(part) for part in kept["content"]]
     return kept
+
+
+# The parameter a record keeps its request's cache markers in: [message, block, marker], or
+# [message, block, part, marker] for a part of a tool result's content. Not an API field.
+MARKS = "__cache_marks"
+
+
+def unmarked(messages: list[Any]) -> tuple[list[Any], list[list[Any]]]:
+    """The messages without their blocks' ``cache_control``, and where each was."""
+    marks: list[list[Any]] = []
+    bare: list[Any] = []
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or b"cache_control" not in orjson.dumps(content):
+            bare.append(message)
+            continue
+        blocks = []
+        for b, block in enumerate(content):
+            if isinstance(block, dict) and "cache_control" in block:
+                marks.append([m, b, block["cache_control"]])
+                block = {k: v for k, v in block.items() if k != "cache_control"}
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(inner, list):
+                parts = []
+                for p, part in enumerate(inner):
+                    if isinstance(part, dict) and "cache_control" in part:
+                        marks.append([m, b, p, part["cache_control"]])
+                        part = {k: v for k, v in part.items() if k != "cache_control"}
+                    parts.append(part)
+                block = {**block, "content": parts}
+            blocks.append(block)
+        bare.append({**message, "content": blocks})
+    return bare, marks
+
+
+def with_marks(messages: list[Any], marks: Any) -> list[Any]:
+    """``messages`` with the cache markers ``unmarked`` took out put back where they were."""
+    if not isinstance(marks, list) or not marks:
+        return messages
+    marked = list(messages)
+    for mark in marks:
+        if not isinstance(mark, list) or len(mark) not in (3, 4):
+            continue
+        m, b = mark[0], mark[1]
+        try:
+            message = marked[m] = {**marked[m], "content": list(marked[m]["content"])}
+            block = message["content"][b] = dict(message["content"][b])
+            if len(mark) == 3:
+                block["cache_control"] = mark[2]
+            else:
+                parts = block["content"] = list(block["content"])
+                parts[mark[2]] = {**parts[mark[2]], "cache_control": mark[3]}
+        except (IndexError, KeyError, TypeError):
+            continue  # a message the record no longer holds (its content dropped)
+    return marked
 
 
 def is_message_stop(event: bytes) -> bool:

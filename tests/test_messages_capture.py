@@ -153,7 +153,17 @@ async def test_a_call_is_recorded_whole(site: Site) -> None:
         )
         assert row["cost_usd"] == pytest.approx(float(own.total_price), rel=1e-3)
         thread = await _thread(site, row["conversation_id"])
-        assert thread[0] == {"role": "system", "content": system}
+        # stored without its cache marker; the request, rebuilt, has it back
+        assert thread[0] == {
+            "role": "system",
+            "content": [{"type": "text", "text": "You edit code."}],
+        }
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        detail = await site.gateway.client.get(f"/admin/completions/{row['id']}", headers=admin)
+        assert detail.json()["request"] == [
+            {"role": "system", "content": system},
+            *asked["messages"],
+        ]
         assert thread[1] == asked["messages"][0]
         assert thread[2] == {
             "role": "assistant",
@@ -190,6 +200,7 @@ async def test_a_coding_loop_is_one_conversation_stored_linearly(site: Site) -> 
     before = await site.settled()
     system = [{"type": "text", "text": "You are a coding agent.", "cache_control": CACHED}]
     history: list[dict[str, Any]] = []
+    requests: list[list[dict[str, Any]]] = []
     client = site.client()
     turns = 16
     for turn in range(turns):
@@ -199,6 +210,7 @@ async def test_a_coding_loop_is_one_conversation_stored_linearly(site: Site) -> 
         last = dict(sent[-1])
         last["content"] = [{**block, "cache_control": CACHED} for block in last["content"]]
         sent[-1] = last
+        requests.append([{"role": "system", "content": system}, *sent])
         answer = await client.messages.create(
             model=MODEL, max_tokens=300, system=system, tools=TOOLS, messages=sent
         )
@@ -215,12 +227,15 @@ async def test_a_coding_loop_is_one_conversation_stored_linearly(site: Site) -> 
         f"/admin/conversations/{rows[0]['conversation_id']}", headers=admin
     )
     assert conversation.json()["completion_count"] == turns
-    # A turn adds its message and answer, and, as the marker moved on, the message it had
-    # marked and the answer after it once more, unmarked: at most four rows a turn, where
-    # storing what each turn resent would take the sum of their lengths.
+    # Every message once, whichever turn carried its cache marker: what each turn resent
+    # would have taken the sum of their lengths.
     stored = conversation.json()["message_count"]
-    resent = sum(row["request_message_count"] + 1 for row in rows)
-    assert stored <= 1 + 4 * turns < resent / 2, (stored, resent)
+    assert stored == 1 + len(history)
+    assert stored < sum(row["request_message_count"] + 1 for row in rows) / 4
+    for row, sent in zip(rows, requests, strict=True):  # each request as sent, markers too
+        detail = await site.gateway.client.get(f"/admin/completions/{row['id']}", headers=admin)
+        assert detail.json()["request"] == sent
+        assert "__cache_marks" not in detail.json()["params"]
     assert rows[-1]["cached_tokens"] > 0  # later turns read the cache
     async with await site.gateway.signed_in(ADMIN_KEY) as browser:
         page = await browser.get(f"/ui/conversations/{rows[0]['conversation_id']}")
