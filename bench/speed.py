@@ -5,7 +5,9 @@
 
 Starts the fake upstream (its own process) and, one after another, the gateway (one worker)
 in each configuration: capture on into SQLite, capture on into PostgreSQL (a throwaway
-server, durable settings), capture off (``MES_CAPTURE=false``). For each it runs:
+server, durable settings), capture off (``MES_CAPTURE=false``); on demand, SQLite with
+redaction patterns (``sqlite-redacting``) or with content capture off (``sqlite-no-content``),
+where the gateway shapes and redacts each record before its spool. For each it runs:
 
 - wrk (closed loop, keep-alive) for throughput and latency at concurrency 1, 16 and 64,
   non-streamed and streamed, with a ~1 KB prompt; and at concurrency 16 with 20 KB and
@@ -217,10 +219,18 @@ def drained(gateway: GatewayProcess, timeout: float = 300.0) -> dict[str, float]
         time.sleep(0.2)
 
 
+# What an operator might keep out of the history: card numbers and other people's keys.
+REDACTING = r'["\\b(?:\\d[ -]?){15}\\d\\b", "sk-[A-Za-z0-9_-]{20,}"]'
+
+
 @contextmanager
 def history_database(kind: str, workdir: Path) -> Iterator[dict[str, str]]:
     if kind == "sqlite":
         yield {"MES_SQLITE_PATH": str(workdir / "history.db")}
+    elif kind == "sqlite-redacting":  # records shaped and redacted by the gateway
+        yield {"MES_SQLITE_PATH": str(workdir / "history.db"), "MES_REDACT_PATTERNS": REDACTING}
+    elif kind == "sqlite-no-content":
+        yield {"MES_SQLITE_PATH": str(workdir / "history.db"), "MES_CAPTURE_CONTENT": "false"}
     elif kind == "off":
         yield {"MES_CAPTURE": "false", "MES_SQLITE_PATH": str(workdir / "main.db")}
     else:
@@ -350,7 +360,7 @@ def main() -> None:
         "--configs",
         nargs="+",
         default=["postgresql", "sqlite", "off"],
-        choices=["postgresql", "sqlite", "off"],
+        choices=["postgresql", "sqlite", "off", "sqlite-redacting", "sqlite-no-content"],
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])

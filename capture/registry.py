@@ -9,6 +9,7 @@ from types import MappingProxyType
 from capture import chat, completions, embeddings, messages, responses
 from capture.api import Api
 from capture.exchange import Exchange, RequestLog
+from capture.shaped import Shaped
 
 ROUTES: Mapping[tuple[str, str], Api] = MappingProxyType(
     {
@@ -20,8 +21,13 @@ ROUTES: Mapping[tuple[str, str], Api] = MappingProxyType(
     }
 )
 
-RECORD_KINDS: Mapping[str, type[Exchange] | type[RequestLog]] = MappingProxyType(
-    {RequestLog.kind: RequestLog, **{api.kind: api.record for api in ROUTES.values()}}
+# A record spooled as its rows (by a gateway that redacts) is one more kind.
+RECORD_KINDS: Mapping[str, type[Exchange] | type[RequestLog] | type[Shaped]] = MappingProxyType(
+    {
+        RequestLog.kind: RequestLog,
+        Shaped.kind: Shaped,
+        **{api.kind: api.record for api in ROUTES.values()},
+    }
 )
 
 

@@ -35,6 +35,8 @@ class RowSet:
     # ``previous_response_id``), in the record owner's history: the writer moves the rows
     # into that answer's conversation, after its last message (``moved``).
     follows: str | None = None
+    # Redaction and ``MES_CAPTURE_CONTENT=false`` were applied (``capture/redaction.py``).
+    redacted: bool = field(default=False, compare=False)
 
     def moved(self, conversation_id: str, parent_hash: str) -> RowSet:
         """These rows in another conversation, their message chain hung under

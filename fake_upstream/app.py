@@ -7,6 +7,7 @@ gateway forwards them):
 - ``X-Fake-First-Byte-Delay: s``  seconds before the response starts
 - ``X-Fake-Chunk-Delay: s``       seconds between two SSE events
 - ``X-Fake-Status: 429``          answer that status with OpenAI's error body
+- ``X-Fake-Error-Message: text``  ... whose message is that text (an upstream quoting a request)
 - ``X-Fake-Reset-After: K``       streams only: send K events, then break the connection
 - ``X-Fake-Hang: s``              sleep that long (at most 120) before answering
 - ``X-Fake-Response-Status: incomplete|failed``  ``/v1/responses``: end the response so
@@ -94,10 +95,10 @@ class FakeUpstream:
         await _pause(headers.get(b"x-fake-first-byte-delay"), cap=60.0)
         if b"x-fake-status" in headers:
             status = int(headers[b"x-fake-status"])
+            said = headers.get(b"x-fake-error-message")
             anthropic = path.startswith("/v1/messages")
-            await _send(
-                send, status, (messages_api.error if anthropic else responses.error)(status)
-            )
+            error = messages_api.error if anthropic else responses.error
+            await _send(send, status, error(status, said.decode() if said else None))
             return
         await self._route(
             method, path, body, headers, receive, send, scope.get("query_string", b"")

@@ -131,6 +131,39 @@ async def get_user(user_id: str, request: Request, actor: Actor) -> dict[str, An
     return _user(row)
 
 
+@router.patch("/users/{user_id}", response_model=m.User)
+async def update_user(
+    user_id: str, body: m.UserUpdate, request: Request, actor: Actor
+) -> dict[str, Any]:
+    """Change a user's name, email or metadata: the fields sent, and only those."""
+    changes = body.model_dump(include=body.model_fields_set)
+    async with _main(request).begin() as connection:
+        row = await accounts.update_user(connection, user_id, changes)
+        if row is None:
+            raise NotFound(f"No user '{user_id}'.")
+        fields = {"fields": sorted(changes)}  # which, not what: erasing the user erases all
+        await accounts.audit(connection, actor, "user.updated", user_id, fields)
+    return _user(row)
+
+
+@router.delete("/users/{user_id}", response_model=m.UserErased)
+async def erase_user(user_id: str, request: Request, actor: Actor) -> dict[str, Any]:
+    """Erase a user: their history (and what the by-day tables count of it), their keys,
+    name, email and metadata. The audit log keeps that a user was erased, not who."""
+    async with _main(request).begin() as connection:  # first, no more requests of theirs
+        if not await accounts.set_disabled(connection, user_id, True):
+            raise NotFound(f"No user '{user_id}'.")
+    services(request).authenticator.forget_all()
+    async with _history(request).begin() as connection:
+        deleted = await deletion.delete_owner_history(connection, Scope.of(user_id))
+    async with _main(request).begin() as connection:
+        if not await accounts.erase_user(connection, user_id):
+            raise NotFound(f"No user '{user_id}'.")
+        await accounts.audit(connection, actor, "user.erased", accounts.ERASED, _counts(deleted))
+    services(request).authenticator.forget_all()
+    return {"id": user_id, "erased": True, "history": deleted}
+
+
 async def _set_disabled(request: Request, actor: str, user_id: str, disabled: bool) -> Any:
     async with _main(request).begin() as connection:
         if not await accounts.set_disabled(connection, user_id, disabled):

@@ -60,6 +60,23 @@ class UserCreate(BaseModel):
     metadata: dict[Text, Text] | None = None
 
 
+class UserUpdate(BaseModel):
+    """What ``PATCH /admin/users/{id}`` changes: the fields sent (``null`` clears email and
+    metadata), nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Text | None = Field(default=None, min_length=1, max_length=255)
+    email: Text | None = Field(default=None, max_length=255)
+    metadata: dict[Text, Text] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str | None) -> str:
+        if name is None:  # sent as null: a user always has a name
+            raise ValueError("a user's name cannot be null")
+        return name
+
+
 class User(BaseModel):
     id: str
     name: str
@@ -286,6 +303,12 @@ class Deleted(BaseModel):
     conversations: int
     messages: int
     request_logs: int
+
+
+class UserErased(BaseModel):
+    id: str
+    erased: bool
+    history: Deleted
 
 
 class PruneRequest(BaseModel):

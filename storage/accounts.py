@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -77,6 +77,38 @@ async def set_disabled(connection: AsyncConnection, user_id: str, disabled: bool
     return bool(result.rowcount)
 
 
+async def update_user(
+    connection: AsyncConnection, user_id: str, changes: dict[str, Any]
+) -> RowMapping | None:
+    """Set the user's ``name``, ``email`` or ``metadata`` as ``changes`` gives them; the
+    user's row after, or None for no such user."""
+    values = {**changes}
+    if "metadata" in values and values["metadata"] is not None:
+        values["metadata"] = orjson.dumps(values["metadata"]).decode()
+    if values:
+        await connection.execute(update(users).where(users.c.id == user_id).values(values))
+    return await user(connection, user_id)
+
+
+async def erase_user(connection: AsyncConnection, user_id: str) -> bool:
+    """Erase the user from the main database: the user's row and keys go, and the audit
+    log keeps what was done to them, no longer whom (its entries about the user, or one
+    of their keys, lose their target and details). False for no such user."""
+    keys = [
+        row[0]
+        for row in await connection.execute(
+            select(api_keys.c.id).where(api_keys.c.user_id == user_id)
+        )
+    ]
+    await connection.execute(delete(api_keys).where(api_keys.c.user_id == user_id))
+    gone = await connection.execute(delete(users).where(users.c.id == user_id))
+    if not gone.rowcount:
+        return False
+    about = audit_log.c.target.in_([user_id, *keys])
+    await connection.execute(update(audit_log).where(about).values(target=ERASED, details=None))
+    return True
+
+
 async def issue_key(
     connection: AsyncConnection, user_id: str, name: str | None
 ) -> tuple[str, RowMapping]:
@@ -130,6 +162,10 @@ async def key_grant(connection: AsyncConnection, digest: str) -> KeyGrant | None
         return None
     user_id, revoked_at, disabled_at = row
     return KeyGrant(owner=user_id or digest, active=revoked_at is None and disabled_at is None)
+
+
+# Who an audit entry was about, once that user is erased.
+ERASED = "erased"
 
 
 async def audit(

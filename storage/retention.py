@@ -26,10 +26,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, bindparam, false, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from capture.redaction import without_content
 from storage import deletion
 from storage.deletion import Deleted, prune_step
 from storage.partitions import Partitions
-from storage.redaction import without_content
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
 

@@ -37,11 +37,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from capture.redaction import Redactor
 from capture.rows import Record, RowSet
 from storage.batch import StaleRowType, write_batch
 from storage.partitions import Partitions
 from storage.prices import Pricer, Prices
-from storage.redaction import Redactor
 from storage.schema import DAILY
 from storage.spool import Position, Spool
 

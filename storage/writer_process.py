@@ -38,13 +38,13 @@ from typing import IO
 
 import orjson
 
-from capture.codec import from_entry, to_entry
+from capture.codec import from_entry, shaped_entry, to_entry
+from capture.redaction import Redactor
 from capture.rows import Record
 from storage.database import create_engine, ensure_database, migrate
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.prices import Pricer, Prices, read_prices_file
-from storage.redaction import Redactor
 from storage.spool import Spool
 from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
 
@@ -168,6 +168,9 @@ class WriterProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._appended = 0
         self._supervisor: asyncio.Task[None] | None = None
+        redactor = Redactor(config.redact_patterns, capture_content=config.capture_content)
+        # Redacting, the gateway spools rows as they may be stored (capture/shaped.py).
+        self.encode = shaped_entry(redactor) if redactor.active else to_entry
 
     def counters(self) -> dict[str, int]:
         """What the writer process has counted (records written, retries, ...)."""
@@ -198,7 +201,7 @@ class WriterProcess:
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
-        if not spool_record(self.spool, self.metrics, to_entry, record):
+        if not spool_record(self.spool, self.metrics, self.encode, record):
             return False
         self._appended += 1
         return True

@@ -16,7 +16,7 @@ import openai
 import orjson
 import pytest
 from openai import OpenAI
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from storage.schema import completions
 from storage.stats import percentile
@@ -242,3 +242,73 @@ def test_a_gateway_loads_the_admin_api_and_the_viewer_on_their_first_request_onl
         [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
     )
     assert loaded.stdout.strip() == "[]"
+
+
+async def _dump(dsn: str) -> str:
+    """Every row of every table of the (one) database, as text."""
+    db = HistoryDB(dsn)
+    try:
+        parts = [await db.all_text()]
+        for table in ("users", "audit_log", "usage_daily", "latency_daily"):
+            parts.extend(repr(tuple(row)) for row in await db.rows(text(f"SELECT * FROM {table}")))
+        return "\n".join(parts)
+    finally:
+        await db.close()
+
+
+def test_a_user_updated_then_erased_leaves_nothing_of_theirs_and_the_others_as_they_were(
+    upstream: Any, history_dsn: str, tmp_path: Path
+) -> None:
+    with managed_gateway(upstream, history_dsn, tmp_path) as gateway:
+        admin = httpx.Client(base_url=gateway.url + "/admin", headers=ADMIN, timeout=60)
+        erin, frank = new_member(gateway, "erin"), new_member(gateway, "frank")
+        changed = admin.patch(
+            f"/users/{erin.user_id}",
+            json={"name": "Erin Quist", "email": "erin.quist@example.com", "metadata": {"t": "a"}},
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["name"] == "Erin Quist"
+        assert changed.json()["email"] == "erin.quist@example.com"
+        assert admin.patch(f"/users/{erin.user_id}", json={"email": None}).json() == {
+            **changed.json(),
+            "email": None,
+        }
+        assert admin.patch(f"/users/{erin.user_id}", json={"name": None}).status_code == 422
+        assert admin.patch(f"/users/{erin.user_id}", json={"role": "x"}).status_code == 422
+        assert admin.patch("/users/user_nobody", json={"name": "x"}).status_code == 404
+        admin.patch(f"/users/{erin.user_id}", json={"email": "erin.quist@example.com"})
+        for member, said in ((erin, "Erin's plans for Lisbon"), (frank, "Frank's question")):
+            client = OpenAI(base_url=gateway.base_url, api_key=member.key, max_retries=0)
+            for turn in range(2):
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"{said} {turn}"}]
+                )
+            client.models.list()
+        asyncio.run(recorded(history_dsn, 4))
+        before = admin.get("/stats", params={"by": "user"}).json()["data"]
+
+        erased = admin.delete(f"/users/{erin.user_id}")
+        assert erased.status_code == 200, erased.text
+        assert erased.json() == {
+            "id": erin.user_id,
+            "erased": True,
+            "history": {"completions": 2, "conversations": 2, "messages": 4, "request_logs": 1},
+        }
+        assert admin.delete(f"/users/{erin.user_id}").status_code == 404
+        assert admin.get(f"/users/{erin.user_id}").status_code == 404
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=gateway.base_url, api_key=erin.key, max_retries=0).models.list()
+        after = admin.get("/stats", params={"by": "user"}).json()["data"]
+        audit = admin.get("/audit", params={"limit": 100}).json()["data"]
+        dump = asyncio.run(_dump(history_dsn))
+    for trace in (erin.user_id, erin.key_id, "Erin", "erin.quist", "Lisbon"):
+        assert trace not in dump
+    assert "Frank's question 1" in dump
+    assert after == [row for row in before if row["key"] == frank.user_id] and len(before) == 2
+    actions = [entry["action"] for entry in audit]
+    assert actions.count("user.updated") == 3 and actions[0] == "user.erased"
+    erased_targets = [e["action"] for e in audit if e["target"] == "erased"]
+    assert sorted(erased_targets) == sorted(
+        ["user.erased", "user.created", "key.issued", *["user.updated"] * 3]
+    )
+    assert audit[0]["target"] == "erased" and audit[0]["details"]["completions"] == 2

@@ -382,7 +382,7 @@ def test_items_the_gateway_has_never_seen_are_kept_as_json() -> None:
 
 
 def test_with_content_off_a_responses_record_keeps_its_shape_and_nothing_said() -> None:
-    from storage.redaction import Redactor
+    from capture.redaction import Redactor
 
     output = {"type": "function_call_output", "call_id": "call_1", "output": "secret result"}
     rows = record(
@@ -404,7 +404,7 @@ def test_with_content_off_a_responses_record_keeps_its_shape_and_nothing_said() 
 
 
 def test_with_content_off_no_parameter_keeps_what_was_said() -> None:
-    from storage.redaction import Redactor
+    from capture.redaction import Redactor
 
     request = {
         "model": "m",
@@ -427,7 +427,7 @@ def test_with_content_off_no_parameter_keeps_what_was_said() -> None:
 
 
 def test_with_content_off_items_that_are_not_objects_are_kept_as_nothing() -> None:
-    from storage.redaction import Redactor
+    from capture.redaction import Redactor
 
     rows = record(
         ResponsesExchange, {"model": "m", "input": [1, "secret", None]}, response_body=b"{}"

@@ -55,4 +55,4 @@ def test_each_captured_route_has_a_record_kind_the_spool_reads_back() -> None:
     assert ("POST", "/v1/chat/completions") in ROUTES
     for api in ROUTES.values():
         assert RECORD_KINDS[api.kind] is api.record
-    assert len(set(RECORD_KINDS)) == len(RECORD_KINDS) == len(ROUTES) + 1  # and the log
+    assert len(set(RECORD_KINDS)) == len(RECORD_KINDS) == len(ROUTES) + 2  # log, shaped

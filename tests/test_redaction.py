@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from capture.chat import ChatExchange
+from capture.codec import from_entry, shaped_entry, to_entry
+from capture.redaction import Redactor
+from capture.rows import RowSet
+from capture.shaped import Shaped
 from gateway.settings import ConfigError, Settings
 from tests.gateway_process import GatewayProcess
 from tests.history_db import HistoryDB
@@ -92,3 +99,71 @@ async def test_with_capture_content_off_no_content_is_stored_and_turns_still_gro
     assert [m["role"] for m in rebuilt] == ["user", "assistant", "user"]
     assert all(m["content"] is None for m in [*rebuilt, answer])
     assert rows[-1]["total_tokens"] and rows[-1]["finish_reason"] == "stop"
+
+
+def _chat_record(**fields: Any) -> ChatExchange:
+    asked = {
+        "model": "m",
+        "n": 2,
+        "user": f"u {OTHER_KEY}",
+        "metadata": {"k": OTHER_KEY},
+        "messages": [{"role": "user", "content": f"card {CARD}"}],
+    }
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": f"{i}: {CARD}"}}
+            for i in range(2)
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
+    return ChatExchange(
+        owner="ann",
+        key_fingerprint="fp",
+        client_ip="127.0.0.1",
+        user_agent=f"agent {OTHER_KEY}",
+        conversation_header=None,
+        request=asked,
+        stream=False,
+        started_at=datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC),
+        status=200,
+        response_body=orjson.dumps(answer),
+        **fields,
+    )
+
+
+def test_a_redacting_gateway_spools_rows_with_nothing_that_matches_and_the_writer_keeps_them() -> (
+    None
+):
+    redactor = Redactor(orjson.loads(PATTERNS))
+    record = _chat_record(error_message=f"upstream quoted {CARD}")
+    entry = shaped_entry(redactor)(record)
+    assert CARD.encode() not in entry and OTHER_KEY.encode() not in entry
+    back = from_entry(entry)
+    assert isinstance(back, Shaped) and back.id == record.id
+    rows = back.rows()
+    assert rows.redacted and Redactor(orjson.loads(PATTERNS)).rows(rows) is rows  # not twice
+    expected = redactor.rows(record.rows())
+    completion, stored = rows.completion, expected.completion
+    assert completion is not None and stored is not None
+    assert completion == stored
+    assert rows.messages == expected.messages and rows.conversation == expected.conversation
+    assert completion["started_at"] == record.started_at
+    assert completion["error_message"] == "upstream quoted [REDACTED]"
+    assert completion["user_agent"] == completion["end_user"].replace("u ", "agent ")
+    assert "[REDACTED]" in completion["extra_choices"] and CARD not in completion["params"]
+    assert [m["content_text"] for m in rows.messages] == ["card [REDACTED]", "0: [REDACTED]"]
+
+
+def test_with_nothing_to_redact_records_are_spooled_as_they_came() -> None:
+    assert not Redactor(()).active
+    assert Redactor((), capture_content=False).active and Redactor(["x"]).active
+
+
+def test_a_shaped_record_with_an_integer_past_64_bits_is_spooled_without_it() -> None:
+    rowset = RowSet({"completions": [{"id": "a", "prompt_tokens": 2**70, "status_code": 200}]})
+    back = from_entry(to_entry(Shaped("a", rowset))).rows()
+    assert back.completion == {"id": "a", "prompt_tokens": None, "status_code": 200}
