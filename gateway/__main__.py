@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 import uvicorn
 
 from gateway.settings import VARIABLES, ConfigError, Settings
+from storage import logs
 
 
 def _version() -> str:
@@ -58,7 +59,8 @@ async def _migrate(settings: Settings) -> None:
     from storage.database import create_engine, ensure_database, migrate
 
     for target, dsn in (("main", settings.main_dsn), ("history", settings.history_dsn)):
-        engine = create_engine(await ensure_database(dsn), pool_size=1)
+        database = await ensure_database(dsn, settings.db_connect_timeout)
+        engine = create_engine(database, pool_size=1, connect_timeout=settings.db_connect_timeout)
         try:
             await migrate(engine, target)
         finally:
@@ -72,11 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except ConfigError as error:
         sys.exit(f"mes-gateway: {error}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.configure(settings.log_level, settings.log_format)
     if arguments.command == "migrate":
         asyncio.run(_migrate(settings))
         return
@@ -89,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
+        log_config=logs.config(settings.log_level, settings.log_format),  # in every worker
         access_log=False,
         proxy_headers=False,  # X-Forwarded-For is read by the gateway, from TRUSTED_PROXIES only
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,

@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 from capture.registry import ROUTES
 from gateway.asgi import Receive, Scope, Send
 from gateway.errors import GatewayError, NotFound, json_error
+from gateway.logs import RequestIds
 from gateway.services import Services, running, services
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
@@ -75,11 +76,12 @@ async def readyz(request: Request) -> Response:
         except Exception as error:  # any failure means "not ready"; the reason is reported
             databases[name] = f"unreachable: {type(error).__name__}"
     stalled = served.writer.stalled_seconds
-    ready = all(state == "ok" for state in databases.values())
+    ready = all(state == "ok" for state in databases.values()) and served.set_up
     ready = ready and stalled <= served.settings.stall_seconds
     body = {
         "status": "ready" if ready else "not ready",
         "databases": databases,
+        "set_up": served.set_up,  # created and migrated (or checked), both of them
         "queue_depth": served.writer.depth,
         "spool_bytes": served.writer.spool.pending_bytes,
         "writer_stalled_seconds": round(stalled, 1),
@@ -134,9 +136,12 @@ class OnFirstUse:
         await self._app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Gateway:
+def create_app(
+    settings: Settings | None = None, transport: Transport | None = None
+) -> Gateway | RequestIds:
     """The gateway, configured by ``settings`` (read from the environment when not given);
-    ``transport`` carries its requests upstream instead of its own pool (a test's fake)."""
+    ``transport`` carries its requests upstream instead of its own pool (a test's fake).
+    With ``LOG_FORMAT=json``, each request has an id (``gateway/logs.py``)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -144,7 +149,7 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
         async with running(settings, transport) as started:
             yield {"services": started}
 
-    return Gateway(
+    gateway = Gateway(
         Starlette(
             routes=[
                 # OpenAI's stored-completions API is served here; POST /v1/chat/completions and
@@ -183,3 +188,4 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             exception_handlers={GatewayError: json_error, HTTPException: json_error},
         )
     )
+    return RequestIds(gateway) if settings.log_format == "json" else gateway

@@ -32,7 +32,7 @@ from gateway.upstream_pool import UpstreamPool
 from storage import accounts
 from storage.accounts import KeyGrant
 from storage.batch import insert_ignore
-from storage.database import create_engine, ensure_database, migrate
+from storage.database import SchemaOutdated, check_schema, create_engine, prepare_schema
 from storage.dsn import parse_dsn
 from storage.partitions import Partitions
 from storage.prices import provider_of
@@ -42,6 +42,11 @@ from storage.writer import adopt
 from storage.writer_process import WriterConfig, WriterProcess
 
 log = logging.getLogger("mes.app")
+
+# The longest the gateway waits for its databases at start before it serves: a database
+# that refuses is known at once, one that does not answer within this is waited for in the
+# background (its DB_CONNECT_TIMEOUT bounds each try).
+START_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,18 @@ class Services:
     proxy: Proxy
     stored: StoredCompletions
     ui_sessions: Sessions
+    main_setup: asyncio.Task[None]  # the main database created and migrated (or checked)
+
+    @property
+    def set_up(self) -> bool:
+        """Both databases are created and at their schema: the history one by the writer."""
+        main = self.main_setup
+        return (
+            main.done()
+            and not main.cancelled()
+            and main.exception() is None
+            and (self.writer.ready)
+        )
 
     @property
     def engines(self) -> dict[str, AsyncEngine]:
@@ -101,7 +118,7 @@ def build_router(settings: Settings, transport: Transport | None = None) -> Rout
 def writer_config(settings: Settings) -> WriterConfig:
     return WriterConfig(
         history_dsn=settings.history_dsn,
-        pool_size=settings.db_pool_size,
+        pool=settings.pool,
         daily_partition=settings.mes_daily_partition,
         spool_dir=settings.spool_dir,
         spool_max_bytes=settings.spool_max_bytes,
@@ -112,11 +129,13 @@ def writer_config(settings: Settings) -> WriterConfig:
         capture_content=settings.capture_content,
         shutdown_grace=settings.shutdown_grace_seconds,
         log_level=settings.log_level,
+        log_format=settings.log_format,
         providers={
             spec.name: provider_of(spec.base_url, spec.provider) for spec in settings.upstreams
         }
         or {"default": provider_of(settings.upstream_base_url, None)},
         prices_file=settings.prices_file,
+        auto_migrate=settings.auto_migrate,
     )
 
 
@@ -128,10 +147,10 @@ async def running(
     that is down at start does not stop the gateway: requests are served and spooled, and
     the databases are set up as soon as they answer. ``transport`` carries requests to the
     upstreams instead of the gateway's own pool (a test's fake)."""
-    main_engine = create_engine(parse_dsn(settings.main_dsn), settings.db_pool_size)
+    main_engine = create_engine(parse_dsn(settings.main_dsn), **settings.pool)
     history_engine = main_engine
     if settings.history_dsn != settings.main_dsn:
-        history_engine = create_engine(parse_dsn(settings.history_dsn), settings.db_pool_size)
+        history_engine = create_engine(parse_dsn(settings.history_dsn), **settings.pool)
 
     async def lookup(digest: str) -> KeyGrant | None:
         async with main_engine.connect() as connection:
@@ -140,8 +159,15 @@ async def running(
     authenticator = Authenticator(settings.gateway_keys, settings.managed_mode, lookup)
 
     async def prepare_main() -> None:
-        await ensure_database(settings.main_dsn)
-        await migrate(main_engine, "main")
+        await prepare_schema(
+            main_engine,
+            settings.main_dsn,
+            "main",
+            auto_migrate=settings.auto_migrate,
+            connect_timeout=settings.db_connect_timeout,
+        )
+        if not settings.auto_migrate:  # the writer would only find out later, and retry
+            await check_schema(history_engine, "history")
         await _register_gateway_keys(main_engine, authenticator.fingerprints)
 
     registry = Metrics()
@@ -154,9 +180,11 @@ async def running(
     registry.gauges["queue_depth"] = lambda: writer.depth
     registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
     registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
-    background = [asyncio.create_task(_until_done(prepare_main, "main"))]
-    await _first_try(background[0])
-    await _first_try(writer.ready_event)
+    main_tried = asyncio.Event()
+    background = [asyncio.create_task(_until_done(prepare_main, "main", main_tried))]
+    await _first_try(main_tried, writer.tried_event)
+    if background[0].done() and isinstance(background[0].exception(), SchemaOutdated):
+        raise background[0].exception()  # type: ignore[misc]  # refuse to start
     for orphan in spool.orphans():
         background.append(asyncio.create_task(adopt(orphan, spool, registry, writer.appended)))
     wanted = Partitions(history_engine) if settings.mes_daily_partition else None
@@ -182,6 +210,7 @@ async def running(
         proxy=Proxy(settings, router, authenticator, capture, registry),
         stored=StoredCompletions(history_engine, main_engine, authenticator),
         ui_sessions=Sessions(settings),
+        main_setup=main_ready,
     )
     # Everything made at start (modules, routes, schemas, pools) moves out of the cyclic
     # garbage collector's reach: its full collections had to walk it all, stalling every
@@ -215,29 +244,36 @@ def _not_captured(record: Record) -> bool:
     return False
 
 
-async def _until_done(step: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run ``step`` (create and migrate a database) until it succeeds, backing off."""
+async def _until_done(step: Callable[[], Awaitable[None]], name: str, tried: asyncio.Event) -> None:
+    """Run ``step`` (create and migrate a database) until it succeeds, backing off; set
+    ``tried`` once the first try is over, whichever way it went. A schema that is not this
+    gateway's, with migrations left to a DBA, is not retried."""
     delay = 0.5
     while True:
         try:
             await step()
             return
+        except SchemaOutdated as error:
+            log.critical("%s", error)
+            raise
         except Exception as error:  # down, unreachable or refusing: log, wait, try again
             log.warning(
                 "%s database not ready (%s: %s): retrying", name, type(error).__name__, error
             )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        finally:
+            tried.set()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
-async def _first_try(done: asyncio.Task[None] | asyncio.Event, seconds: float = 15.0) -> None:
-    """Give a database setup the time a healthy database needs, and no more: the gateway
-    starts serving either way."""
-    waiter = done.wait() if isinstance(done, asyncio.Event) else asyncio.shield(done)
+async def _first_try(*tried: asyncio.Event) -> None:
+    """Wait for the first try at setting up each database (over at once for one that is
+    down), for at most ``START_SECONDS``: the gateway serves within them whatever state its
+    databases are in, and spools history until they can take it."""
     try:
-        await asyncio.wait_for(waiter, seconds)
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in tried)), START_SECONDS)
     except TimeoutError:
-        log.warning("a database is not ready yet: serving, and spooling history meanwhile")
+        log.warning("a database is slow to set up: serving, and spooling history meanwhile")
 
 
 async def _register_gateway_keys(engine: AsyncEngine, fingerprints: frozenset[str]) -> None:

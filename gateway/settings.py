@@ -81,8 +81,13 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     stall_seconds: float = 30.0
     db_pool_size: int = 5
+    db_max_overflow: int | None = None  # None: as many as db_pool_size
+    db_pool_recycle: float = 1800.0
+    db_connect_timeout: float = 5.0
+    auto_migrate: bool = True
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
+    log_format: str = "text"
     prices_file: str | None = None
 
     @property
@@ -92,6 +97,16 @@ class Settings:
         if self.upstreams:
             return any(spec.api_key is not None for spec in self.upstreams)
         return self.upstream_api_key is not None
+
+    @property
+    def pool(self) -> dict[str, Any]:
+        """``storage.database.create_engine``'s pool options."""
+        return {
+            "pool_size": self.db_pool_size,
+            "max_overflow": self.db_max_overflow,
+            "recycle": self.db_pool_recycle,
+            "connect_timeout": self.db_connect_timeout,
+        }
 
     @property
     def main_dsn(self) -> str:
@@ -188,6 +203,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return integer
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def chosen(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw.lower()
+
+    return chosen
 
 
 def seconds(raw: str) -> float:
@@ -405,9 +429,36 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("DB_POOL_SIZE", "db_pool_size", at_least(1), "connections per database engine"),
     Variable(
+        "DB_MAX_OVERFLOW",
+        "db_max_overflow",
+        at_least(0),
+        "connections a busy engine may open beyond DB_POOL_SIZE (unset: as many again)",
+    ),
+    Variable(
+        "DB_POOL_RECYCLE", "db_pool_recycle", seconds, "seconds before a connection is replaced"
+    ),
+    Variable(
+        "DB_CONNECT_TIMEOUT",
+        "db_connect_timeout",
+        seconds,
+        "seconds a database server may take to accept a connection",
+    ),
+    Variable(
+        "MES_AUTO_MIGRATE",
+        "auto_migrate",
+        flag,
+        "false: check the schemas at start instead of migrating them (python -m gateway migrate)",
+    ),
+    Variable(
         "TRUSTED_PROXIES", "trusted_proxies", networks, "IPs or CIDRs whose X-Forwarded-For counts"
     ),
     Variable("LOG_LEVEL", "log_level", lowered, "debug, info, warning or error"),
+    Variable(
+        "LOG_FORMAT",
+        "log_format",
+        one_of("text", "json"),
+        "json: a JSON object a line, with the request's id (X-Gateway-Request-Id)",
+    ),
     Variable(
         "MES_PRICES_FILE",
         "prices_file",

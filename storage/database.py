@@ -27,21 +27,36 @@ log = logging.getLogger("mes.storage")
 _SAFE_DATABASE_NAME = re.compile(r"^[A-Za-z0-9_$-]{1,63}$")
 
 
+# Seconds a database server may take to accept a connection (DB_CONNECT_TIMEOUT).
+CONNECT_TIMEOUT = 5.0
+
+
 class DatabaseSetupError(RuntimeError):
     """The database could not be created or migrated at start."""
 
 
-def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
-    """An async engine tuned per backend: WAL SQLite, pinged pools for the servers."""
+def create_engine(
+    database: DatabaseURL,
+    pool_size: int = 5,
+    *,
+    max_overflow: int | None = None,
+    recycle: float = 1800.0,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> AsyncEngine:
+    """An async engine tuned per backend: WAL SQLite, pinged pools for the servers. A pool
+    holds ``pool_size`` connections, and ``max_overflow`` more (as many again, by default)
+    while it is busy; a connection is replaced after ``recycle`` seconds; a server that
+    does not answer within ``connect_timeout`` seconds fails the connection attempt."""
     if database.kind == "sqlite":
         engine = create_async_engine(database.url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     options: dict[str, Any] = {
         "pool_size": pool_size,
-        "max_overflow": pool_size,
+        "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_pre_ping": True,
-        "pool_recycle": 1800,
+        "pool_recycle": recycle,
+        "connect_args": _connect_args(database, connect_timeout),
     }
     if database.kind == "mysql":
         # Each statement sees what others committed, as on PostgreSQL: a writer that waited
@@ -53,8 +68,17 @@ def create_engine(database: DatabaseURL, pool_size: int = 5) -> AsyncEngine:
         # then keeps as the table grows (the writer's "id IN (...)" checks slowed many times
         # over that way). Plans made for each run's parameters cost a little planning and
         # follow the data, also for owners with very different amounts of history.
-        options["connect_args"] = {"server_settings": {"plan_cache_mode": "force_custom_plan"}}
+        options["connect_args"]["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
     return create_async_engine(database.url, **options)
+
+
+def _connect_args(database: DatabaseURL, connect_timeout: float) -> dict[str, Any]:
+    """The connect timeout, by the driver's own name for it, unless the DSN sets it."""
+    if database.kind == "postgresql":
+        name, value = "timeout", connect_timeout
+    else:
+        name, value = "connect_timeout", max(1, math.ceil(connect_timeout))  # whole seconds
+    return {} if name in database.url.query else {name: value}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -85,7 +109,7 @@ def natural_log(value: float | None) -> float | None:
 SQLITE_HAS_LN = _has_ln()
 
 
-async def ensure_database(dsn: str) -> DatabaseURL:
+async def ensure_database(dsn: str, connect_timeout: float = CONNECT_TIMEOUT) -> DatabaseURL:
     """Parse ``dsn`` and create its database when it does not exist yet."""
     database = parse_dsn(dsn)
     if database.kind == "sqlite":
@@ -100,15 +124,20 @@ async def ensure_database(dsn: str) -> DatabaseURL:
             f"database name {name!r} in {database.rendered()} must be letters, digits, _ $ or -"
         )
     if database.kind == "postgresql":
-        await _create_postgres_database(database, name)
+        await _create_postgres_database(database, name, connect_timeout)
     else:
-        await _create_mysql_database(database, name)
+        await _create_mysql_database(database, name, connect_timeout)
     return database
 
 
-async def _create_postgres_database(database: DatabaseURL, name: str) -> None:
+async def _create_postgres_database(
+    database: DatabaseURL, name: str, connect_timeout: float
+) -> None:
     server = create_async_engine(
-        database.url.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
+        database.url.set(database="postgres"),
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+        connect_args=_connect_args(database, connect_timeout),
     )
     try:
         async with server.connect() as connection:
@@ -127,13 +156,15 @@ async def _create_postgres_database(database: DatabaseURL, name: str) -> None:
         await server.dispose()
 
 
-async def _create_mysql_database(database: DatabaseURL, name: str) -> None:
+async def _create_mysql_database(database: DatabaseURL, name: str, connect_timeout: float) -> None:
     url = database.url
     # URL.set() takes database=None as "unchanged"; the server connection needs no database.
     server_url = URL.create(
         url.drivername, url.username, url.password, url.host, url.port, None, url.query
     )
-    server = create_async_engine(server_url, poolclass=NullPool)
+    server = create_async_engine(
+        server_url, poolclass=NullPool, connect_args=_connect_args(database, connect_timeout)
+    )
     try:
         async with server.connect() as connection:
             quoted = connection.dialect.identifier_preparer.quote_identifier(name)
@@ -178,6 +209,36 @@ async def migrate(engine: AsyncEngine, target: str, revision: str = "head") -> N
     async with named_lock(engine, f"mes-migrate-{target}", wait=True):
         async with engine.begin() as connection:
             await connection.run_sync(upgrade)
+
+
+class SchemaOutdated(DatabaseSetupError):
+    """With ``MES_AUTO_MIGRATE=false``: a database whose schema is not this gateway's."""
+
+    def __init__(self, target: str, current: str | None, newest: str) -> None:
+        super().__init__(
+            f"the {target} database's schema is {current or 'not there'}, this gateway needs "
+            f"{newest}, and MES_AUTO_MIGRATE=false: run `python -m gateway migrate` "
+            "(or `mes-gateway migrate`) with the same environment, then start it again"
+        )
+
+
+async def check_schema(engine: AsyncEngine, target: str) -> None:
+    """Raise ``SchemaOutdated`` unless ``target``'s schema is at the newest revision."""
+    current, newest = await _current_revision(engine, target), newest_revision(target)
+    if current != newest:
+        raise SchemaOutdated(target, current, newest)
+
+
+async def prepare_schema(
+    engine: AsyncEngine, dsn: str, target: str, *, auto_migrate: bool, connect_timeout: float
+) -> None:
+    """Create ``target``'s database and migrate it, or, where a DBA applies migrations
+    (``auto_migrate`` false), only check that it is at the newest revision."""
+    if auto_migrate:
+        await ensure_database(dsn, connect_timeout)
+        await migrate(engine, target)
+    else:
+        await check_schema(engine, target)
 
 
 def newest_revision(target: str) -> str:

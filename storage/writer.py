@@ -40,6 +40,7 @@ from tenacity import (
 from capture.redaction import Redactor
 from capture.rows import Record, RowSet
 from storage.batch import StaleRowType, write_batch
+from storage.database import SchemaOutdated
 from storage.partitions import Partitions
 from storage.prices import Pricer, Prices
 from storage.schema import DAILY
@@ -101,6 +102,12 @@ _TRANSIENT_MYSQL_ERRORS = frozenset(
         2055,
     }
 )
+
+
+def _reason(error: Exception) -> str:
+    """Why the database could not be set up, for the log: a schema to migrate says how; any
+    other error its type (its text may hold a DSN)."""
+    return str(error) if isinstance(error, SchemaOutdated) else type(error).__name__
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -175,6 +182,7 @@ class HistoryWriter:
         self.pricer = pricer or Pricer(Prices(), {})
         self.partitions = partitions
         self.ready = prepare is None
+        self.tried = self.ready  # the first try at ``prepare`` is over
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
         self._replaying = spool.end  # records before here were spooled before this writer
@@ -320,7 +328,9 @@ class HistoryWriter:
                 self.ready = True
                 return
             except Exception as error:  # down, unreachable, or refusing: wait and retry
-                log.warning("history database not ready (%s): retrying", type(error).__name__)
+                log.warning("history database not ready (%s): retrying", _reason(error))
+            finally:
+                self.tried = True
                 await asyncio.sleep(delay)
                 delay = min(self.retry_seconds, delay * 2)
 

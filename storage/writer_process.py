@@ -34,14 +34,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
 from capture.codec import from_entry, shaped_entry, to_entry
 from capture.redaction import Redactor
 from capture.rows import Record
-from storage.database import create_engine, ensure_database, migrate
+from storage import logs
+from storage.database import create_engine, prepare_schema
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.prices import Pricer, Prices, read_prices_file
@@ -58,7 +59,15 @@ COUNTERS = (
     "records_failed",
     "write_retries",
 )
-_FIELDS = (*COUNTERS, "released_bytes", "ready", "stalled_since_ms", "costs_seq", "costs_length")
+_FIELDS = (
+    *COUNTERS,
+    "released_bytes",
+    "ready",
+    "tried",  # the first try at setting the database up is over, whichever way it went
+    "stalled_since_ms",
+    "costs_seq",
+    "costs_length",
+)
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 COSTS_BYTES = 65536  # the costs by model, as JSON, after the integers
 _BLOB_AT = 8 * len(_FIELDS)
@@ -71,7 +80,7 @@ class WriterConfig:
     """What a writer process needs to know, as the gateway's settings give it."""
 
     history_dsn: str
-    pool_size: int
+    pool: dict[str, Any]  # storage.database.create_engine's pool options
     daily_partition: bool
     spool_dir: str
     spool_max_bytes: int
@@ -82,9 +91,11 @@ class WriterConfig:
     capture_content: bool
     shutdown_grace: float
     log_level: str
+    log_format: str
     # The provider of each upstream, by name, for prices; and MES_PRICES_FILE.
     providers: dict[str, str | None] = field(default_factory=dict)
     prices_file: str | None = None
+    auto_migrate: bool = True
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
@@ -165,6 +176,7 @@ class WriterProcess:
         self.state = SharedState.create()
         spool.released_elsewhere = lambda: self.state["released_bytes"]
         self.ready_event = asyncio.Event()
+        self.tried_event = asyncio.Event()
         self.process: subprocess.Popen[bytes] | None = None
         self._appended = 0
         self._supervisor: asyncio.Task[None] | None = None
@@ -255,6 +267,8 @@ class WriterProcess:
             await asyncio.sleep(POLL_SECONDS if not self.ready_event.is_set() else 0.5)
             if self.ready:
                 self.ready_event.set()
+            if self.state["tried"]:
+                self.tried_event.set()
             assert self.process is not None
             code = self.process.poll()
             if code is not None:
@@ -279,11 +293,16 @@ def _die_with_parent() -> None:
 
 
 async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
-    engine = create_engine(parse_dsn(config.history_dsn), config.pool_size)
+    engine = create_engine(parse_dsn(config.history_dsn), **config.pool)
 
     async def prepare() -> None:
-        await ensure_database(config.history_dsn)
-        await migrate(engine, "history")
+        await prepare_schema(
+            engine,
+            config.history_dsn,
+            "history",
+            auto_migrate=config.auto_migrate,
+            connect_timeout=config.pool["connect_timeout"],
+        )
         today = datetime.now(UTC).date()
         writer.partitions = await partitions_in_use(engine, config.daily_partition, today)
 
@@ -312,6 +331,7 @@ async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO
         while True:
             state["released_bytes"] = released + spool.released
             state["ready"] = int(writer.ready)
+            state["tried"] = int(writer.tried)
             stalled = writer.stalled_since
             state["stalled_since_ms"] = 0 if stalled is None else int(stalled * 1000)
             await asyncio.sleep(POLL_SECONDS)
@@ -338,11 +358,7 @@ def main() -> None:
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(8), "big")
     config: WriterConfig = pickle.loads(stdin.read(size))
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.configure(config.log_level, config.log_format)
     state = SharedState(int(sys.argv[2]))
     import uvloop
 

@@ -45,7 +45,10 @@ _GIVEN: set[int] = set()  # ports this process has handed out: not handed out tw
 class GatewayProcess:
     """Starts the gateway with ``env`` (on top of a minimal environment) in ``workdir``."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, repo: Path = REPO) -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, repo: Path = REPO, *, set_up: bool = True
+    ) -> None:
+        self.set_up = set_up  # start() waits for the databases (or word that one is down)
         self.port = int(env.get("PORT") or free_port())
         self.env = {
             "PATH": os.environ.get("PATH", ""),
@@ -84,12 +87,24 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited at start:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return self
+                    return self._set_up(deadline) if self.set_up else self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gateway did not start within {timeout} s:\n{self.log()}")
+
+    def _set_up(self, deadline: float) -> GatewayProcess:
+        """Wait until the gateway's databases are set up (it serves before, within a second
+        of its start, whatever their state), or it says that one is down."""
+        while time.monotonic() < deadline and "database not ready" not in self.log():
+            try:
+                if httpx.get(self.url + "/readyz", timeout=5.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        return self
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None or self.process.poll() is not None:
