@@ -3,6 +3,7 @@ database: SQLite new and existing, PostgreSQL refusing connections (nothing on i
 and PostgreSQL hanging (a port that accepts and never answers).
 
     python bench/startup.py --runs 5
+    python bench/startup.py --runs 3 --repo /tmp/before   # another checkout's gateway
 
 Prints the median and range of the seconds from the process's start to ``/healthz``
 answering 200, and to a chat completion answered through it. The fake upstream runs in
@@ -23,14 +24,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.gateway_process import GatewayProcess, free_port  # noqa: E402
+from tests.gateway_process import REPO, GatewayProcess, free_port  # noqa: E402
 from tests.test_startup import silent_server  # noqa: E402
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def first_answers(env: dict[str, str], folder: Path) -> tuple[float, float]:
-    gateway = GatewayProcess(env, folder, set_up=False)
+def first_answers(env: dict[str, str], folder: Path, repo: Path) -> tuple[float, float]:
+    gateway = GatewayProcess(env, folder, repo, set_up=False)
     began = time.monotonic()
     with gateway.start(timeout=120):
         healthy = time.monotonic() - began
@@ -43,6 +44,7 @@ def first_answers(env: dict[str, str], folder: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to start")
     args = parser.parse_args()
     port = free_port()
     fake = subprocess.Popen(
@@ -74,7 +76,7 @@ def main() -> None:
             print(f"{'database':<22} {'healthz (s)':>22} {'first answer (s)':>22}")
             for name, database in cases.items():
                 times = [
-                    first_answers({**upstream, **database(n)}, Path(tmp) / f"{name}-{n}")
+                    first_answers({**upstream, **database(n)}, Path(tmp) / f"{name}-{n}", args.repo)
                     for n in range(args.runs)
                 ]
                 columns = []

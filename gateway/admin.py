@@ -275,6 +275,7 @@ Status = Annotated[int | None, Query(ge=100, le=599, description="HTTP status.")
 ErrorsOnly = Annotated[bool, Query(description="Only completions with status >= 400.")]
 Tool = Annotated[str | None, Query(description="Only answers that called this tool.")]
 Order = Annotated[Literal["asc", "desc"], Query()]
+StatsBy = Literal["user", "model", "day", "call_type", "upstream"]
 UpstreamQuery = Annotated[
     str | None, Query(max_length=255, description="Only records this upstream answered.")
 ]
@@ -308,11 +309,50 @@ class HistoryQuery:
 Query_ = Annotated[HistoryQuery, Depends()]
 
 
+@router.get("/completions", response_model=m.ListOf[m.Completion])
+async def all_completions(
+    request: Request,
+    actor: Actor,
+    query: Query_,
+    user_id: Annotated[str | None, Query(description="Only this user's.")] = None,
+) -> dict[str, Any]:
+    """Every user's completions (or one ``user_id``'s), newest first, with the filters of a
+    user's list."""
+    # The admin API has checked GATEWAY_ADMIN_KEY: everyone's history is in its scope.
+    scope = Scope.of(user_id) if user_id is not None else Scope.everyone()
+    return await list_completions_page(request, scope, query)
+
+
+@router.get("/conversations", response_model=m.ListOf[m.Conversation])
+async def all_conversations(
+    request: Request,
+    actor: Actor,
+    query: Query_,
+    user_id: Annotated[str | None, Query(description="Only this user's.")] = None,
+) -> dict[str, Any]:
+    """Every user's conversations (or one ``user_id``'s), latest activity first, with the
+    filters of a user's list."""
+    scope = Scope.of(user_id) if user_id is not None else Scope.everyone()
+    return await list_conversations_page(request, scope, query)
+
+
 @router.get("/users/{user_id}/completions", response_model=m.ListOf[m.Completion])
 async def user_completions(
     user_id: str, request: Request, actor: Actor, query: Query_
 ) -> dict[str, Any]:
-    scope = Scope.of(user_id)
+    return await list_completions_page(request, Scope.of(user_id), query)
+
+
+@router.get("/users/{user_id}/conversations", response_model=m.ListOf[m.Conversation])
+async def user_conversations(
+    user_id: str, request: Request, actor: Actor, query: Query_
+) -> dict[str, Any]:
+    return await list_conversations_page(request, Scope.of(user_id), query)
+
+
+async def list_completions_page(
+    request: Request, scope: Scope, query: HistoryQuery
+) -> dict[str, Any]:
     async with _history(request).connect() as connection:
         cursor = None
         if query.after:
@@ -330,11 +370,9 @@ async def user_completions(
     return _page([_completion(r) for r in page.rows], page.has_more)
 
 
-@router.get("/users/{user_id}/conversations", response_model=m.ListOf[m.Conversation])
-async def user_conversations(
-    user_id: str, request: Request, actor: Actor, query: Query_
+async def list_conversations_page(
+    request: Request, scope: Scope, query: HistoryQuery
 ) -> dict[str, Any]:
-    scope = Scope.of(user_id)
     async with _history(request).connect() as connection:
         cursor = None
         if query.after:
@@ -431,7 +469,12 @@ async def get_completion(completion_id: str, request: Request, actor: Actor) -> 
 
 @router.get("/conversations/{conversation_id}", response_model=m.ConversationDetail)
 async def get_conversation(conversation_id: str, request: Request, actor: Actor) -> dict[str, Any]:
-    scope = Scope.everyone()
+    return await conversation_detail(request, Scope.everyone(), conversation_id)
+
+
+async def conversation_detail(
+    request: Request, scope: Scope, conversation_id: str
+) -> dict[str, Any]:
     async with _history(request).connect() as connection:
         row = await browse.find_conversation(connection, scope, conversation_id)
         if row is None:
@@ -552,6 +595,12 @@ async def search_messages(
     """Messages whose text contains ``q`` (any script, case ignored where it has case),
     newest first; a user's only when ``user_id`` is given."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
+    return await search_page(request, scope, q, limit, cursor)
+
+
+async def search_page(
+    request: Request, scope: Scope, q: str, limit: int, cursor: str | None
+) -> dict[str, Any]:
     after = _position(cursor) if cursor else None
     async with _history(request).connect() as connection:
         hits, has_more = await search.search(connection, scope, q, limit=limit, after=after)
@@ -573,7 +622,7 @@ async def search_messages(
 async def usage_stats(
     request: Request,
     actor: Actor,
-    by: Literal["user", "model", "day", "call_type", "upstream"] = "day",
+    by: StatsBy = "day",
     user_id: str | None = None,
     since: Since = None,
     until: Until = None,
@@ -581,6 +630,12 @@ async def usage_stats(
     """Requests, errors, tokens and latency percentiles per user, model, day (UTC), call
     type (chat, responses, embeddings, completions) or upstream (the one that answered)."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
+    return await usage_of(request, scope, by, since, until)
+
+
+async def usage_of(
+    request: Request, scope: Scope, by: StatsBy, since: datetime | None, until: datetime | None
+) -> dict[str, Any]:
     async with _history(request).connect() as connection:
         rows = await stats.usage_stats(connection, scope, by, _utc(since), _utc(until))
     return {"by": by, "since": since, "until": until, "data": rows}
@@ -606,17 +661,19 @@ async def export(
     until: Until = None,
     call_type: CallTypeQuery = None,
     upstream: UpstreamQuery = None,
+    status: Status = None,
+    errors_only: ErrorsOnly = False,
+    tool: Tool = None,
+    conversation_id: Annotated[str | None, Query(description="Only this conversation.")] = None,
 ) -> StreamingResponse:
     """Completions with their requests and answers, oldest first, streamed: ``json`` (an
     array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
-    fine-tuning format, a line per answered completion)."""
+    fine-tuning format, a line per answered completion). Every filter of the lists, and
+    ``conversation_id`` for one conversation."""
     scope = Scope.of(user_id) if user_id else Scope.everyone()
-    filters = CompletionFilter(
-        model=model,
-        since=_utc(since),
-        until=_utc(until),
-        call_type=call_type,
-        upstream=upstream,
+    filters = dataclasses.replace(
+        _filters(model, since, until, status, errors_only, tool, call_type, upstream),
+        conversation_id=conversation_id,
     )
     return await export_response(request, actor, scope, format, filters)
 

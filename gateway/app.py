@@ -177,6 +177,7 @@ def create_app(
                 ),
                 Route("/v1/{path:path}", ProxyEndpoint()),
                 Mount("/admin", OnFirstUse("gateway.admin", "create_admin_app")),
+                Mount("/me", OnFirstUse("gateway.own_history", "create_own_app")),
                 Route("/ui", _to_viewer),
                 Mount("/ui", OnFirstUse("gateway.ui", "create_ui")),
                 Route("/healthz", healthz),

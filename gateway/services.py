@@ -46,7 +46,7 @@ log = logging.getLogger("mes.app")
 # The longest the gateway waits for its databases at start before it serves: a database
 # that refuses is known at once, one that does not answer within this is waited for in the
 # background (its DB_CONNECT_TIMEOUT bounds each try).
-START_SECONDS = 1.0
+START_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +182,7 @@ async def running(
     registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
     main_tried = asyncio.Event()
     background = [asyncio.create_task(_until_done(prepare_main, "main", main_tried))]
-    await _first_try(main_tried, writer.tried_event)
+    await _first_try(main_tried)  # the writer sets the history database up on its own
     if background[0].done() and isinstance(background[0].exception(), SchemaOutdated):
         raise background[0].exception()  # type: ignore[misc]  # refuse to start
     for orphan in spool.orphans():

@@ -120,6 +120,8 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> GatewayProcess:
+        if self.process is not None and self.process.poll() is None:  # started already
+            return self
         return self.start()
 
     def __exit__(

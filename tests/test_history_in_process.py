@@ -114,6 +114,76 @@ async def test_the_admin_reads_conversations_search_stats_and_exports(site: Site
     assert len(lines) == 1 and "秘密" in orjson.dumps(lines[0]).decode()
 
 
+async def test_the_admin_lists_everyones_history_with_filters_and_exports_a_conversation(
+    site: Site,
+) -> None:
+    admin = site.gateway.client
+
+    async def listed(path: str, **params: Any) -> list[dict[str, Any]]:
+        """Every page of ``path``, one record a page, by its cursor."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = (await admin.get(path, params={**params, "limit": 1}, headers=ADMIN)).json()
+            found += page["data"]
+            if not page["has_more"]:
+                return found
+            params["after"] = page["last_id"]
+
+    everyone = await listed("/admin/completions")
+    per_user = [
+        (await admin.get(f"/admin/users/{user}/completions", headers=ADMIN)).json()["data"]
+        for user in (site.ann[0], site.bob[0])
+    ]
+    assert sorted(r["id"] for r in everyone) == sorted(r["id"] for page in per_user for r in page)
+    assert [r["started_at"] for r in everyone] == sorted(
+        (r["started_at"] for r in everyone), reverse=True
+    )
+    assert {r["user_id"] for r in everyone} == {site.ann[0], site.bob[0]}
+    assert await listed("/admin/completions", user_id=site.bob[0]) == per_user[1]
+    assert [r["user_id"] for r in await listed("/admin/completions", model="gpt-4o")] == [
+        site.bob[0]
+    ]
+    oldest = await listed("/admin/completions", order="asc")
+    assert oldest == everyone[::-1]
+    conversations = await listed("/admin/conversations")
+    assert {c["user_id"] for c in conversations} == {site.ann[0], site.bob[0]}
+    (trip,) = [c for c in conversations if c["title"] == "plan a trip to 北京"]
+    assert await listed("/admin/conversations", user_id=site.bob[0]) == [
+        c for c in conversations if c["user_id"] == site.bob[0]
+    ]
+    exported = await admin.get(
+        "/admin/export", params={"conversation_id": trip["id"]}, headers=ADMIN
+    )
+    lines = [orjson.loads(line) for line in exported.text.splitlines()]
+    assert len(lines) == trip["completion_count"] >= 2
+    assert {line["conversation_id"] for line in lines} == {trip["id"]}
+
+
+async def test_a_user_reads_their_own_conversations_search_and_stats_and_nobody_elses(
+    site: Site,
+) -> None:
+    admin = site.gateway.client
+    everyone = (await admin.get("/admin/conversations", headers=ADMIN)).json()["data"]
+    (trip,) = [c for c in everyone if c["title"] == "plan a trip to 北京"]
+    async with site.gateway.as_user(site.bob[1]) as bob, site.gateway.as_user(site.ann[1]) as ann:
+        mine = (await bob.get("/me/conversations")).json()["data"]
+        assert mine == [c for c in everyone if c["user_id"] == site.bob[0]] and mine
+        one = (await bob.get(f"/me/conversations/{mine[0]['id']}")).json()
+        assert one["user_id"] == site.bob[0] and "秘密" in orjson.dumps(one["thread"]).decode()
+        assert (await bob.get(f"/me/conversations/{trip['id']}")).status_code == 404
+        assert (await ann.get(f"/me/conversations/{trip['id']}")).json()["id"] == trip["id"]
+        completions = (await bob.get("/me/completions")).json()["data"]
+        assert {r["user_id"] for r in completions} == {site.bob[0]} and len(completions) == 1
+        hits = (await bob.get("/me/search", params={"q": "秘密"})).json()["data"]
+        assert hits and {hit["user_id"] for hit in hits} == {site.bob[0]}
+        assert (await ann.get("/me/search", params={"q": "秘密"})).json()["data"] == []
+        stats = (await bob.get("/me/stats", params={"by": "user"})).json()["data"]
+        assert [(row["key"], row["requests"]) for row in stats] == [(site.bob[0], 1)]
+    async with site.gateway.as_user("not-a-key") as stranger:
+        assert (await stranger.get("/me/conversations")).status_code == 401
+    assert (await admin.get("/me/conversations")).status_code == 401  # no key at all
+
+
 async def test_the_viewer_shows_a_user_their_own_history_and_nobody_elses(site: Site) -> None:
     client = await site.gateway.signed_in(site.bob[1])
     home = await client.get("/ui/")
