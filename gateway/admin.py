@@ -319,7 +319,7 @@ async def all_completions(
     """Every user's completions (or one ``user_id``'s), newest first, with the filters of a
     user's list."""
     # The admin API has checked GATEWAY_ADMIN_KEY: everyone's history is in its scope.
-    scope = Scope.of(user_id) if user_id is not None else Scope.everyone()
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
     return await list_completions_page(request, scope, query)
 
 
@@ -332,7 +332,7 @@ async def all_conversations(
 ) -> dict[str, Any]:
     """Every user's conversations (or one ``user_id``'s), latest activity first, with the
     filters of a user's list."""
-    scope = Scope.of(user_id) if user_id is not None else Scope.everyone()
+    scope = Scope.of(user_id) if user_id else Scope.everyone()
     return await list_conversations_page(request, scope, query)
 
 

@@ -1,9 +1,15 @@
-"""Counters and gauges, rendered in Prometheus' text format at ``GET /metrics``."""
+"""Counters, gauges and histograms, rendered in Prometheus' text format at ``GET /metrics``."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+# Upper bounds of the request duration histogram's buckets, in seconds (a stream's duration
+# is its whole length).
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+MOST_SERIES = 200  # label sets a histogram keeps apart; past them, "other"
 
 _HELP = {
     "requests": "Proxied /v1 requests.",
@@ -27,6 +33,51 @@ _HELP = {
 }
 
 
+class Histogram:
+    """Counts of observations by bucket, for each set of labels (at most ``MOST_SERIES``)."""
+
+    def __init__(self, name: str, about: str, labels: tuple[str, ...], buckets: tuple[float, ...]):
+        self.name, self.about, self.labels, self.buckets = name, about, labels, buckets
+        self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts, then sum
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self.series.get(key)
+        if counts is None:
+            if len(self.series) >= MOST_SERIES:
+                key = ("other",) * len(self.labels)
+            counts = self.series.setdefault(key, [0.0] * (len(self.buckets) + 2))
+        counts[bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def render(self, lines: list[str]) -> None:
+        lines.append(f"# HELP {self.name} {self.about}")
+        lines.append(f"# TYPE {self.name} histogram")
+        for key, counts in sorted(self.series.items()):
+            render_series(
+                lines, self.name, dict(zip(self.labels, key, strict=True)), self.buckets, counts
+            )
+
+
+def render_series(
+    lines: list[str],
+    name: str,
+    labels: Mapping[str, str],
+    buckets: tuple[float, ...],
+    counts: list[float],
+) -> None:
+    """One series of a histogram: ``counts`` by bucket (the last one past every bound),
+    then their sum."""
+    named = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+    prefix = named + "," if named else ""
+    total = 0.0
+    for bound, count in zip((*buckets, "+Inf"), counts[:-1], strict=True):
+        total += count
+        lines.append(f'{name}_bucket{{{prefix}le="{bound}"}} {int(total)}')
+    suffix = f"{{{named}}}" if named else ""
+    lines.append(f"{name}_sum{suffix} {round(counts[-1], 6)!r}")
+    lines.append(f"{name}_count{suffix} {int(total)}")
+
+
 @dataclass
 class Metrics:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_HELP, 0))
@@ -35,6 +86,20 @@ class Metrics:
     shared: Callable[[], dict[str, int]] | None = None
     costs: dict[str, float] = field(default_factory=dict)  # dollars by model
     shared_costs: Callable[[], dict[str, float]] | None = None  # the writer process's
+    requests_seconds: Histogram = field(
+        default_factory=lambda: Histogram(
+            "mes_request_duration_seconds",
+            "Proxied /v1 requests, by route and status, from their start to their last byte.",
+            ("route", "status"),
+            REQUEST_BUCKETS,
+        )
+    )
+    # Histograms another process keeps (the writer's batches), as series to render.
+    shared_histograms: Callable[[list[str]], None] | None = None
+    # Gauges with labels, rendered as they come: name -> (help, {labels -> value}).
+    labelled: dict[str, Callable[[], tuple[str, dict[tuple[tuple[str, str], ...], float]]]] = field(
+        default_factory=dict
+    )
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
@@ -42,6 +107,9 @@ class Metrics:
     def add_costs(self, costs: Mapping[str, float]) -> None:
         for model, usd in costs.items():
             self.costs[model] = self.costs.get(model, 0.0) + usd
+
+    def observe_batch(self, seconds: float) -> None:
+        """A writer in this process (tests' in-process writers) reports no batch times."""
 
     def render(self) -> str:
         lines = []
@@ -61,6 +129,16 @@ class Metrics:
         for name, read in self.gauges.items():
             lines.append(f"# TYPE mes_{name} gauge")
             lines.append(f"mes_{name} {read()}")
+        for name, labelled in self.labelled.items():
+            about, values = labelled()
+            lines.append(f"# HELP mes_{name} {about}")
+            lines.append(f"# TYPE mes_{name} gauge")
+            for labels, level in values.items():
+                named = ",".join(f'{k}="{_label(v)}"' for k, v in labels)
+                lines.append(f"mes_{name}{{{named}}} {level}")
+        self.requests_seconds.render(lines)
+        if self.shared_histograms is not None:
+            self.shared_histograms(lines)
         return "\n".join(lines) + "\n"
 
 

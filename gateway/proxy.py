@@ -19,7 +19,13 @@ from typing import Any
 import orjson
 
 from capture.api import Api, InvalidBody
-from capture.exchange import CLIENT_DISCONNECTED, UPSTREAM_DISCONNECTED, Exchange, RequestLog
+from capture.exchange import (
+    CLIENT_DISCONNECTED,
+    UPSTREAM_DISCONNECTED,
+    Exchange,
+    RequestLog,
+    route_of,
+)
 from capture.registry import captured
 from capture.rows import Record
 from capture.sse import EventSplitter
@@ -249,6 +255,9 @@ class Proxy:
                 self.metrics.inc("client_disconnects")
             exchange.latency_ms = _since(started)
             self.metrics.inc("requests")
+            self.metrics.requests_seconds.observe(
+                (scope["path"], str(exchange.status)), exchange.latency_ms / 1000.0
+            )
             self.capture(exchange)
 
         try:
@@ -402,6 +411,9 @@ class Proxy:
                 log_row.error_type = CLIENT_DISCONNECTED
             log_row.latency_ms = _since(started)
             self.metrics.inc("requests")
+            self.metrics.requests_seconds.observe(
+                (route_of(log_row.path), str(log_row.status)), log_row.latency_ms / 1000.0
+            )
             self.capture(log_row)
 
     async def _merged_models(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,7 +22,7 @@ from starlette.requests import HTTPConnection
 from capture.rows import Record
 from gateway.auth import Authenticator
 from gateway.maintenance import Maintenance
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, render_series
 from gateway.proxy import Proxy
 from gateway.routing import Router
 from gateway.sessions import Sessions
@@ -39,7 +40,7 @@ from storage.prices import provider_of
 from storage.schema import api_keys
 from storage.spool import Spool
 from storage.writer import adopt
-from storage.writer_process import WriterConfig, WriterProcess
+from storage.writer_process import BATCH_BUCKETS, WriterConfig, WriterProcess
 
 log = logging.getLogger("mes.app")
 
@@ -180,6 +181,11 @@ async def running(
     registry.gauges["queue_depth"] = lambda: writer.depth
     registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
     registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
+    registry.shared_histograms = partial(_writer_batches, writer)
+    engines = {"main": main_engine, "history": history_engine}
+    if history_engine is main_engine:
+        engines = {"main": main_engine}
+    registry.labelled["db_pool_connections"] = partial(_pool_connections, engines)
     main_tried = asyncio.Event()
     background = [asyncio.create_task(_until_done(prepare_main, "main", main_tried))]
     await _first_try(main_tried)  # the writer sets the history database up on its own
@@ -237,6 +243,34 @@ async def running(
         await router.upstreams[0].transport.close()  # one pool for them all
         for engine in started.engines.values():
             await engine.dispose()
+
+
+def _writer_batches(writer: WriterProcess, lines: list[str]) -> None:
+    lines.append(
+        "# HELP mes_writer_batch_seconds Batches the history writer wrote, by the time from "
+        "their first try to their commit (retries included)."
+    )
+    lines.append("# TYPE mes_writer_batch_seconds histogram")
+    render_series(lines, "mes_writer_batch_seconds", {}, BATCH_BUCKETS, writer.batches())
+
+
+def _pool_connections(
+    engines: dict[str, AsyncEngine],
+) -> tuple[str, dict[tuple[tuple[str, str], ...], float]]:
+    """This process's database connections in use, idle, and requests waiting for one, by
+    database (the writer process has a pool of its own)."""
+    values: dict[tuple[tuple[str, str], ...], float] = {}
+    for name, engine in engines.items():
+        pool = engine.pool
+        in_use = getattr(pool, "checkedout", lambda: 0)()
+        idle = getattr(pool, "checkedin", lambda: 0)()
+        # SQLAlchemy's async pool queue: its asyncio.Queue, once made, knows its waiters.
+        queue = getattr(pool, "_pool", None)
+        waiting = len(getattr(vars(queue).get("_queue") if queue else None, "_getters", ()))
+        for state, count in (("in_use", in_use), ("idle", idle), ("waiting", waiting)):
+            values[(("database", name), ("state", state))] = count
+    about = "Database connections of this process, by database and state (in use, idle, waiting)."
+    return about, values
 
 
 def _not_captured(record: Record) -> bool:

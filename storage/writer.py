@@ -59,6 +59,10 @@ class Counter(Protocol):
         """Dollars spent, by model, on the records just written."""
         ...
 
+    def observe_batch(self, seconds: float) -> None:
+        """A batch written, in ``seconds`` from its first try to its commit."""
+        ...
+
 
 Decode = Callable[[bytes], Record]
 Encode = Callable[[Record], bytes]
@@ -419,12 +423,14 @@ class HistoryWriter:
         try:
             if not rowsets:
                 return
+            began = time.monotonic()
             try:
                 await self._write_until_through([rows for _, rows in rowsets])
             except Exception:  # refused for good: find which record, write the others
                 for record, rows in rowsets:
                     await self._write_one(record, rows)
                 return
+            self.metrics.observe_batch(time.monotonic() - began)
             self.metrics.inc("records_written", len(rowsets))
             self._count_costs([rows for _, rows in rowsets])
         except Exception:

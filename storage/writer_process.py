@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,8 +60,14 @@ COUNTERS = (
     "records_failed",
     "write_retries",
 )
+# Upper bounds of the writer's batch duration histogram, in seconds (a batch's time from its
+# first try to its commit, retries included).
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCHES = tuple(f"batches_le_{n}" for n in range(len(BATCH_BUCKETS) + 1))
 _FIELDS = (
     *COUNTERS,
+    *_BATCHES,
+    "batches_sum_us",
     "released_bytes",
     "ready",
     "tried",  # the first try at setting the database up is over, whichever way it went
@@ -148,6 +155,11 @@ class SharedState:
     def counters(self) -> dict[str, int]:
         return {name: self[name] for name in COUNTERS}
 
+    def batches(self) -> list[float]:
+        """The batch duration histogram: counts by bucket (of ``BATCH_BUCKETS``, then past
+        them all), then the sum of the durations in seconds."""
+        return [*(float(self[name]) for name in _BATCHES), self["batches_sum_us"] / 1e6]
+
 
 class SharedCounter:
     """The child's counts: each goes to the shared state, for its gateway to report."""
@@ -163,6 +175,10 @@ class SharedCounter:
         for model, usd in costs.items():
             self.costs[model] = self.costs.get(model, 0.0) + usd
         self.state.write_costs(self.costs)
+
+    def observe_batch(self, seconds: float) -> None:
+        self.state[_BATCHES[bisect_left(BATCH_BUCKETS, seconds)]] += 1
+        self.state["batches_sum_us"] += round(seconds * 1e6)
 
 
 class WriterProcess:
@@ -187,6 +203,10 @@ class WriterProcess:
     def counters(self) -> dict[str, int]:
         """What the writer process has counted (records written, retries, ...)."""
         return self.state.counters()
+
+    def batches(self) -> list[float]:
+        """The writer process's batch duration histogram (``SharedState.batches``)."""
+        return self.state.batches()
 
     def costs(self) -> dict[str, float]:
         """The dollars spent by model on the records the writer process wrote."""

@@ -204,3 +204,47 @@ async def test_the_gateways_own_routes_answer_in_each_surfaces_shape(
     assert ready.status_code == 200 and "writer_stalled_seconds" in ready.json()
     metrics = (await client.get("/metrics")).text
     assert "mes_records_written_total" in metrics and "mes_writer_stalled_seconds" in metrics
+
+
+def _series(metrics: str, name: str) -> dict[str, float]:
+    """Each line of ``name`` in Prometheus' text: its labels (as written) to its value."""
+    found = {}
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            found[labels] = float(value)
+    return found
+
+
+async def test_metrics_time_requests_by_route_and_status_the_writers_batches_and_the_pool(
+    site: tuple[Gateway, str],
+) -> None:
+    running, key = site
+    before = (await running.client.get("/metrics")).text
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "timed"}]}
+    for _ in range(3):
+        await recorded(site, body)
+    failing = await running.client.post(
+        "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", "X-Fake-Status": "503"},
+    )
+    assert failing.status_code == 503
+    after = (await running.client.get("/metrics")).text
+    name = "mes_request_duration_seconds"
+    ok = '{route="/v1/chat/completions",status="200"}'
+    count = _series(after, name + "_count")
+    assert count[ok] - _series(before, name + "_count").get(ok, 0) == 3
+    assert count['{route="/v1/chat/completions",status="503"}'] >= 1
+    buckets = _series(after, name + "_bucket")
+    inf = buckets['{route="/v1/chat/completions",status="200",le="+Inf"}']
+    assert inf == count[ok] and _series(after, name + "_sum")[ok] > 0
+    ordered = [v for k, v in buckets.items() if k.startswith(ok[:-1])]
+    assert ordered == sorted(ordered)  # cumulative
+    batches = _series(after, "mes_writer_batch_seconds_count")
+    assert batches[""] >= 1
+    assert _series(after, 'mes_writer_batch_seconds_bucket{le="+Inf"}')[""] == batches[""]
+    pool = _series(after, "mes_db_pool_connections")
+    assert set(pool) == {
+        f'{{database="main",state="{state}"}}' for state in ("in_use", "idle", "waiting")
+    }
