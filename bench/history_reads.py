@@ -3,7 +3,8 @@
 Fills a history database with N completions (default 100,000: 200,000 messages) written as
 the gateway writes them, starts the gateway on it, and times, as medians of several runs:
 a full-text search for an English, a Chinese and a Japanese phrase (a user's messages, and
-everyone's), a user's latest 50 completions (admin API and OpenAI's list endpoint), one
+everyone's), a user's latest 50 completions (admin API and OpenAI's list endpoint), a page
+of everyone's completions and conversations (newest and oldest first), one
 day's statistics and all history's by day, and a streamed fine-tuning export of everything
 (with the gateway's RSS growth). With ``--partitioned`` the history is split by day
 (``MES_DAILY_PARTITION=true``) before it is filled: completions 20 s apart make ~4,300 a day.
@@ -95,6 +96,11 @@ def measure(dsn: str, total: int, runs: int, backend: str, partitioned: bool) ->
             runs, lambda: admin.get(f"/users/{bulk.OWNER}/completions", params={"limit": 50})
         )
         rows.append(("a user's latest 50 completions (admin)", f"{latest:8.1f} ms"))
+        for listed in ("completions", "conversations"):
+            for order in ("desc", "asc"):
+                page = {"limit": 50, "order": order}
+                ms = median_ms(runs, lambda p=page, n=listed: admin.get(f"/{n}", params=p))
+                rows.append((f"everyone's {listed}, a page of 50, {order}", f"{ms:8.1f} ms"))
         first, _ = bulk.span(total)
         one_day = {
             "by": "model",

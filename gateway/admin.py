@@ -783,14 +783,16 @@ async def _audit(
 
 
 def create_admin_app() -> FastAPI:
+    return json_api("MES Gateway admin API", router)
+
+
+def json_api(title: str, routes: APIRouter) -> FastAPI:
+    """A JSON API of ``routes``: its OpenAPI schema at ``/openapi.json``, its errors in the
+    gateway's shape."""
     app = FastAPI(
-        title="MES Gateway admin API",
-        version="1",
-        openapi_url="/openapi.json",
-        docs_url=None,
-        redoc_url=None,
+        title=title, version="1", openapi_url="/openapi.json", docs_url=None, redoc_url=None
     )
-    app.include_router(router)
+    app.include_router(routes)
     app.add_exception_handler(GatewayError, json_error)
     app.add_exception_handler(StarletteHTTPException, json_error)
     return app

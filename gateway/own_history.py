@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import admin
 from gateway import admin_models as m
-from gateway.errors import GatewayError, InvalidGatewayKey, InvalidRequest, json_error
+from gateway.errors import InvalidGatewayKey, InvalidRequest
 from gateway.services import services
 from gateway.stored_completions import has_nul
 from storage.scope import Scope
@@ -82,14 +81,4 @@ async def own_stats(
 
 
 def create_own_app() -> FastAPI:
-    app = FastAPI(
-        title="MES Gateway: your own history",
-        version="1",
-        openapi_url="/openapi.json",
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.include_router(router)
-    app.add_exception_handler(GatewayError, json_error)
-    app.add_exception_handler(StarletteHTTPException, json_error)
-    return app
+    return admin.json_api("MES Gateway: your own history", router)

@@ -106,7 +106,19 @@ async def list_completions(
         page = await _page(connection, recent, completions, "started_at", limit, after, True)
         if page.has_more:
             return page
+        if not page.rows and not await _has_history(connection, scope):
+            # A user with no history at all: asked of conversations (not split by day),
+            # without planning every day's partition (232 days: 25.6 ms).
+            return page
     return await _page(connection, query, completions, "started_at", limit, after, descending)
+
+
+async def _has_history(connection: AsyncConnection, scope: Scope) -> bool:
+    """Whether the scope's owner has any conversation (every completion is in one)."""
+    if scope.all_owners:
+        return True
+    query = select(exists().where(scope.where(conversations)))
+    return bool(await connection.scalar(query))
 
 
 async def find_conversation(

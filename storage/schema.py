@@ -19,7 +19,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
-    Float,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -46,6 +46,11 @@ from capture.rows import COMPLETIONS, CONVERSATIONS, MESSAGES, REQUEST_LOGS
 # MySQL's TEXT stops at 64 KB and its DATETIME at whole seconds.
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# A model as a key of the by-day tables: compared byte for byte on every backend (MySQL's
+# default collation would take "GPT-4o" and "gpt-4o" for one).
+ModelKey = String(NAME).with_variant(
+    mysql.VARCHAR(NAME, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+)
 
 
 main_metadata = MetaData()
@@ -162,15 +167,15 @@ completions = Table(
     Column("user_agent", String(USER_AGENT), nullable=True),
     Column("stream", Boolean, nullable=False),
     Column("started_at", Timestamp, nullable=False),
-    Column("ttft_ms", Float, nullable=True),
-    Column("latency_ms", Float, nullable=True),
+    Column("ttft_ms", Double, nullable=True),
+    Column("latency_ms", Double, nullable=True),
     Column("upstream_created", BigInteger, nullable=True),
     Column("system_fingerprint", String(NAME), nullable=True),
     Column("call_type", String(CALL_TYPE), nullable=False, server_default="chat"),
     Column("upstream", String(NAME), nullable=True),  # as UPSTREAMS names it
     Column("attempts", LongText, nullable=True),  # JSON: [{upstream, status or error, ms}]
     Column("cache_write_tokens", Integer, nullable=True),  # in prompt_tokens, as cache reads
-    Column("cost_usd", Float, nullable=True),  # None: a model with no known price
+    Column("cost_usd", Double, nullable=True),  # None: a model with no known price
     Column("price_version", String(64), nullable=True),  # where the price came from
     Index("ix_completions_owner_started_id", "owner", "started_at", "id"),
     Index("ix_completions_conversation", "conversation_id", "started_at"),
@@ -188,7 +193,7 @@ request_logs = Table(
     Column("path", String(PATH), nullable=False),
     Column("status_code", Integer, nullable=False),
     Column("error_type", String(NAME), nullable=True),
-    Column("latency_ms", Float, nullable=True),
+    Column("latency_ms", Double, nullable=True),
     Column("bytes_in", BigInteger, nullable=False),
     Column("bytes_out", BigInteger, nullable=False),
     Column("client_ip", String(IP), nullable=True),
@@ -209,14 +214,14 @@ usage_daily = Table(
     history_metadata,
     Column("day", Date, primary_key=True),
     Column("owner", String(ID), primary_key=True),
-    Column("model", String(NAME), primary_key=True),
+    Column("model", ModelKey, primary_key=True),
     Column("requests", BigInteger, nullable=False),
     Column("errors", BigInteger, nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
     Column("total_tokens", BigInteger, nullable=False),
     Column("priced", BigInteger, nullable=False, server_default="0"),  # completions with a cost
-    Column("cost_usd", Float, nullable=False, server_default="0"),  # the sum of their costs
+    Column("cost_usd", Double, nullable=False, server_default="0"),  # the sum of their costs
 )
 
 latency_daily = Table(
@@ -224,7 +229,7 @@ latency_daily = Table(
     history_metadata,
     Column("day", Date, primary_key=True),
     Column("owner", String(ID), primary_key=True),
-    Column("model", String(NAME), primary_key=True),
+    Column("model", ModelKey, primary_key=True),
     Column("bucket", Integer, primary_key=True),
     Column("count", BigInteger, nullable=False),
 )

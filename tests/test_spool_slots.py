@@ -18,7 +18,7 @@ import httpx
 from gateway.services import writer_config
 from gateway.settings import Settings
 from storage.writer_process import SharedState
-from tests.gateway_process import REPO, GatewayProcess
+from tests.gateway_process import REPO, GatewayProcess, free_port
 from tests.history_db import HistoryDB
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
@@ -30,10 +30,11 @@ async def test_a_dead_processs_spool_slot_is_taken_over(upstream: Any, tmp_path:
         "UPSTREAM_BASE_URL": upstream.base_url,
         "SQL_DSN": history,
         "MES_SPOOL_DIR": str(tmp_path / "spool"),
-        "MES_FLUSH_INTERVAL": "30",  # nothing is written before the kill
     }
-    first = GatewayProcess(env, tmp_path / "a").start()
-    second = GatewayProcess(env, tmp_path / "b").start()
+    # Nothing is written before the kill: the first two have a database that refuses them.
+    refused = {**env, "SQL_DSN": f"postgresql://mes@127.0.0.1:{free_port()}/mes"}
+    first = GatewayProcess(refused, tmp_path / "a").start()
+    second = GatewayProcess(refused, tmp_path / "b").start()
     answered = []
     try:
         for n, gateway in enumerate([first, second] * 20):
@@ -48,7 +49,7 @@ async def test_a_dead_processs_spool_slot_is_taken_over(upstream: Any, tmp_path:
     slots = sorted(p.name for p in (tmp_path / "spool").glob("slot-*"))
     assert slots == ["slot-0", "slot-1"]
 
-    with GatewayProcess({**env, "MES_FLUSH_INTERVAL": "0.05"}, tmp_path / "c") as survivor:
+    with GatewayProcess(env, tmp_path / "c") as survivor:
         db = HistoryDB(history)
         try:
             assert await db.wait_for("completions", 40) == 40

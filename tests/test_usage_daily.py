@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from capture.rows import COMPLETIONS, CONVERSATIONS, RowSet
 from storage import deletion
 from storage.batch import write_batch
-from storage.schema import latency_daily, usage_daily
+from storage.schema import completions, latency_daily, usage_daily
 from storage.scope import Scope
 from storage.usage import HALF_BUCKET, bucket_of, daily_usage, histogram_percentile, middle_of
 from tests.history_db import migrated
@@ -113,3 +113,27 @@ def test_a_percentile_is_its_buckets_middle_within_half_a_bucket() -> None:
     assert histogram_percentile(histogram, 0.5) == pytest.approx(15.0, rel=HALF_BUCKET)
     assert histogram_percentile(histogram, 0.0) == pytest.approx(10.0, rel=HALF_BUCKET)
     assert histogram_percentile([], 0.5) is None
+
+
+def test_models_that_differ_in_case_are_counted_apart_on_every_backend(history_dsn: str) -> None:
+    made = records(2)
+    made[0]["requested_model"] = made[0]["response_model"] = "GPT-4o"
+    made[1]["requested_model"] = made[1]["response_model"] = "gpt-4o"
+    made[1]["started_at"] = made[0]["started_at"]  # the same day, the same owner
+    made[1]["owner"], made[1]["conversation_id"] = made[0]["owner"], "case-2"
+    made[0]["latency_ms"], made[1]["latency_ms"] = 12_345.678, 0.125
+
+    async def check() -> tuple[list[Any], list[Any]]:
+        async with migrated(history_dsn) as engine:
+            async with engine.begin() as connection:
+                await write_batch(connection, [rowset(c) for c in made])
+            async with engine.connect() as connection:
+                usage = (await connection.execute(select(usage_daily.c.model))).scalars().all()
+                latencies = (
+                    (await connection.execute(select(completions.c.latency_ms))).scalars().all()
+                )
+            return list(usage), list(latencies)
+
+    usage, latencies = asyncio.run(check())
+    assert sorted(usage) == ["GPT-4o", "gpt-4o"]
+    assert sorted(latencies) == [0.125, 12_345.678]  # a double's digits on MySQL too
