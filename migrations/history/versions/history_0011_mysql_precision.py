@@ -30,32 +30,26 @@ def _mysql() -> bool:
 
 
 def upgrade() -> None:
-    if not _mysql():
-        return
-    op.execute(
-        "ALTER TABLE completions MODIFY ttft_ms DOUBLE NULL, MODIFY latency_ms DOUBLE NULL, "
-        "MODIFY cost_usd DOUBLE NULL"
-    )
-    op.execute("ALTER TABLE request_logs MODIFY latency_ms DOUBLE NULL")
-    op.execute(
-        "ALTER TABLE usage_daily MODIFY model " + MODEL.format("utf8mb4_bin") + ", "
-        "MODIFY cost_usd DOUBLE NOT NULL DEFAULT 0"
-    )
-    op.execute("ALTER TABLE latency_daily MODIFY model " + MODEL.format("utf8mb4_bin"))
+    if _mysql():
+        _columns("DOUBLE", "utf8mb4_bin")
 
 
 def downgrade() -> None:
     """Back to FLOAT and the case-insensitive collation: refused where two models that
     differ only in case have a row each on the same day (the keys would collide)."""
-    if not _mysql():
-        return
+    if _mysql():
+        _columns("FLOAT", "utf8mb4_unicode_ci")
+
+
+def _columns(number: str, collation: str) -> None:
+    """Times and costs as ``number``; the by-day tables' models compared by ``collation``."""
     op.execute(
-        "ALTER TABLE completions MODIFY ttft_ms FLOAT NULL, MODIFY latency_ms FLOAT NULL, "
-        "MODIFY cost_usd FLOAT NULL"
+        f"ALTER TABLE completions MODIFY ttft_ms {number} NULL, "
+        f"MODIFY latency_ms {number} NULL, MODIFY cost_usd {number} NULL"
     )
-    op.execute("ALTER TABLE request_logs MODIFY latency_ms FLOAT NULL")
+    op.execute(f"ALTER TABLE request_logs MODIFY latency_ms {number} NULL")
     op.execute(
-        "ALTER TABLE usage_daily MODIFY model " + MODEL.format("utf8mb4_unicode_ci") + ", "
-        "MODIFY cost_usd FLOAT NOT NULL DEFAULT 0"
+        f"ALTER TABLE usage_daily MODIFY model {MODEL.format(collation)}, "
+        f"MODIFY cost_usd {number} NOT NULL DEFAULT 0"
     )
-    op.execute("ALTER TABLE latency_daily MODIFY model " + MODEL.format("utf8mb4_unicode_ci"))
+    op.execute(f"ALTER TABLE latency_daily MODIFY model {MODEL.format(collation)}")
