@@ -83,6 +83,12 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment.astimezone(UTC).replace(tzinfo=None)
 
 
+def _scope_of(user_id: str | None) -> Scope:
+    """One user's history, or, with no ``user_id``, everyone's: the admin API has checked
+    GATEWAY_ADMIN_KEY."""
+    return Scope.of(user_id) if user_id else Scope.everyone()
+
+
 def _page(items: list[Any], has_more: bool, key: str = "id") -> dict[str, Any]:
     return {
         "object": "list",
@@ -318,9 +324,7 @@ async def all_completions(
 ) -> dict[str, Any]:
     """Every user's completions (or one ``user_id``'s), newest first, with the filters of a
     user's list."""
-    # The admin API has checked GATEWAY_ADMIN_KEY: everyone's history is in its scope.
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
-    return await list_completions_page(request, scope, query)
+    return await list_completions_page(request, _scope_of(user_id), query)
 
 
 @router.get("/conversations", response_model=m.ListOf[m.Conversation])
@@ -332,8 +336,7 @@ async def all_conversations(
 ) -> dict[str, Any]:
     """Every user's conversations (or one ``user_id``'s), latest activity first, with the
     filters of a user's list."""
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
-    return await list_conversations_page(request, scope, query)
+    return await list_conversations_page(request, _scope_of(user_id), query)
 
 
 @router.get("/users/{user_id}/completions", response_model=m.ListOf[m.Completion])
@@ -410,7 +413,7 @@ async def list_request_logs(
     """Every other proxied /v1 request (listing models, stored responses, files, ...):
     method, path, status, latency, bytes, user and client, newest first; everyone's
     unless ``user_id`` is given."""
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    scope = _scope_of(user_id)
     filters = browse.LogFilter(
         path=path,
         method=method,
@@ -594,7 +597,7 @@ async def search_messages(
 ) -> dict[str, Any]:
     """Messages whose text contains ``q`` (any script, case ignored where it has case),
     newest first; a user's only when ``user_id`` is given."""
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    scope = _scope_of(user_id)
     return await search_page(request, scope, q, limit, cursor)
 
 
@@ -629,7 +632,7 @@ async def usage_stats(
 ) -> dict[str, Any]:
     """Requests, errors, tokens and latency percentiles per user, model, day (UTC), call
     type (chat, responses, embeddings, completions) or upstream (the one that answered)."""
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    scope = _scope_of(user_id)
     return await usage_of(request, scope, by, since, until)
 
 
@@ -670,7 +673,7 @@ async def export(
     array of records), ``jsonl`` (a record a line), or ``fine-tuning`` (OpenAI's chat
     fine-tuning format, a line per answered completion). Every filter of the lists, and
     ``conversation_id`` for one conversation."""
-    scope = Scope.of(user_id) if user_id else Scope.everyone()
+    scope = _scope_of(user_id)
     filters = dataclasses.replace(
         _filters(model, since, until, status, errors_only, tool, call_type, upstream),
         conversation_id=conversation_id,

@@ -69,12 +69,8 @@ class Services:
     def set_up(self) -> bool:
         """Both databases are created and at their schema: the history one by the writer."""
         main = self.main_setup
-        return (
-            main.done()
-            and not main.cancelled()
-            and main.exception() is None
-            and (self.writer.ready)
-        )
+        ok = main.done() and not main.cancelled() and main.exception() is None
+        return ok and self.writer.ready
 
     @property
     def engines(self) -> dict[str, AsyncEngine]:
@@ -300,12 +296,12 @@ async def _until_done(step: Callable[[], Awaitable[None]], name: str, tried: asy
         delay = min(delay * 2, 10.0)
 
 
-async def _first_try(*tried: asyncio.Event) -> None:
-    """Wait for the first try at setting up each database (over at once for one that is
-    down), for at most ``START_SECONDS``: the gateway serves within them whatever state its
-    databases are in, and spools history until they can take it."""
+async def _first_try(tried: asyncio.Event) -> None:
+    """Wait for the first try at setting up the main database (over at once for one that
+    is down), for at most ``START_SECONDS``: the gateway serves within them whatever state
+    its databases are in, and spools history until they can take it."""
     try:
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in tried)), START_SECONDS)
+        await asyncio.wait_for(tried.wait(), START_SECONDS)
     except TimeoutError:
         log.warning("a database is slow to set up: serving, and spooling history meanwhile")
 

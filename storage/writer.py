@@ -186,7 +186,6 @@ class HistoryWriter:
         self.pricer = pricer or Pricer(Prices(), {})
         self.partitions = partitions
         self.ready = prepare is None
-        self.tried = self.ready  # the first try at ``prepare`` is over
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
         self._replaying = spool.end  # records before here were spooled before this writer
@@ -333,8 +332,6 @@ class HistoryWriter:
                 return
             except Exception as error:  # down, unreachable, or refusing: wait and retry
                 log.warning("history database not ready (%s): retrying", _reason(error))
-            finally:
-                self.tried = True
                 await asyncio.sleep(delay)
                 delay = min(self.retry_seconds, delay * 2)
 

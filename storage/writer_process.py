@@ -70,7 +70,6 @@ _FIELDS = (
     "batches_sum_us",
     "released_bytes",
     "ready",
-    "tried",  # the first try at setting the database up is over, whichever way it went
     "stalled_since_ms",
     "costs_seq",
     "costs_length",
@@ -192,7 +191,6 @@ class WriterProcess:
         self.state = SharedState.create()
         spool.released_elsewhere = lambda: self.state["released_bytes"]
         self.ready_event = asyncio.Event()
-        self.tried_event = asyncio.Event()
         self.process: subprocess.Popen[bytes] | None = None
         self._appended = 0
         self._supervisor: asyncio.Task[None] | None = None
@@ -287,8 +285,6 @@ class WriterProcess:
             await asyncio.sleep(POLL_SECONDS if not self.ready_event.is_set() else 0.5)
             if self.ready:
                 self.ready_event.set()
-            if self.state["tried"]:
-                self.tried_event.set()
             assert self.process is not None
             code = self.process.poll()
             if code is not None:
@@ -351,7 +347,6 @@ async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO
         while True:
             state["released_bytes"] = released + spool.released
             state["ready"] = int(writer.ready)
-            state["tried"] = int(writer.tried)
             stalled = writer.stalled_since
             state["stalled_since_ms"] = 0 if stalled is None else int(stalled * 1000)
             await asyncio.sleep(POLL_SECONDS)
