@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import sqlite3
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from migrations import MIGRATIONS_DIR
-from storage.dsn import DatabaseURL, parse_dsn
+from storage.dsn import TLS, DatabaseURL, parse_dsn
 from storage.locks import named_lock
 
 if TYPE_CHECKING:
@@ -69,16 +70,63 @@ def create_engine(
         # over that way). Plans made for each run's parameters cost a little planning and
         # follow the data, also for owners with very different amounts of history.
         options["connect_args"]["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
-    return create_async_engine(database.url, **options)
+    return _server_engine(database, database.url, **options)
+
+
+def _server_engine(database: DatabaseURL, url: URL, **options: Any) -> AsyncEngine:
+    """An engine on ``url``, a server of ``database``'s, that refuses a MySQL connection
+    without TLS where the DSN requires it. asyncpg refuses one itself; aiomysql goes on in
+    plain text when the server offers no TLS, so each new connection is asked."""
+    engine = create_async_engine(url, **options)
+    if database.kind == "mysql" and database.tls is not None and database.tls.required:
+        event.listen(engine.sync_engine, "connect", _refuse_plain_text)
+    return engine
+
+
+class DatabaseTLSError(DatabaseSetupError):
+    """The DSN asks for TLS that cannot be had: certificate files that cannot be read, or
+    a server that does not offer it."""
+
+
+def _refuse_plain_text(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+    row = cursor.fetchone()
+    cursor.close()
+    if not row or not row[1]:
+        dbapi_connection.close()
+        raise DatabaseTLSError("the MySQL server offers no TLS, and the DSN requires it")
+
+
+def tls_context(tls: TLS) -> ssl.SSLContext:
+    """The SSL context for ``tls``: its CA (or the system's), its checks, its client
+    certificate."""
+    for path in (tls.ca, tls.cert, tls.key):
+        if path is not None and not Path(path).is_file():
+            raise DatabaseTLSError(f"the DSN names {path} for TLS, and there is no such file")
+    try:
+        context = ssl.create_default_context(cafile=tls.ca)
+        context.check_hostname = tls.verify == "full"
+        if tls.verify == "none":
+            context.verify_mode = ssl.CERT_NONE
+        if tls.cert:
+            context.load_cert_chain(tls.cert, tls.key, tls.key_password)
+    except (OSError, ssl.SSLError) as exc:
+        raise DatabaseTLSError(f"the DSN's TLS files: {exc}") from None
+    return context
 
 
 def _connect_args(database: DatabaseURL, connect_timeout: float) -> dict[str, Any]:
-    """The connect timeout, by the driver's own name for it, unless the DSN sets it."""
+    """The connect timeout, by the driver's own name for it, unless the DSN sets it; the
+    SSL context where the DSN asks for TLS."""
     if database.kind == "postgresql":
         name, value = "timeout", connect_timeout
     else:
         name, value = "connect_timeout", max(1, math.ceil(connect_timeout))  # whole seconds
-    return {} if name in database.url.query else {name: value}
+    args: dict[str, Any] = {} if name in database.url.query else {name: value}
+    if database.tls is not None:
+        args["ssl"] = tls_context(database.tls)
+    return args
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -133,7 +181,8 @@ async def ensure_database(dsn: str, connect_timeout: float = CONNECT_TIMEOUT) ->
 async def _create_postgres_database(
     database: DatabaseURL, name: str, connect_timeout: float
 ) -> None:
-    server = create_async_engine(
+    server = _server_engine(
+        database,
         database.url.set(database="postgres"),
         isolation_level="AUTOCOMMIT",
         poolclass=NullPool,
@@ -162,8 +211,11 @@ async def _create_mysql_database(database: DatabaseURL, name: str, connect_timeo
     server_url = URL.create(
         url.drivername, url.username, url.password, url.host, url.port, None, url.query
     )
-    server = create_async_engine(
-        server_url, poolclass=NullPool, connect_args=_connect_args(database, connect_timeout)
+    server = _server_engine(
+        database,
+        server_url,
+        poolclass=NullPool,
+        connect_args=_connect_args(database, connect_timeout),
     )
     try:
         async with server.connect() as connection:

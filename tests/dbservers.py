@@ -61,6 +61,16 @@ def _run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[st
     return result  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server's TLS: its certificate and key, and the CA it takes client certificates
+    from. Such a server refuses every TCP connection without TLS."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
 @dataclass
 class DatabaseServer:
     kind: str  # "postgresql" or "mysql"
@@ -75,6 +85,7 @@ class DatabaseServer:
     # MariaDB's buffer pool: its default, enough for the tests; benchmarks of large
     # histories give it room for their data, as a deployment would.
     buffer_pool: str = "128M"
+    tls: ServerTLS | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     host = "127.0.0.1"
@@ -120,6 +131,8 @@ class DatabaseServer:
                 "-e",
                 statement,
             ]
+            if self.tls is not None:
+                command.insert(1, "--ssl")
             if database:
                 command.insert(1, f"--database={database}")
         return _run(command, timeout=60).stdout
@@ -156,7 +169,8 @@ class DatabaseServer:
                         "-o",
                         f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
                         + ("" if self.durable else "-c fsync=off -c synchronous_commit=off ")
-                        + "-c max_connections=300",
+                        + "-c max_connections=300"
+                        + self._postgres_tls_options(),
                         "start",
                     ],
                 ),
@@ -180,6 +194,7 @@ class DatabaseServer:
                     "--max-connections=500",
                     "--character-set-server=utf8mb4",
                     "--collation-server=utf8mb4_unicode_ci",
+                    *self._mariadb_tls_options(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -187,6 +202,24 @@ class DatabaseServer:
             )
             log.close()
         _wait_for_port(self.port, 60, self.process)
+
+    def _postgres_tls_options(self) -> str:
+        if self.tls is None:
+            return ""
+        return (
+            f" -c ssl=on -c ssl_cert_file={self.tls.cert} -c ssl_key_file={self.tls.key}"
+            f" -c ssl_ca_file={self.tls.client_ca}"
+        )
+
+    def _mariadb_tls_options(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--ssl-cert={self.tls.cert}",
+            f"--ssl-key={self.tls.key}",
+            f"--ssl-ca={self.tls.client_ca}",
+            "--require-secure-transport=ON",
+        ]
 
     def stop(self, how: str = "fast") -> None:
         """``fast`` (clean), ``immediate`` (PostgreSQL's crash-like stop) or ``kill`` (SIGKILL)."""
@@ -249,7 +282,25 @@ def _mariadb_binaries() -> Path:
     raise ServerUnavailable("MariaDB server binaries not found (apt-get install mariadb-server)")
 
 
-def start_postgres(base: Path, durable: bool = False) -> DatabaseServer:
+def _install_tls(base: Path, tls: ServerTLS, user: str) -> ServerTLS:
+    """The server's copies of its TLS files, which it can read and nobody else can."""
+    folder = base / "tls"
+    folder.mkdir()
+    copies = ServerTLS(*(folder / name for name in ("server.pem", "server.key", "client-ca.pem")))
+    for source, copy in zip(
+        (tls.cert, tls.key, tls.client_ca), (copies.cert, copies.key, copies.client_ca), strict=True
+    ):
+        shutil.copyfile(source, copy)
+        copy.chmod(0o600)
+    _own(folder, user)
+    if os.geteuid() == 0:
+        shutil.chown(folder, user, user)
+    return copies
+
+
+def start_postgres(
+    base: Path, durable: bool = False, tls: ServerTLS | None = None
+) -> DatabaseServer:
     binaries = _postgres_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, PG_USER)
@@ -270,12 +321,23 @@ def start_postgres(base: Path, durable: bool = False) -> DatabaseServer:
         timeout=120,
     )
     server = DatabaseServer("postgresql", base, free_port(), PG_USER, "", binaries, durable)
+    if tls is not None:
+        server.tls = _install_tls(base, tls, PG_USER)
+        # TCP only with TLS; a client certificate authenticates the user it names.
+        (base / "data" / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all certuser 127.0.0.1/32 cert\n"
+            "hostssl all all 127.0.0.1/32 trust\n"
+            "hostnossl all all 127.0.0.1/32 reject\n"
+        )
     server.start()
     atexit.register(server.shutdown)
     return server
 
 
-def start_mariadb(base: Path, durable: bool = False, buffer_pool: str = "128M") -> DatabaseServer:
+def start_mariadb(
+    base: Path, durable: bool = False, buffer_pool: str = "128M", tls: ServerTLS | None = None
+) -> DatabaseServer:
     binaries = _mariadb_binaries()
     base.mkdir(parents=True, exist_ok=True)
     _own(base, "mysql")
@@ -294,6 +356,8 @@ def start_mariadb(base: Path, durable: bool = False, buffer_pool: str = "128M") 
     server = DatabaseServer(
         "mysql", base, free_port(), MYSQL_USER, MYSQL_PASSWORD, binaries, durable, buffer_pool
     )
+    if tls is not None:
+        server.tls = _install_tls(base, tls, "mysql")
     server.start()
     atexit.register(server.shutdown)
     _run(

@@ -1,6 +1,6 @@
 import pytest
 
-from storage.dsn import DSNError, parse_dsn
+from storage.dsn import TLS, DSNError, parse_dsn
 
 
 @pytest.mark.parametrize(
@@ -42,9 +42,67 @@ def test_go_dsn_keeps_a_password_with_at_signs_and_drops_go_only_options() -> No
     assert dict(parsed.url.query) == {"charset": "utf8mb4"}
 
 
-def test_libpq_sslmode_is_passed_to_asyncpg_as_ssl() -> None:
-    parsed = parse_dsn("postgres://u:p@h/db?sslmode=require")
-    assert dict(parsed.url.query) == {"ssl": "require"}
+@pytest.mark.parametrize("mode", ["disable", "allow", "prefer"])
+def test_libpq_modes_asyncpg_knows_are_passed_as_its_ssl(mode: str) -> None:
+    parsed = parse_dsn(f"postgres://u:p@h/db?sslmode={mode}")
+    assert dict(parsed.url.query) == {"ssl": mode} and parsed.tls is None
+
+
+@pytest.mark.parametrize(
+    ("dsn", "tls"),
+    [
+        ("postgres://u@h/db?sslmode=require", TLS("none")),
+        ("postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem", TLS("ca", ca="/ca.pem")),
+        ("postgres://u@h/db?sslmode=verify-ca&sslrootcert=/ca.pem", TLS("ca", ca="/ca.pem")),
+        (
+            "postgresql://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem"
+            "&sslkey=/c.key&sslpassword=pw",
+            TLS("full", ca="/ca.pem", cert="/c.pem", key="/c.key", key_password="pw"),
+        ),
+        ("postgresql://u@h/db?ssl=true", TLS("full")),
+        ("u:p@tcp(h:3306)/db?tls=true", TLS("full")),
+        ("u:p@tcp(h:3306)/db?tls=skip-verify&parseTime=true", TLS("none")),
+        ("u:p@tcp(h:3306)/db?tls=preferred", TLS("none", required=False)),
+        ("u:p@tcp(h:3306)/db?tls=corp&ssl_ca=/ca.pem", TLS("full", ca="/ca.pem")),
+        ("mysql://u@h/db?ssl-mode=REQUIRED", TLS("none")),
+        ("mysql://u@h/db?ssl_mode=required&ssl_ca=/ca.pem", TLS("ca", ca="/ca.pem")),
+        ("mysql://u@h/db?ssl-mode=VERIFY_CA&ssl_ca=/ca.pem", TLS("ca", ca="/ca.pem")),
+        ("mysql://u@h/db?ssl-mode=verify_identity", TLS("full")),
+        ("mysql://u@h/db?ssl-mode=PREFERRED", TLS("none", required=False)),
+        ("mysql://u@h/db?ssl_ca=/ca.pem", TLS("full", ca="/ca.pem")),
+        ("mysql://u@h/db?ssl_ca=/ca.pem&ssl_check_hostname=false", TLS("ca", ca="/ca.pem")),
+        ("mysql://u@h/db?ssl_cert=/c.pem&ssl_key=/c.key", TLS("none", cert="/c.pem", key="/c.key")),
+        ("mysql://u@h/db?ssl=true", TLS("full")),
+    ],
+)
+def test_every_tls_spelling_becomes_one_tls_and_leaves_the_query(dsn: str, tls: TLS) -> None:
+    parsed = parse_dsn(dsn)
+    assert parsed.tls == tls
+    assert set(parsed.url.query) <= {"charset"}  # nothing left for the driver to stumble on
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["u:p@tcp(h:3306)/db?tls=false", "mysql://u@h/db?ssl-mode=DISABLED", "mysql://u@h/db?ssl=0"],
+)
+def test_mysql_tls_switched_off_is_no_tls(dsn: str) -> None:
+    assert parse_dsn(dsn).tls is None
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("postgres://u@h/db?sslrootcert=/ca.pem", "sslrootcert take effect with sslmode"),
+        ("postgres://u@h/db?sslmode=prefer&sslcert=/c.pem", "sslcert take effect"),
+        ("postgres://u@h/db?sslmode=sometimes", "sslmode='sometimes'"),
+        ("mysql://u@h/db?ssl-mode=sometimes", "ssl-mode='sometimes'"),
+        ("u:p@tcp(h:3306)/db?tls=false&ssl_ca=/ca.pem", "drop one"),
+        ("mysql://u@h/db?tls=true&ssl-mode=REQUIRED", "name TLS once"),
+    ],
+)
+def test_tls_options_that_contradict_are_refused_with_a_reason(dsn: str, reason: str) -> None:
+    with pytest.raises(DSNError, match=reason):
+        parse_dsn(dsn)
 
 
 def test_rendered_dsn_hides_the_password() -> None:
