@@ -38,6 +38,10 @@ class RowSet:
     # Redaction and ``MES_CAPTURE_CONTENT=false`` were applied (``capture/redaction.py``).
     redacted: bool = field(default=False, compare=False)
 
+    def owners(self) -> set[str]:
+        """Whose rows these are (one owner, as a rule)."""
+        return {row["owner"] for rows in self.tables.values() for row in rows if "owner" in row}
+
     def moved(self, conversation_id: str, parent_hash: str) -> RowSet:
         """These rows in another conversation, their message chain hung under
         ``parent_hash``. A message's new hash is its old one linked to its new parent, as

@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.services import services
 from gateway.stored_completions import has_nul
-from storage import accounts, browse, deletion, retention, search, stats
+from storage import accounts, browse, deletion, erasures, retention, search, stats
 from storage.browse import CompletionFilter
 from storage.schema import conversations
 from storage.scope import Scope
@@ -160,6 +160,8 @@ async def erase_user(user_id: str, request: Request, actor: Actor) -> dict[str, 
         if not await accounts.set_disabled(connection, user_id, True):
             raise NotFound(f"No user '{user_id}'.")
     services(request).authenticator.forget_all()
+    async with _history(request).begin() as connection:  # then none of their records after
+        await erasures.erase_owner(connection, user_id)
     async with _history(request).begin() as connection:
         deleted = await deletion.delete_owner_history(connection, Scope.of(user_id))
     async with _main(request).begin() as connection:

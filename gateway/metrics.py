@@ -20,6 +20,7 @@ _HELP = {
     "records_adopted": "Records taken over from the spool slot of a process that is gone.",
     "records_dead_lettered": "Records the database refused for good, kept in dead-letter.jsonl.",
     "records_failed": "Records the writer could not handle (a bug; logged with the reason).",
+    "records_erased": "Records of erased users that arrived after the erasure: not written.",
     "records_dropped": "Records not accepted because the spool was full (should stay 0).",
     "write_retries": "Batch writes retried because the database was unavailable.",
     "upstream_errors": "Requests the upstream could not answer (unreachable, timeout, reset).",

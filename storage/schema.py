@@ -235,6 +235,23 @@ latency_daily = Table(
 )
 
 
+# Owners whose history was erased: the writer drops records of theirs that arrive after
+# (``storage/erasures.py``), under the one row of ``erasure_gate``.
+erased_owners = Table(
+    "erased_owners",
+    history_metadata,
+    Column("owner", String(ID), primary_key=True),
+    Column("erased_at", Timestamp, nullable=False),
+)
+
+erasure_gate = Table(
+    "erasure_gate",
+    history_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+)
+
+
 # The tables that grow by a row per request: split by day with MES_DAILY_PARTITION, and
 # written as records, once per id, by the writer (``storage/batch.py``).
 DAILY = (completions, request_logs)

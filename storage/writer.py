@@ -41,6 +41,7 @@ from capture.redaction import Redactor
 from capture.rows import Record, RowSet
 from storage.batch import StaleRowType, write_batch
 from storage.database import SchemaOutdated
+from storage.erasures import Erased, Erasures
 from storage.partitions import Partitions
 from storage.prices import Pricer, Prices
 from storage.schema import DAILY
@@ -185,6 +186,7 @@ class HistoryWriter:
         self.redactor = redactor or Redactor(())
         self.pricer = pricer or Pricer(Prices(), {})
         self.partitions = partitions
+        self.erasures = Erasures()
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
@@ -418,14 +420,14 @@ class HistoryWriter:
     async def _write(self, rowsets: list[tuple[Record, RowSet]], size: int) -> None:
         """Write a batch's rows; the writer outlives any one batch (counted and logged)."""
         try:
-            if not rowsets:
-                return
             began = time.monotonic()
             try:
-                await self._write_until_through([rows for _, rows in rowsets])
+                rowsets = await self._write_unless_erased(rowsets)
             except Exception:  # refused for good: find which record, write the others
                 for record, rows in rowsets:
                     await self._write_one(record, rows)
+                return
+            if not rowsets:
                 return
             self.metrics.observe_batch(time.monotonic() - began)
             self.metrics.inc("records_written", len(rowsets))
@@ -436,13 +438,33 @@ class HistoryWriter:
 
     async def _write_one(self, record: Record, rows: RowSet) -> None:
         try:
-            await self._write_until_through([rows])
+            written = await self._write_unless_erased([(record, rows)])
         except Exception as error:
             log.error("record %s refused (%s): %s", record.id, type(error).__name__, error)
             self._dead_letter(record, f"{type(error).__name__}: {error}")
             return
-        self.metrics.inc("records_written")
-        self._count_costs([rows])
+        if written:
+            self.metrics.inc("records_written")
+            self._count_costs([rows])
+
+    async def _write_unless_erased(
+        self, rowsets: list[tuple[Record, RowSet]]
+    ) -> list[tuple[Record, RowSet]]:
+        """Write ``rowsets`` but the records of erased owners, which are dropped (counted);
+        the ones written (``storage/erasures.py``)."""
+        while True:
+            kept = [(record, rows) for record, rows in rowsets if not self.erasures.holds(rows)]
+            if len(kept) < len(rowsets):
+                self.metrics.inc("records_erased", len(rowsets) - len(kept))
+                log.info("dropped %d record(s) of erased owners", len(rowsets) - len(kept))
+            if not kept:
+                return kept
+            try:
+                await self._write_until_through([rows for _, rows in kept])
+            except Erased:  # an owner erased meanwhile: ``erasures`` knows it now
+                rowsets = kept
+                continue
+            return kept
 
     def _count_costs(self, rowsets: list[RowSet]) -> None:
         costs: dict[str, float] = {}
@@ -478,6 +500,7 @@ class HistoryWriter:
                     day_table = self.partitions.day_table
                 async with self.engine.begin() as connection:
                     await write_batch(connection, rowsets, day_table)
+                    await self.erasures.check(connection, rowsets)
 
     def _count_retry(self, state: RetryCallState) -> None:
         self.metrics.inc("write_retries")

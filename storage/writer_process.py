@@ -58,6 +58,7 @@ COUNTERS = (
     "records_replayed",
     "records_dead_lettered",
     "records_failed",
+    "records_erased",
     "write_retries",
 )
 # Upper bounds of the writer's batch duration histogram, in seconds (a batch's time from its
@@ -226,7 +227,15 @@ class WriterProcess:
     def depth(self) -> int:
         """Records this process spooled that are not written yet."""
         state = self.state
-        done = state["records_written"] + state["records_dead_lettered"] + state["records_failed"]
+        done = sum(
+            state[name]
+            for name in (
+                "records_written",
+                "records_dead_lettered",
+                "records_failed",
+                "records_erased",
+            )
+        )
         return max(0, self._appended - done)
 
     def submit(self, record: Record) -> bool:

@@ -153,3 +153,23 @@ class HistoryDB:
     async def rows(self, query: Any) -> list[RowMapping]:
         async with self.engine.connect() as connection:
             return list((await connection.execute(query)).mappings())
+
+
+async def lock_waits(engine: AsyncEngine) -> int:
+    """How many transactions wait for a lock (PostgreSQL and MySQL; SQLite: none).
+
+    MariaDB's ``innodb_trx`` shows a transaction waiting for a row lock as ``RUNNING`` as
+    often as not, so there a waiter is a locking read in the process list: it reads a row
+    the other transaction wrote and has not committed, so it waits until that commits."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        return 1  # a second writer waits for the database's one write lock
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        if dialect == "postgresql"
+        else "SELECT count(*) FROM information_schema.processlist"
+        " WHERE id <> connection_id()"
+        " AND (info LIKE '%%FOR UPDATE' OR info LIKE '%%LOCK IN SHARE MODE')"
+    )
+    async with engine.connect() as connection:
+        return int((await connection.exec_driver_sql(query)).scalar() or 0)

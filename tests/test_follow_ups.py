@@ -18,6 +18,7 @@ from storage.batch import write_batch
 from storage.browse import Rebuilder
 from storage.database import create_engine, ensure_database, migrate
 from storage.schema import completions, conversations, messages
+from tests.history_db import lock_waits
 
 START = datetime(2026, 12, 2, 9, 0, 0)
 CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "ls", "arguments": "{}"}
@@ -127,26 +128,6 @@ async def test_follow_ups_written_in_order_make_the_same_conversation(history_ds
     assert in_order["totals"][0][1:] == (3, 7, 45)
 
 
-async def _lock_waits(engine: Any) -> int:
-    """How many transactions wait for a lock (PostgreSQL and MySQL; SQLite: none).
-
-    MariaDB's ``innodb_trx`` shows a transaction waiting for a row lock as ``RUNNING`` as
-    often as not, so there a waiter is a locking read in the process list: it reads a row
-    the other transaction wrote and has not committed, so it waits until that commits."""
-    dialect = engine.dialect.name
-    if dialect == "sqlite":
-        return 1  # a second writer waits for the database's one write lock
-    query = (
-        "SELECT count(*) FROM pg_locks WHERE NOT granted"
-        if dialect == "postgresql"
-        else "SELECT count(*) FROM information_schema.processlist"
-        " WHERE id <> connection_id()"
-        " AND (info LIKE '%%FOR UPDATE' OR info LIKE '%%LOCK IN SHARE MODE')"
-    )
-    async with engine.connect() as connection:
-        return int((await connection.exec_driver_sql(query)).scalar() or 0)
-
-
 @pytest.mark.parametrize("first", ["follow-up", "response"])
 async def test_a_follow_up_and_its_response_written_at_once_meet(
     history_dsn: str, first: str
@@ -163,7 +144,7 @@ async def test_a_follow_up_and_its_response_written_at_once_meet(
             await write_batch(one, batches[first])
             await two.begin()
             waiting = asyncio.get_running_loop().create_task(write_batch(two, batches[second]))
-            while not waiting.done() and await _lock_waits(engine) == 0:
+            while not waiting.done() and await lock_waits(engine) == 0:
                 await asyncio.sleep(0.01)  # until the second writer waits for the first
             await one.commit()
             await waiting
