@@ -174,6 +174,7 @@ class HistoryWriter:
         pricer: Pricer | None = None,
         partitions: Partitions | None = None,
         stalled_since: float | None = None,
+        replayed_until: Position | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -190,7 +191,8 @@ class HistoryWriter:
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
-        self._replaying = spool.end  # records before here were spooled before this writer
+        # Records before here were spooled before this writer: replayed, in its counts.
+        self._replaying = spool.end if replayed_until is None else replayed_until
         self._writing: tuple[asyncio.Task[None], Position] | None = None  # a write, its end
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()

@@ -47,7 +47,7 @@ from storage.database import create_engine, prepare_schema
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.prices import Pricer, Prices, read_prices_file
-from storage.spool import Spool
+from storage.spool import Position, Spool
 from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
 
 log = logging.getLogger("mes.writer")
@@ -272,6 +272,9 @@ class WriterProcess:
     def _spawn(self) -> None:
         assert self.spool.slot is not None
         config = pickle.dumps(self.config)
+        # What is in the slot now was spooled before this writer (replayed, in its counts);
+        # what comes after is new, records adopted from another slot meanwhile included.
+        end = self.spool.end
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -280,6 +283,7 @@ class WriterProcess:
                 str(self.spool.slot),
                 str(self.state.fd),
                 str(os.getpid()),
+                f"{end.segment}:{end.offset}",
             ],
             stdin=subprocess.PIPE,
             pass_fds=(self.state.fd,),
@@ -317,7 +321,9 @@ def _die_with_parent() -> None:
         log.warning("cannot tie the writer's life to its gateway's on this system")
 
 
-async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO[bytes]) -> None:
+async def _serve(
+    config: WriterConfig, slot: Path, state: SharedState, stdin: IO[bytes], replayed: Position
+) -> None:
     engine = create_engine(parse_dsn(config.history_dsn), **config.pool)
 
     async def prepare() -> None:
@@ -349,6 +355,7 @@ async def _serve(config: WriterConfig, slot: Path, state: SharedState, stdin: IO
             config.providers,
         ),
         stalled_since=state["stalled_since_ms"] / 1000 or None,  # the writer before this one's
+        replayed_until=replayed,
     )
     released = state["released_bytes"]  # by the writers before this one
 
@@ -386,7 +393,8 @@ def main() -> None:
     state = SharedState(int(sys.argv[2]))
     import uvloop
 
-    uvloop.run(_serve(config, Path(sys.argv[1]), state, stdin))
+    segment, offset = map(int, sys.argv[4].split(":"))
+    uvloop.run(_serve(config, Path(sys.argv[1]), state, stdin, Position(segment, offset)))
 
 
 if __name__ == "__main__":

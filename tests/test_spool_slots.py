@@ -58,7 +58,9 @@ async def test_a_dead_processs_spool_slot_is_taken_over(upstream: Any, tmp_path:
             await db.close()
         metrics = httpx.get(survivor.url + "/metrics").text
     assert sorted(users) == sorted(answered) and set(users.values()) == {1}
+    # Its own slot's 20 are replayed; the dead process's 20 adopted, and not replayed too.
     assert "mes_records_adopted_total 20" in metrics
+    assert "mes_records_replayed_total 20" in metrics
 
 
 def test_a_writer_whose_gateway_died_while_it_started_stops_at_once(tmp_path: Path) -> None:
