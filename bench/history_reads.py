@@ -10,7 +10,10 @@ day's statistics and all history's by day, and a streamed fine-tuning export of 
 (``MES_DAILY_PARTITION=true``) before it is filled: completions 20 s apart make ~4,300 a day.
 
     python bench/history_reads.py [--backend sqlite|postgresql|mysql] [--total 100000]
-        [--runs 5] [--partitioned]
+        [--runs 5] [--partitioned] [--dsn DSN] [--lists]
+
+``--dsn`` measures a database filled before as this command fills one (``fill``, with the
+same ``--total``) instead of filling a new one; ``--lists`` times the pages of lists alone.
 """
 
 from __future__ import annotations
@@ -76,18 +79,24 @@ def median_ms(runs: int, call: Callable[[], httpx.Response]) -> float:
     return statistics.median(times)
 
 
-def measure(dsn: str, total: int, runs: int, backend: str, partitioned: bool) -> None:
-    filled = asyncio.run(fill(dsn, total, partitioned))
+def measure(
+    dsn: str, total: int, runs: int, backend: str, partitioned: bool, *, filled: bool, lists: bool
+) -> None:
+    how = (
+        "there before"
+        if filled
+        else f"written in {asyncio.run(fill(dsn, total, partitioned)):.1f} s"
+    )
     print(
         f"backend {backend}{', split by day' if partitioned else ''}: {total:,} completions "
-        f"({2 * total:,} messages) written in {filled:.1f} s\n"
+        f"({2 * total:,} messages) {how}\n"
     )
     rows: list[tuple[str, str]] = []
     extra = {"MES_DAILY_PARTITION": "true"} if partitioned else {}
     workdir = Path(tempfile.mkdtemp())
     with serve() as upstream, managed_gateway(upstream, dsn, workdir, **extra) as gateway:
         admin = httpx.Client(base_url=gateway.url + "/admin", headers=ADMIN, timeout=300)
-        for name, phrase in bulk.PHRASES.items():
+        for name, phrase in bulk.PHRASES.items() if not lists else ():
             for scope, extra in (("one user", {"user_id": bulk.OWNER}), ("everyone", {})):
                 params: dict[str, Any] = {"q": phrase, "limit": 20, **extra}
                 ms = median_ms(runs, lambda p=params: admin.get("/search", params=p))
@@ -101,6 +110,9 @@ def measure(dsn: str, total: int, runs: int, backend: str, partitioned: bool) ->
                 page = {"limit": 50, "order": order}
                 ms = median_ms(runs, lambda p=page, n=listed: admin.get(f"/{n}", params=p))
                 rows.append((f"everyone's {listed}, a page of 50, {order}", f"{ms:8.1f} ms"))
+        if lists:
+            _print(rows)
+            return
         first, _ = bulk.span(total)
         one_day = {
             "by": "model",
@@ -137,6 +149,10 @@ def measure(dsn: str, total: int, runs: int, backend: str, partitioned: bool) ->
                 f"{seconds:8.1f} s  ({lines / seconds:,.0f} lines/s, RSS +{growth:.1f} MiB)",
             )
         )
+    _print(rows)
+
+
+def _print(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -148,9 +164,15 @@ def main() -> None:
     parser.add_argument("--total", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--partitioned", action="store_true", help="MES_DAILY_PARTITION=true")
+    parser.add_argument("--dsn", help="a database filled before: measured, not filled")
+    parser.add_argument("--lists", action="store_true", help="time the pages of lists alone")
     args = parser.parse_args()
+    options = {"filled": args.dsn is not None, "lists": args.lists}
+    if args.dsn:
+        measure(args.dsn, args.total, args.runs, args.backend, args.partitioned, **options)
+        return
     with throwaway_database(args.backend, "bench_reads") as dsn:
-        measure(dsn, args.total, args.runs, args.backend, args.partitioned)
+        measure(dsn, args.total, args.runs, args.backend, args.partitioned, **options)
 
 
 @contextmanager

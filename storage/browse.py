@@ -21,6 +21,7 @@ from sqlalchemy.sql import Select
 
 from capture.message_rows import stored_message
 from capture.messages import MARKS, with_marks
+from storage.partitions import first_part_end
 from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope, storable
 
@@ -110,6 +111,19 @@ async def list_completions(
             # A user with no history at all: asked of conversations (not split by day),
             # without planning every day's partition (232 days: 25.6 ms).
             return page
+    if not descending and filters.until is None:
+        # The oldest page first from the oldest day alone, for the same reason; there, the
+        # days before the cursor's are done with, and the first page starts where the
+        # oldest part of the table does (partitions know that; a query would plan them all).
+        if after is not None:
+            until: datetime | None = after["started_at"] + RECENT
+        else:
+            until = await first_part_end(connection, completions.name)
+        if until is not None:
+            early = query.where(completions.c.started_at < until)
+            page = await _page(connection, early, completions, "started_at", limit, after, False)
+            if page.has_more:
+                return page
     return await _page(connection, query, completions, "started_at", limit, after, descending)
 
 

