@@ -13,7 +13,10 @@ the conversation so far as a chat client does (turn k holds 2k messages and its 
 the turns of ``SPREAD`` conversations interleaved, so that a turn's history was written in
 an earlier batch. Prints, once a second, what was submitted and written and the backlog
 (records not yet written, bytes in the spool), then the rate sustained: records written
-over the time from the first submit until the writer had written everything.
+over the time from the first submit until the writer had written everything, and the CPU
+each record cost the writer process and the database server over that time (read from
+``/proc``: the server's processes, those that ended meanwhile included; SQLite works in the
+writer's process).
 """
 
 from __future__ import annotations
@@ -51,18 +54,52 @@ PROMPT = FILLER * 6  # ~1 KB; --prompt-bytes sets another size
 
 
 @contextmanager
-def database(backend: str, workdir: Path) -> Iterator[str]:
+def database(backend: str, workdir: Path) -> Iterator[tuple[str, int | None]]:
+    """The DSN of a throwaway history database, and its server's process id (None: SQLite)."""
     if backend == "sqlite":
-        yield str(workdir / "history.db")
+        yield str(workdir / "history.db"), None
         return
     from tests.dbservers import start_mariadb, start_postgres
 
     start = start_postgres if backend == "postgresql" else start_mariadb
     server = start(workdir / backend, durable=True)
     try:
-        yield server.url("mes_bench_writer")
+        if server.process is not None:  # MariaDB: one process
+            pid = server.process.pid
+        else:  # PostgreSQL: the postmaster, whose children serve the connections
+            pid = int((server.base / "data" / "postmaster.pid").read_text().split()[0])
+        yield server.url("mes_bench_writer"), pid
     finally:
         server.shutdown()
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None, children: bool = False) -> float:
+    """CPU seconds process ``pid`` has used; with ``children``, its children's too, live
+    (their own) and ended (counted in the parent's ``cutime``/``cstime``)."""
+    if pid is None:
+        return 0.0
+    fields = _stat(pid)
+    used = sum(int(fields[i]) for i in (11, 12, 13, 14) if children or i < 13)
+    if children:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    child = _stat(int(entry.name))
+                except OSError:
+                    continue
+                if int(child[1]) == pid:
+                    used += int(child[11]) + int(child[12])
+    return used / TICKS
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: state, ppid, ... (``[11]``
+    is utime, ``[12]`` stime, ``[13]`` cutime, ``[14]`` cstime)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def record(n: int, answer: bytes, turns: int = 1, prompt: str = PROMPT) -> ChatExchange:
@@ -100,7 +137,13 @@ def _message(answer: bytes) -> dict[str, Any]:
 
 
 async def run(
-    dsn: str, rate: int, seconds: float, turns: int, workdir: Path, prompt: str = PROMPT
+    dsn: str,
+    server: int | None,
+    rate: int,
+    seconds: float,
+    turns: int,
+    workdir: Path,
+    prompt: str = PROMPT,
 ) -> None:
     settings = replace(
         Settings(),
@@ -122,7 +165,11 @@ async def run(
     def written() -> int:
         return writer.state["records_written"]
 
+    assert writer.process is not None
+    writer_pid = writer.process.pid
     print(f"{'s':>4}{'submitted':>11}{'written':>10}{'backlog':>11}{'spooled MiB':>13}")
+    cpu_before = cpu_seconds(writer_pid), cpu_seconds(server, children=True)
+    written_before = written()
     started = time.perf_counter()
     submitted = 0
     next_report = 1.0
@@ -144,11 +191,17 @@ async def run(
     while writer.depth:  # noqa: ASYNC110 (polls a counter in another process's memory)
         await asyncio.sleep(0.05)
     total = time.perf_counter() - started
+    writer_cpu = cpu_seconds(writer_pid) - cpu_before[0]
+    server_cpu = cpu_seconds(server, children=True) - cpu_before[1]
     failed = writer.state["records_failed"]
+    count = max(1, written() - written_before)
     print(
         f"offered {rate}/s for {seconds:.0f} s: {written()} written, {failed} failed, "
         f"in {total:.1f} s: {written() / total:.0f} records/s sustained; "
-        f"peak backlog {peak_backlog} records"
+        f"peak backlog {peak_backlog} records\n"
+        f"CPU a record: writer {writer_cpu / count * 1e6:.0f} us, database "
+        f"{server_cpu / count * 1e6:.0f} us, "
+        f"together {(writer_cpu + server_cpu) / count * 1e6:.0f} us"
     )
     await writer.close(5)
 
@@ -169,10 +222,10 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-writer-"))
     workdir.chmod(0o755)  # the database servers run as their own users
     try:
-        with database(args.backend, workdir) as dsn:
+        with database(args.backend, workdir) as (dsn, server):
             import uvloop
 
-            uvloop.run(run(dsn, args.rate, args.seconds, args.turns, workdir, prompt))
+            uvloop.run(run(dsn, server, args.rate, args.seconds, args.turns, workdir, prompt))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

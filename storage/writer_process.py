@@ -225,7 +225,8 @@ class WriterProcess:
 
     @property
     def depth(self) -> int:
-        """Records this process spooled that are not written yet."""
+        """Records in this process's spool slot that are not written yet: those it found
+        there when it started, those it spooled since, those it adopted."""
         state = self.state
         done = sum(
             state[name]
@@ -236,7 +237,7 @@ class WriterProcess:
                 "records_erased",
             )
         )
-        return max(0, self._appended - done)
+        return max(0, self.spool.records_at_open + self._appended - done)
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""

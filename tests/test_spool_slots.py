@@ -85,3 +85,29 @@ def test_a_writer_whose_gateway_died_while_it_started_stops_at_once(tmp_path: Pa
     assert writer.returncode == 1
     assert b"the gateway that started this writer is gone" in writer.stderr
     assert not (tmp_path / "h.db").exists() and not slot.exists()
+
+
+def test_a_restarted_gateway_counts_the_records_it_found_spooled_as_waiting(
+    upstream: Any, tmp_path: Path
+) -> None:
+    """``/readyz``'s ``queue_depth`` is what the spool holds unwritten, also what a gateway
+    killed before it could write them left there."""
+    env = {
+        "UPSTREAM_BASE_URL": upstream.base_url,
+        "SQL_DSN": f"postgresql://mes@127.0.0.1:{free_port()}/mes",  # refuses: nothing written
+        "MES_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    first = GatewayProcess(env, tmp_path / "a", set_up=False).start()
+    try:
+        for n in range(12):
+            body = {**CHAT, "user": f"u{n}"}
+            assert httpx.post(first.base_url + "/chat/completions", json=body).is_success
+        assert httpx.get(first.url + "/readyz").json()["queue_depth"] == 12
+    finally:
+        assert first.process is not None
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait()
+    with GatewayProcess(env, tmp_path / "b", set_up=False) as second:
+        assert httpx.post(second.base_url + "/chat/completions", json=CHAT).is_success
+        ready = httpx.get(second.url + "/readyz").json()
+    assert ready["queue_depth"] == 13 and ready["spool_bytes"] > 0
