@@ -66,7 +66,6 @@ class Spool:
         self._bytes = 0  # bytes past the checkpoint, all segments
         self._synced = True
         self.checkpoint = Position(1, 0)
-        self.records_at_open = 0  # records past the checkpoint when the slot was taken
         self.following = False  # reading a slot another process appends to
         self.released = 0  # bytes this object's commits released, since it opened
         # the owner's view of the bytes a writer in another process has released
@@ -106,20 +105,14 @@ class Spool:
             self._write_checkpoint(self.checkpoint)
         self._count(segments)
         if self._bytes:
-            self.records_at_open = self._count_records(segments)
-            log.info(
-                "spool %s: %d records (%d bytes) to write",
-                self.slot,
-                self.records_at_open,
-                self._bytes,
-            )
+            log.info("spool %s: %d bytes of records to write", self.slot, self._bytes)
         return True
 
-    def _count_records(self, segments: list[int]) -> int:
+    def count_pending(self) -> int:
         """The whole records past the checkpoint: a line each (a scan of what is pending;
         a GiB, the most a spool holds by default, takes about a second)."""
         count = 0
-        for number in segments:
+        for number in self._segments():
             if number < self.checkpoint.segment:
                 continue
             with open(self._path(number), "rb") as segment:

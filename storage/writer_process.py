@@ -186,6 +186,8 @@ class WriterProcess:
     following the spool's slot."""
 
     def __init__(self, config: WriterConfig, spool: Spool, metrics: Counter) -> None:
+        # What a gateway before this one left unwritten in the slot (``depth``).
+        self._found = spool.count_pending() if spool.pending_bytes else 0
         self.config = config
         self.spool = spool
         self.metrics = metrics
@@ -237,7 +239,7 @@ class WriterProcess:
                 "records_erased",
             )
         )
-        return max(0, self.spool.records_at_open + self._appended - done)
+        return max(0, self._found + self._appended - done)
 
     def submit(self, record: Record) -> bool:
         """Spool ``record``; False (counted and logged) only when the spool is full."""
