@@ -145,6 +145,14 @@ class Gateway:
                 raise AssertionError(f"{done} of {count} records written in {timeout} s")
             await asyncio.sleep(0.02)
 
+    async def settled(self, timeout: float = 60.0) -> None:
+        """Wait until every record spooled so far is written (or otherwise done with)."""
+        deadline = time.monotonic() + timeout
+        while (waiting := self.services.writer.depth) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{waiting} records still unwritten after {timeout} s")
+            await asyncio.sleep(0.02)
+
     async def new_user(self, name: str) -> tuple[str, str]:
         """A user made through the admin API, and a key issued to them: (user id, key)."""
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -177,6 +177,7 @@ async def test_a_streams_closing_event_reaches_the_client_after_its_record_is_sp
 
 async def test_a_conversation_the_client_names_reads_as_one_thread(site: Site) -> None:
     running = site.gateway
+    await running.settled()  # the tests before spool records they do not wait for
     before = running.services.writer.counters()["records_written"]
     sent: list[Any] = []
     async with running.as_user(site.user[1]) as client:

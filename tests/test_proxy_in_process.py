@@ -46,6 +46,7 @@ async def recorded(site: tuple[Gateway, str], body: Any, **headers: str) -> http
     """``body`` sent to chat completions as the site's user; the answer, once its record is
     written."""
     running, key = site
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         answer = await client.post("/v1/chat/completions", json=body, headers=headers)
@@ -104,6 +105,7 @@ async def test_a_second_turn_lands_in_the_first_turns_conversation(
     site: tuple[Gateway, str],
 ) -> None:
     running, key = site
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     first = chat("Tell me a story")
     async with running.as_user(key) as client:
@@ -168,6 +170,7 @@ async def test_other_v1_routes_are_relayed_and_leave_a_request_log(
     site: tuple[Gateway, str],
 ) -> None:
     running, key = site
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         models = await client.get("/v1/models?limit=2")

@@ -37,6 +37,7 @@ async def test_ten_thousand_items_are_stored_each_once_and_rebuilt(
 ) -> None:
     running, key = site
     items = [{"role": "user", "content": f"line {n}"} for n in range(10_000)]
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         answer = await client.post("/v1/responses", json={"model": "m", "input": items})
@@ -67,6 +68,7 @@ async def test_unseen_item_types_and_deep_items_are_kept_as_json(
         ["a", "list", "as", "an", "item"],
         None,
     ]
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         answer = await client.post("/v1/responses", json={"model": "m", "input": odd})
@@ -112,6 +114,7 @@ async def test_a_stream_cut_into_one_byte_reads_reaches_the_client_and_the_recor
 ) -> None:
     running, key = site
     body = {"model": "m", "input": "split me", "stream": True, "tools": []}
+    await running.settled()  # no earlier record still on its way
     before = running.services.writer.counters()["records_written"]
     async with running.as_user(key) as client:
         whole = await client.post("/v1/responses", json=body)
