@@ -1,7 +1,7 @@
 """How many records per second the capture pipeline writes into each history database.
 
     python bench/writer.py --backend postgresql [--rate 10000] [--seconds 60] [--turns 1]
-                           [--prompt-bytes 984]
+                           [--prompt-bytes 984] [--prefill]
 
 Runs the gateway's own writer as the gateway does (``storage/writer_process.py``: a process
 of its own following the spool slot this process appends to), against a throwaway database
@@ -16,7 +16,9 @@ an earlier batch. Prints, once a second, what was submitted and written and the 
 over the time from the first submit until the writer had written everything, and the CPU
 each record cost the writer process and the database server over that time (read from
 ``/proc``: the server's processes, those that ended meanwhile included; SQLite works in the
-writer's process).
+writer's process). With ``--prefill``, the records (rate x seconds of them) are spooled
+first and the writer started then: what it writes alone, the records' producer (this
+process, which shapes and spools them as the gateway would) not on the same cores.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ async def run(
     turns: int,
     workdir: Path,
     prompt: str = PROMPT,
+    prefill: bool = False,
 ) -> None:
     settings = replace(
         Settings(),
@@ -152,15 +155,26 @@ async def run(
         spool_max_bytes=2**36,
         capture_batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
     )
-    metrics = Metrics()
-    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
-    spool.open()
-    writer = WriterProcess(writer_config(settings), spool, metrics)
-    writer.start()
-    await writer.ready_event.wait()  # the database made and migrated
     answer = Answer(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}, 8
     ).completion()
+    metrics = Metrics()
+    if prefill:  # the database made and migrated by a writer of its own first
+        spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+        spool.open()
+        first = WriterProcess(writer_config(settings), spool, metrics)
+        first.start()
+        await first.ready_event.wait()
+        await first.close(5)
+    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool.open()
+    writer = WriterProcess(writer_config(settings), spool, metrics)
+    if prefill:
+        for n in range(int(rate * seconds)):
+            writer.submit(record(n, answer, turns, prompt))
+        print(f"{int(rate * seconds)} records spooled before the writer starts")
+    writer.start()
+    await writer.ready_event.wait()  # the database made and migrated
 
     def written() -> int:
         return writer.state["records_written"]
@@ -174,7 +188,7 @@ async def run(
     submitted = 0
     next_report = 1.0
     peak_backlog = 0
-    while (elapsed := time.perf_counter() - started) < seconds:
+    while not prefill and (elapsed := time.perf_counter() - started) < seconds:
         due = int(elapsed * rate)
         while submitted < due:
             writer.submit(record(submitted, answer, turns, prompt))
@@ -196,7 +210,8 @@ async def run(
     failed = writer.state["records_failed"]
     count = max(1, written() - written_before)
     print(
-        f"offered {rate}/s for {seconds:.0f} s: {written()} written, {failed} failed, "
+        f"{'spooled first' if prefill else f'offered {rate}/s for {seconds:.0f} s'}: "
+        f"{written()} written, {failed} failed, "
         f"in {total:.1f} s: {written() / total:.0f} records/s sustained; "
         f"peak backlog {peak_backlog} records\n"
         f"CPU a record: writer {writer_cpu / count * 1e6:.0f} us, database "
@@ -215,6 +230,12 @@ def main() -> None:
         "--turns", type=int, default=1, help="turns a conversation lasts (1: each record new)"
     )
     parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="spool RATE x SECONDS records first, then start the writer: what it writes "
+        "alone, without the records' producer on the same cores",
+    )
+    parser.add_argument(
         "--prompt-bytes", type=int, default=len(PROMPT), help="size of each question's text"
     )
     args = parser.parse_args()
@@ -225,7 +246,9 @@ def main() -> None:
         with database(args.backend, workdir) as (dsn, server):
             import uvloop
 
-            uvloop.run(run(dsn, server, args.rate, args.seconds, args.turns, workdir, prompt))
+            uvloop.run(
+                run(dsn, server, args.rate, args.seconds, args.turns, workdir, prompt, args.prefill)
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -131,11 +131,19 @@ def _call_identity(call: Any) -> Any:
 
 def _without_empties(value: Any) -> Any:
     if isinstance(value, dict):
-        kept = {k: _without_empties(v) for k, v in value.items()}
-        return {k: v for k, v in kept.items() if v not in (None, "", [], {})}
+        kept = {}
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                v = _without_empties(v)
+            if v not in _EMPTY:
+                kept[k] = v
+        return kept
     if isinstance(value, list):
         return [_without_empties(v) for v in value]
     return value
+
+
+_EMPTY = (None, "", [], {})  # what a client may drop or add without changing a message
 
 
 def exchange_key(

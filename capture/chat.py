@@ -336,7 +336,12 @@ def title(messages: list[Any]) -> str | None:
 def first_words(text: str) -> str:
     """``text`` with its whitespace collapsed, cut to ``TITLE_LENGTH``. A prompt may be
     200 KB: its head is looked at first, and all of it only when the head, collapsed,
-    is too short to tell (the head's words are the first words of the whole)."""
+    is too short to tell (the head's words are the first words of the whole). A title's
+    worth of text with nothing to collapse (no whitespace but single spaces between words:
+    ``isprintable`` is false for every other kind) is its own title, as most are."""
+    start = text[: TITLE_LENGTH + 1]
+    if start.isprintable() and "  " not in start and start[:1] != " " and start[-1:] != " ":
+        return start if len(start) <= TITLE_LENGTH else start[: TITLE_LENGTH - 1] + "…"
     head = text[: 4 * TITLE_LENGTH]
     words = " ".join(head.split())
     if len(words) <= TITLE_LENGTH and len(head) < len(text):

@@ -132,7 +132,6 @@ messages = Table(
     Column("content_in_text", Boolean, nullable=False, server_default=false()),
     Column("created_at", Timestamp, nullable=False),
     Column("content_dropped", Boolean, nullable=False, server_default=false()),
-    Index("ix_messages_parent", "conversation_id", "parent_hash"),
     Index("ix_messages_content_created", "content_dropped", "created_at"),
 )
 
