@@ -143,7 +143,8 @@ def _without_empties(value: Any) -> Any:
     return value
 
 
-_EMPTY = (None, "", [], {})  # what a client may drop or add without changing a message
+# What a client may drop or add without changing a message.
+_EMPTY: tuple[Any, ...] = (None, "", [], {})
 
 
 def exchange_key(
