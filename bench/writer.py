@@ -40,7 +40,9 @@ from typing import Any
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The code measured: this checkout's, or another's (``bench/writer_ab.py`` runs this harness
+# from the other checkout's folder, which the writer process it starts imports from).
+sys.path.insert(0, os.environ.get("MES_BENCH_CODE") or str(Path(__file__).resolve().parent.parent))
 
 from bench.speed import FILLER  # noqa: E402
 from capture.chat import ChatExchange  # noqa: E402

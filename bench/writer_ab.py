@@ -4,24 +4,25 @@
     python bench/writer_ab.py /tmp/before                    # ~15 minutes
     python bench/writer_ab.py /tmp/before --backends postgresql --loads 2000 --rounds 5
 
-Runs ``bench/writer.py`` of each checkout, one after the other (which goes first alternates
-from round to round), for each backend and each load, on a database server of its own each
-time, and prints every run and then the medians: records written per second, and the CPU
-each record cost the writer process and the database server (``/proc``). A load is
-``RATE`` (records offered per second, every record a new conversation) or ``RATE:TURNS``
-(conversations that many turns long, each turn resending the conversation so far, the
-turns of many conversations interleaved: most records continue a conversation), and
-``+prefill`` spools them all before the writer starts (``bench/writer.py --prefill``): the
-writer alone on the machine with its database. A rate the writer keeps up with measures
-what a record costs at that pace; one above what it can write (``10000``) measures how
-many it writes per second at most, with the records' producer on the same cores as the
-gateway would be. The machine's noise
-shows as the spread between rounds.
+Runs ``bench/writer.py`` (this checkout's harness) on each checkout's code, one after the
+other (which goes first alternates from round to round), for each backend and each load, on
+a database server of its own each time, and prints every run and then the medians: records
+written per second, and the CPU each record cost the writer process and the database server
+(``/proc``). A load is ``RATE`` (records offered per second, every record a new
+conversation) or ``RATE:TURNS`` (conversations that many turns long, each turn resending
+the conversation so far, the turns of many conversations interleaved: most records
+continue a conversation), and ``+prefill`` spools them all before the writer starts
+(``bench/writer.py --prefill``): the writer alone on the machine with its database. A rate
+the writer keeps up with measures what a record costs at that pace; one above what it can
+write (``10000``) measures how many it writes per second at most, with the records'
+producer on the same cores, as the gateway would be. The machine's noise shows as the
+spread between rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ def measure(checkout: Path, backend: str, load: str, seconds: float) -> Run:
     rate, _, turns = load.removesuffix("+prefill").partition(":")
     command = [
         sys.executable,
-        str(checkout / "bench" / "writer.py"),
+        str(REPO / "bench" / "writer.py"),
         "--backend",
         backend,
         "--rate",
@@ -64,7 +65,10 @@ def measure(checkout: Path, backend: str, load: str, seconds: float) -> Run:
         turns or "1",
         *(["--prefill"] if prefill else []),
     ]
-    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=900)
+    environment = {**os.environ, "MES_BENCH_CODE": str(checkout)}
+    done = subprocess.run(
+        command, cwd=checkout, env=environment, capture_output=True, text=True, timeout=900
+    )
     found = RESULT.search(done.stdout)
     if done.returncode != 0 or found is None:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -87,8 +91,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds records are offered")
     args = parser.parse_args()
     other = args.other.resolve()
-    if not (other / "bench" / "writer.py").exists():
-        sys.exit(f"{other} has no bench/writer.py")
+    if not (other / "storage" / "writer_process.py").exists():
+        sys.exit(f"{other} is not a checkout of the gateway")
     checkouts = {"this": REPO, "other": other}
     print(f"this: {REPO}\nother: {other}", flush=True)
     results: dict[tuple[str, str, str], list[Run]] = {}
