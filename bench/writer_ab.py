@@ -119,6 +119,8 @@ def main() -> None:
 
             def pair(field: str, runs: tuple[list[Run], list[Run]] = (before, now)) -> str:
                 a, b = (statistics.median(getattr(r, field) for r in rs) for rs in runs)
+                if not a:  # SQLite: no database server, its work is the writer's
+                    return "-"
                 return f"{a:,.0f} -> {b:,.0f} ({(b - a) / a:+.0%})"
 
             print(
