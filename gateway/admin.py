@@ -32,11 +32,13 @@ from gateway import admin_models as m
 from gateway.auth import presented_key
 from gateway.completion_objects import fine_tuning_example, stored_json
 from gateway.errors import (
+    DATABASE_TROUBLE,
     Forbidden,
     GatewayError,
     InvalidGatewayKey,
     InvalidRequest,
     NotFound,
+    database_error,
     json_error,
 )
 from gateway.services import services
@@ -75,6 +77,11 @@ def _main(request: Request) -> AsyncEngine:
 
 def _history(request: Request) -> AsyncEngine:
     return services(request).history_engine
+
+
+def _reader(request: Request) -> AsyncEngine:
+    """Where history is read: a replica, if there is one (``MES_SQL_READ_DSN``)."""
+    return services(request).history_reader
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -358,7 +365,7 @@ async def user_conversations(
 async def list_completions_page(
     request: Request, scope: Scope, query: HistoryQuery
 ) -> dict[str, Any]:
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         cursor = None
         if query.after:
             cursor = await browse.find_completion(connection, scope, query.after)
@@ -378,7 +385,7 @@ async def list_completions_page(
 async def list_conversations_page(
     request: Request, scope: Scope, query: HistoryQuery
 ) -> dict[str, Any]:
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         cursor = None
         if query.after:
             cursor = await browse.find_conversation(connection, scope, query.after)
@@ -424,7 +431,7 @@ async def list_request_logs(
         since=_utc(since),
         until=_utc(until),
     )
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         cursor = None
         if after:
             cursor = await browse.find_request_log(connection, scope, after)
@@ -458,7 +465,7 @@ async def delete_user_history(user_id: str, request: Request, actor: Actor) -> A
 
 @router.get("/completions/{completion_id}", response_model=m.CompletionDetail)
 async def get_completion(completion_id: str, request: Request, actor: Actor) -> dict[str, Any]:
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         row = await browse.find_completion(connection, Scope.everyone(), completion_id)
         if row is None:
             raise NotFound(f"No completion '{completion_id}'.")
@@ -480,7 +487,7 @@ async def get_conversation(conversation_id: str, request: Request, actor: Actor)
 async def conversation_detail(
     request: Request, scope: Scope, conversation_id: str
 ) -> dict[str, Any]:
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         row = await browse.find_conversation(connection, scope, conversation_id)
         if row is None:
             raise NotFound(f"No conversation '{conversation_id}'.")
@@ -607,7 +614,7 @@ async def search_page(
     request: Request, scope: Scope, q: str, limit: int, cursor: str | None
 ) -> dict[str, Any]:
     after = _position(cursor) if cursor else None
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         hits, has_more = await search.search(connection, scope, q, limit=limit, after=after)
     next_cursor = None
     if has_more and hits:
@@ -641,7 +648,7 @@ async def usage_stats(
 async def usage_of(
     request: Request, scope: Scope, by: StatsBy, since: datetime | None, until: datetime | None
 ) -> dict[str, Any]:
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         rows = await stats.usage_stats(connection, scope, by, _utc(since), _utc(until))
     return {"by": by, "since": since, "until": until, "data": rows}
 
@@ -697,7 +704,7 @@ async def export_response(
     )
     target = None if scope.all_owners else scope.owner
     await _audit(request, actor, "history.exported", target, {"format": format})
-    lines = _export_lines(_history(request), scope, filters, format)
+    lines = _export_lines(_reader(request), scope, filters, format)
     media = "application/json" if format == "json" else "application/x-ndjson"
     name = f"mes-history.{'json' if format == 'json' else 'jsonl'}"
     return StreamingResponse(
@@ -800,4 +807,6 @@ def json_api(title: str, routes: APIRouter) -> FastAPI:
     app.include_router(routes)
     app.add_exception_handler(GatewayError, json_error)
     app.add_exception_handler(StarletteHTTPException, json_error)
+    for trouble in DATABASE_TROUBLE:
+        app.add_exception_handler(trouble, database_error)
     return app

@@ -21,9 +21,15 @@ from starlette.routing import Mount, Route
 
 from capture.registry import ROUTES
 from gateway.asgi import Receive, Scope, Send
-from gateway.errors import GatewayError, NotFound, json_error
+from gateway.errors import (
+    DATABASE_TROUBLE,
+    GatewayError,
+    NotFound,
+    history_unavailable,
+    json_error,
+)
 from gateway.logs import RequestIds
-from gateway.services import Services, running, services
+from gateway.services import REPLICA, Services, running, services
 from gateway.settings import Settings
 from gateway.stored_completions import StoredCompletions
 from gateway.upstream import Transport
@@ -44,7 +50,13 @@ def _stored(
     """An endpoint that calls ``method`` of the app's ``StoredCompletions``."""
 
     async def endpoint(request: Request) -> Response:
-        return await method(services(request).stored, request)
+        try:
+            return await method(services(request).stored, request)
+        except DATABASE_TROUBLE as error:
+            found = history_unavailable(error)
+            if found is None:
+                raise
+            raise found from error
 
     return endpoint
 
@@ -76,7 +88,10 @@ async def readyz(request: Request) -> Response:
         except Exception as error:  # any failure means "not ready"; the reason is reported
             databases[name] = f"unreachable: {type(error).__name__}"
     stalled = served.writer.stalled_seconds
-    ready = all(state == "ok" for state in databases.values()) and served.set_up
+    # A read replica's trouble is reported, and fails the read APIs meanwhile; requests and
+    # their capture do not need it, so it does not take the gateway out of rotation.
+    needed = [state for name, state in databases.items() if name != REPLICA]
+    ready = all(state == "ok" for state in needed) and served.set_up
     ready = ready and stalled <= served.settings.stall_seconds
     body = {
         "status": "ready" if ready else "not ready",

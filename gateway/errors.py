@@ -15,6 +15,7 @@ upstream sent it. These are for what goes wrong before or instead of an upstream
     │   └── ModelNotFound    404  no upstream's UPSTREAM_<NAME>_MODELS matches the model
     ├── MethodNotAllowed     405  a route the gateway serves, with another method
     ├── KeyStoreUnavailable  503  managed mode, an unknown key, and the main database is down
+    ├── HistoryUnavailable   503  a read of history, and its database (or replica) is down
     ├── UpstreamUnreachable  502  the upstream refused or dropped the connection
     └── UpstreamTimeout      504  the upstream did not answer within UPSTREAM_TIMEOUT
 
@@ -25,9 +26,12 @@ On Anthropic's route (``/v1/messages``) the same errors take Anthropic's shape
 from __future__ import annotations
 
 import orjson
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+
+from storage.writer import is_unavailable
 
 
 class GatewayError(Exception):
@@ -116,6 +120,12 @@ class KeyStoreUnavailable(GatewayError):
     code = "key_store_unavailable"
 
 
+class HistoryUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "history_unavailable"
+
+
 class UpstreamUnreachable(GatewayError):
     status = 502
     type = "upstream_error"
@@ -144,6 +154,26 @@ def gateway_error(request: Request, error: Exception) -> GatewayError:
     if error.status_code < 500:
         refused.type = "invalid_request_error"
     return refused
+
+
+# What a database that is down or unreachable raises (``history_unavailable`` looks closer).
+DATABASE_TROUBLE: tuple[type[Exception], ...] = (DBAPIError, OSError)
+
+
+def history_unavailable(error: Exception) -> HistoryUnavailable | None:
+    """``error`` as the gateway's own when it says that the database a read of history went
+    to (a read replica, say) is down or unreachable: 503, not a server error."""
+    if isinstance(error, DATABASE_TROUBLE) and is_unavailable(error):
+        return HistoryUnavailable("The history database cannot be reached; try again later.")
+    return None
+
+
+async def database_error(request: Request, error: Exception) -> Response:
+    """The exception handler of the JSON APIs (``/admin``, ``/me``) for a database's errors."""
+    found = history_unavailable(error)
+    if found is None:
+        raise error
+    return await json_error(request, found)
 
 
 async def json_error(request: Request, error: Exception) -> Response:

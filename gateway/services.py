@@ -55,6 +55,9 @@ class Services:
     settings: Settings
     main_engine: AsyncEngine
     history_engine: AsyncEngine
+    # Where the read APIs and the viewer read history: a replica (MES_SQL_READ_DSN), or the
+    # history database itself. Writes, retention and migrations stay on the primary.
+    history_reader: AsyncEngine
     authenticator: Authenticator
     metrics: Metrics
     writer: WriterProcess
@@ -75,9 +78,21 @@ class Services:
     @property
     def engines(self) -> dict[str, AsyncEngine]:
         """Each database by the name ``/readyz`` gives it (one, when both share a DSN)."""
-        if self.history_engine is self.main_engine:
-            return {"main": self.main_engine}
-        return {"main": self.main_engine, "history": self.history_engine}
+        return _named_engines(self.main_engine, self.history_engine, self.history_reader)
+
+
+def _named_engines(
+    main: AsyncEngine, history: AsyncEngine, reader: AsyncEngine
+) -> dict[str, AsyncEngine]:
+    engines = {"main": main}
+    if history is not main:
+        engines["history"] = history
+    if reader is not history:
+        engines[REPLICA] = reader
+    return engines
+
+
+REPLICA = "history_replica"  # a database the gateway only reads: not needed to be ready
 
 
 def services(connection: HTTPConnection) -> Services:
@@ -148,6 +163,9 @@ async def running(
     history_engine = main_engine
     if settings.history_dsn != settings.main_dsn:
         history_engine = create_engine(parse_dsn(settings.history_dsn), **settings.pool)
+    history_reader = history_engine
+    if settings.mes_sql_read_dsn and settings.mes_sql_read_dsn != settings.history_dsn:
+        history_reader = create_engine(parse_dsn(settings.mes_sql_read_dsn), **settings.pool)
 
     async def lookup(digest: str) -> KeyGrant | None:
         async with main_engine.connect() as connection:
@@ -178,9 +196,7 @@ async def running(
     registry.gauges["spool_bytes"] = lambda: spool.pending_bytes
     registry.gauges["writer_stalled_seconds"] = lambda: writer.stalled_seconds
     registry.shared_histograms = partial(_writer_batches, writer)
-    engines = {"main": main_engine, "history": history_engine}
-    if history_engine is main_engine:
-        engines = {"main": main_engine}
+    engines = _named_engines(main_engine, history_engine, history_reader)
     registry.labelled["db_pool_connections"] = partial(_pool_connections, engines)
     main_tried = asyncio.Event()
     background = [asyncio.create_task(_until_done(prepare_main, "main", main_tried))]
@@ -204,13 +220,14 @@ async def running(
         settings=settings,
         main_engine=main_engine,
         history_engine=history_engine,
+        history_reader=history_reader,
         authenticator=authenticator,
         metrics=registry,
         writer=writer,
         maintenance=maintenance,
         router=router,
         proxy=Proxy(settings, router, authenticator, capture, registry),
-        stored=StoredCompletions(history_engine, main_engine, authenticator),
+        stored=StoredCompletions(history_engine, history_reader, main_engine, authenticator),
         ui_sessions=Sessions(settings),
         main_setup=main_ready,
     )

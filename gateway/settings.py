@@ -55,6 +55,7 @@ class Settings:
     gateway_keys: frozenset[str] = field(default=frozenset(), repr=False)
     sql_dsn: str | None = field(default=None, repr=False)
     mes_sql_dsn: str | None = field(default=None, repr=False)
+    mes_sql_read_dsn: str | None = field(default=None, repr=False)
     sqlite_path: str = DEFAULT_SQLITE_PATH
     mes_daily_partition: bool = False
     mes_retention_days: int = 0
@@ -356,6 +357,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_KEYS", "gateway_keys", names, "managed mode: keys clients may present"),
     Variable("SQL_DSN", "sql_dsn", text, "main database (users, keys)"),
     Variable("MES_SQL_DSN", "mes_sql_dsn", text, "history database"),
+    Variable(
+        "MES_SQL_READ_DSN",
+        "mes_sql_read_dsn",
+        text,
+        "a read replica of the history database: the read APIs and the viewer read there",
+    ),
     Variable("MES_SQLITE_PATH", "sqlite_path", text, "the SQLite file when no DSN is set"),
     Variable("MES_DAILY_PARTITION", "mes_daily_partition", flag, "split history by day"),
     Variable("MES_RETENTION_DAYS", "mes_retention_days", at_least(0), "keep history N days"),

@@ -38,9 +38,14 @@ MAX_METADATA_PAIRS = 16
 
 class StoredCompletions:
     def __init__(
-        self, history_engine: AsyncEngine, main_engine: AsyncEngine, authenticator: Authenticator
+        self,
+        history_engine: AsyncEngine,
+        reader: AsyncEngine,
+        main_engine: AsyncEngine,
+        authenticator: Authenticator,
     ) -> None:
-        self.history = history_engine
+        self.history = history_engine  # updates and deletions
+        self.reader = reader  # reads: a replica, if there is one
         self.main = main_engine
         self.authenticator = authenticator
 
@@ -54,7 +59,7 @@ class StoredCompletions:
             answered_only=True,
             call_type=CHAT,  # as OpenAI's: chat completions alone
         )
-        async with self.history.connect() as connection:
+        async with self.reader.connect() as connection:
             after = await self._after(connection, scope, request.query_params.get("after"))
             page = await browse.list_completions(
                 connection, scope, filters, limit=limit, after=after, descending=order == "desc"
@@ -66,7 +71,7 @@ class StoredCompletions:
 
     async def retrieve(self, request: Request) -> Response:
         scope = await self._scope(request)
-        async with self.history.connect() as connection:
+        async with self.reader.connect() as connection:
             row = await _found(connection, scope, request.path_params["completion_id"])
             answer = await history.answer_message(connection, row)
         return _json(completion_object(row, answer))
@@ -75,7 +80,7 @@ class StoredCompletions:
         scope = await self._scope(request)
         limit = _limit(request)
         order = _order(request)
-        async with self.history.connect() as connection:
+        async with self.reader.connect() as connection:
             row = await _found(connection, scope, request.path_params["completion_id"])
             sent = await history.request_messages(connection, row)
         items = message_objects(browse.public_id(row), sent)

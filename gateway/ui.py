@@ -138,7 +138,7 @@ def _next(request: Request, given: str = "") -> str:
 async def home(request: Request, viewer: Viewer) -> Response:
     if not viewer.admin:
         return RedirectResponse(f"/ui/users/{viewer.owner}", status_code=303)
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         # Latency belongs to models, not users: it is on the statistics page.
         owners = await usage.daily_usage(connection, Scope.everyone(), "user", percentiles=False)
     owners.sort(key=lambda row: -row["requests"])
@@ -151,7 +151,7 @@ async def user_conversations(request: Request, viewer: Viewer) -> Response:
         raise NotFound("There is nothing here, or nothing you may see.")
     scope = Scope.of(owner)
     after_id = request.query_params.get("after")
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         after = None
         if after_id:
             after = await browse.find_conversation(connection, scope, after_id)
@@ -173,7 +173,7 @@ async def user_conversations(request: Request, viewer: Viewer) -> Response:
 
 async def conversation(request: Request, viewer: Viewer) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         row = await browse.find_conversation(connection, viewer.scope, conversation_id)
         if row is None:
             raise NotFound("There is nothing here, or nothing you may see.")
@@ -227,7 +227,7 @@ async def search_page(request: Request, viewer: Viewer) -> Response:
     hits: list[search.Hit] = []
     has_more = False
     if phrase:
-        async with _history(request).connect() as connection:
+        async with _reader(request).connect() as connection:
             hits, has_more = await search.search(connection, viewer.scope, phrase, limit=PAGE)
     return _page(
         request,
@@ -256,7 +256,7 @@ def highlight(text: str, phrase: str) -> Markup:
 
 async def errors_page(request: Request, viewer: Viewer) -> Response:
     after_id = request.query_params.get("after")
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         after = None
         if after_id:
             after = await browse.find_completion(connection, viewer.scope, after_id)
@@ -285,7 +285,7 @@ async def stats_page(request: Request, viewer: Viewer) -> Response:
     except ValueError:
         days = 30
     since = datetime.now(UTC).date() - timedelta(days=days - 1)  # today is the last of them
-    async with _history(request).connect() as connection:
+    async with _reader(request).connect() as connection:
         by_day = await usage.daily_usage(connection, viewer.scope, "day", since, percentiles=False)
         by_model = await usage.daily_usage(connection, viewer.scope, "model", since)
         routes = await stats.route_stats(
@@ -329,8 +329,9 @@ async def export(request: Request, viewer: Viewer) -> Response:
     return await export_response(request, actor, scope, format)
 
 
-def _history(request: Request) -> AsyncEngine:
-    return services(request).history_engine
+def _reader(request: Request) -> AsyncEngine:
+    """Where the viewer reads history: a replica, if there is one (``MES_SQL_READ_DSN``)."""
+    return services(request).history_reader
 
 
 async def error_page(request: Request, error: Exception) -> Response:

@@ -335,6 +335,40 @@ def start_postgres(
     return server
 
 
+def start_postgres_standby(primary: DatabaseServer, base: Path) -> DatabaseServer:
+    """A hot standby of ``primary``, as deployments run read replicas: a base backup taken
+    over the replication protocol (``pg_basebackup -R``), then the primary's WAL streamed
+    and replayed. It serves reads only."""
+    base.mkdir(parents=True, exist_ok=True)
+    _own(base, PG_USER)
+    _run(
+        _as_service_user(
+            PG_USER,
+            [
+                str(primary.binaries / "pg_basebackup"),
+                "-h",
+                primary.host,
+                "-p",
+                str(primary.port),
+                "-U",
+                PG_USER,
+                "-D",
+                str(base / "data"),
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+            ],
+        ),
+        timeout=120,
+    )
+    standby = DatabaseServer(
+        "postgresql", base, free_port(), PG_USER, "", primary.binaries, primary.durable
+    )
+    standby.start()
+    atexit.register(standby.shutdown)
+    return standby
+
+
 def start_mariadb(
     base: Path, durable: bool = False, buffer_pool: str = "128M", tls: ServerTLS | None = None
 ) -> DatabaseServer:
