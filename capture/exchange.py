@@ -57,6 +57,9 @@ class Exchange:
     # Every try ({upstream, status or error, ms}) where there was more than one; with one,
     # none (``attempts_of`` gives that one).
     attempts: list[JSON] = field(default_factory=list)
+    # The caller's W3C trace context (its ``traceparent`` header), where spans are exported:
+    # the record's span is then a child of the caller's (``storage/telemetry.py``).
+    traceparent: str | None = None
     # Read back from a spool entry with no NUL in it: not journaled, not part of the record.
     nul_free: bool = field(default=False, compare=False)
 

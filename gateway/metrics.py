@@ -23,6 +23,9 @@ _HELP = {
     "records_erased": "Records of erased users that arrived after the erasure: not written.",
     "records_dropped": "Records not accepted because the spool was full (should stay 0).",
     "write_retries": "Batch writes retried because the database was unavailable.",
+    "otel_spans_exported": "OpenTelemetry spans of stored records sent to the collector.",
+    "otel_spans_dropped": "OpenTelemetry spans lost: the export queue full, or the collector "
+    "refusing or unreachable (the records are stored all the same).",
     "upstream_errors": "Requests the upstream could not answer (unreachable, timeout, reset).",
     "upstream_failovers": "Tries moved to a fallback upstream (unreachable, timeout, 429, 5xx).",
     "client_disconnects": "Streams the client left before the end.",

@@ -212,6 +212,7 @@ class Proxy:
             request=request,
             stream=request.get("stream") is True,
             started_at=datetime.now(UTC).replace(tzinfo=None),
+            traceparent=header(headers, b"traceparent") if self.settings.otel_enabled else None,
         )
 
     def _client_ip(self, scope: Scope) -> str | None:

@@ -148,6 +148,8 @@ def writer_config(settings: Settings) -> WriterConfig:
         or {"default": provider_of(settings.upstream_base_url, None)},
         prices_file=settings.prices_file,
         auto_migrate=settings.auto_migrate,
+        otel=settings.otel_enabled,
+        otel_content=settings.otel_content,
     )
 
 

@@ -56,6 +56,9 @@ class Settings:
     sql_dsn: str | None = field(default=None, repr=False)
     mes_sql_dsn: str | None = field(default=None, repr=False)
     mes_sql_read_dsn: str | None = field(default=None, repr=False)
+    otel_endpoint: str | None = None
+    otel_traces_endpoint: str | None = None
+    otel_content: bool = False
     sqlite_path: str = DEFAULT_SQLITE_PATH
     mes_daily_partition: bool = False
     mes_retention_days: int = 0
@@ -108,6 +111,11 @@ class Settings:
             "recycle": self.db_pool_recycle,
             "connect_timeout": self.db_connect_timeout,
         }
+
+    @property
+    def otel_enabled(self) -> bool:
+        """Stored records are exported as OpenTelemetry spans (``storage/telemetry.py``)."""
+        return bool(self.otel_endpoint or self.otel_traces_endpoint)
 
     @property
     def main_dsn(self) -> str:
@@ -471,6 +479,24 @@ VARIABLES: tuple[Variable, ...] = (
         "prices_file",
         prices_file,
         "JSON prices per model, for local models and negotiated prices",
+    ),
+    Variable(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "otel_endpoint",
+        text,
+        "an OTLP/HTTP collector: each stored record is exported there as a GenAI span",
+    ),
+    Variable(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "otel_traces_endpoint",
+        text,
+        "the same, the whole URL of the collector's traces endpoint",
+    ),
+    Variable(
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        "otel_content",
+        flag,
+        "true: spans carry the messages (gen_ai.input.messages, gen_ai.output.messages)",
     ),
 )
 

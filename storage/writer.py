@@ -46,6 +46,7 @@ from storage.partitions import Partitions
 from storage.prices import Pricer, Prices
 from storage.schema import DAILY
 from storage.spool import Position, Spool
+from storage.telemetry import SpanExport
 
 log = logging.getLogger("mes.writer")
 
@@ -175,6 +176,7 @@ class HistoryWriter:
         partitions: Partitions | None = None,
         stalled_since: float | None = None,
         replayed_until: Position | None = None,
+        spans: SpanExport | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -188,6 +190,7 @@ class HistoryWriter:
         self.pricer = pricer or Pricer(Prices(), {})
         self.partitions = partitions
         self.erasures = Erasures()
+        self.spans = spans  # OpenTelemetry export of what is stored (storage/telemetry.py)
         self.ready = prepare is None
         self._cursor = spool.checkpoint  # written up to here
         self._taken = spool.checkpoint  # taken into a batch up to here
@@ -433,7 +436,7 @@ class HistoryWriter:
                 return
             self.metrics.observe_batch(time.monotonic() - began)
             self.metrics.inc("records_written", len(rowsets))
-            self._count_costs([rows for _, rows in rowsets])
+            self._stored(rowsets)
         except Exception:
             log.exception("history writer failed on a batch of %d", size)
             self.metrics.inc("records_failed", size)
@@ -447,7 +450,13 @@ class HistoryWriter:
             return
         if written:
             self.metrics.inc("records_written")
-            self._count_costs([rows])
+            self._stored(written)
+
+    def _stored(self, rowsets: list[tuple[Record, RowSet]]) -> None:
+        """What follows a record's write: its cost counted, its span exported (if on)."""
+        self._count_costs([rows for _, rows in rowsets])
+        if self.spans is not None:
+            self.spans.add(rowsets)
 
     async def _write_unless_erased(
         self, rowsets: list[tuple[Record, RowSet]]

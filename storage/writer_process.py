@@ -48,6 +48,7 @@ from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.prices import Pricer, Prices, read_prices_file
 from storage.spool import Position, Spool
+from storage.telemetry import span_export
 from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
 
 log = logging.getLogger("mes.writer")
@@ -60,6 +61,8 @@ COUNTERS = (
     "records_failed",
     "records_erased",
     "write_retries",
+    "otel_spans_exported",
+    "otel_spans_dropped",
 )
 # Upper bounds of the writer's batch duration histogram, in seconds (a batch's time from its
 # first try to its commit, retries included).
@@ -103,6 +106,10 @@ class WriterConfig:
     providers: dict[str, str | None] = field(default_factory=dict)
     prices_file: str | None = None
     auto_migrate: bool = True
+    # OpenTelemetry: a span per stored record (OTEL_EXPORTER_OTLP_ENDPOINT), with message
+    # content (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
+    otel: bool = False
+    otel_content: bool = False
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
@@ -342,9 +349,10 @@ async def _serve(
 
     spool = Spool(Path(config.spool_dir), config.spool_max_bytes)
     spool.follow(slot)
+    counter = SharedCounter(state)
     writer = HistoryWriter(
         engine,
-        SharedCounter(state),
+        counter,
         spool,
         encode=to_entry,
         decode=from_entry,
@@ -359,6 +367,7 @@ async def _serve(
         ),
         stalled_since=state["stalled_since_ms"] / 1000 or None,  # the writer before this one's
         replayed_until=replayed,
+        spans=span_export(counter, config.providers, config.otel_content) if config.otel else None,
     )
     released = state["released_bytes"]  # by the writers before this one
 
@@ -374,6 +383,8 @@ async def _serve(
     reporter = asyncio.create_task(report())
     await asyncio.to_thread(stdin.read)  # until the gateway closes it: time to stop
     await writer.close(config.shutdown_grace)
+    if writer.spans is not None:
+        await asyncio.to_thread(writer.spans.close)
     reporter.cancel()
     state["released_bytes"] = released + spool.released
     await engine.dispose()

@@ -1,0 +1,180 @@
+"""OpenTelemetry export: one span per record the writer stored (``capture/spans.py``), sent
+to an OTLP/HTTP collector (Langfuse, Phoenix, Jaeger, an OpenTelemetry Collector...).
+
+Off the database's path: the writer hands each batch it committed to ``SpanExport.add``,
+which builds the spans and puts them on a bounded queue, never waiting; a thread of its own
+sends them in batches. A collector that is slow, down or refusing costs spans (counted:
+``otel_spans_dropped``), never a database write or its timing. The OpenTelemetry packages
+(the ``otel`` extra) are imported only when export is on; the exporter reads the standard
+``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout) and the resource
+``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from capture.rows import Record, RowSet
+from capture.spans import Span, span_of
+
+log = logging.getLogger("mes.telemetry")
+
+QUEUE_SPANS = 8192  # spans waiting for the exporter; past that, dropped and counted
+BATCH_SPANS = 512  # spans an export sends at most
+EXPORT_SECONDS = 1.0  # the longest a span waits for a batch to fill
+_STOP = object()
+
+
+class SpanExport:
+    """Spans of stored records, exported from a thread of its own."""
+
+    def __init__(
+        self,
+        metrics: Any,
+        providers: Mapping[str, str | None],
+        content: bool,
+        exporter: Any = None,
+        queue_spans: int = QUEUE_SPANS,
+    ) -> None:
+        from opentelemetry.propagators.textmap import DefaultGetter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        self.metrics = metrics
+        self.providers = dict(providers)
+        self.content = content
+        self.exporter = exporter
+        self._queue: queue.Queue[Any] = queue.Queue(queue_spans)
+        export = self
+
+        class Enqueue(SpanProcessor):
+            def on_end(self, span: Any) -> None:
+                export._enqueue(span)
+
+        service = os.environ.get("OTEL_SERVICE_NAME") or "mes-gateway"
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        provider.add_span_processor(Enqueue())
+        self._tracer = provider.get_tracer("mes-gateway")
+        self._kind = SpanKind.CLIENT
+        self._propagator = TraceContextTextMapPropagator()
+        self._getter = DefaultGetter()
+        self._thread = threading.Thread(target=self._send, name="mes-otel-export", daemon=True)
+        self._thread.start()
+
+    def add(self, written: Sequence[tuple[Record, RowSet]]) -> None:
+        """The spans of records just stored, queued for export; never waits."""
+        for record, rows in written:
+            try:
+                upstream = (rows.completion or {}).get("upstream") or "default"
+                span = span_of(
+                    rows,
+                    self.providers.get(upstream),
+                    self.content,
+                    getattr(record, "traceparent", None),
+                )
+                if span is not None:
+                    self._start(span)
+            except Exception:  # a span is not worth a write: say so, go on
+                log.exception("could not build the span of record %s", record.id)
+                self.metrics.inc("otel_spans_dropped")
+
+    def _start(self, span: Span) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        parent = None
+        if span.traceparent:
+            parent = self._propagator.extract(
+                {"traceparent": span.traceparent}, getter=self._getter
+            )
+        started = self._tracer.start_span(
+            span.name,
+            context=parent,
+            kind=self._kind,
+            attributes=span.attributes,
+            start_time=span.start_ns,
+        )
+        for name, at in span.events:
+            started.add_event(name, timestamp=at)
+        if span.error:
+            started.set_status(Status(StatusCode.ERROR, span.error))
+        started.end(end_time=span.end_ns)  # to the queue (``Enqueue.on_end``)
+
+    def _enqueue(self, span: Any) -> None:
+        try:
+            self._queue.put_nowait(span)
+        except queue.Full:
+            self.metrics.inc("otel_spans_dropped")
+
+    def _send(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[Any] = []
+            try:
+                first = self._queue.get(timeout=EXPORT_SECONDS)
+            except queue.Empty:
+                continue
+            for item in (first, *self._drain(BATCH_SPANS - 1)):
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._export(batch)
+
+    def _drain(self, most: int) -> list[Any]:
+        taken: list[Any] = []
+        while len(taken) < most:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _export(self, batch: list[Any]) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            result = self.exporter.export(batch)
+        except Exception as error:
+            log.warning("OpenTelemetry export failed: %s", error)
+            result = None
+        if result == SpanExportResult.SUCCESS:
+            self.metrics.inc("otel_spans_exported", len(batch))
+        else:
+            self.metrics.inc("otel_spans_dropped", len(batch))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, for at most ``timeout`` seconds."""
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        self.exporter.shutdown()
+
+
+def span_export(
+    metrics: Any, providers: Mapping[str, str | None], content: bool
+) -> SpanExport | None:
+    """The export a writer process runs, or None where the OpenTelemetry packages are not
+    installed (said once, at start: records are stored all the same)."""
+    try:
+        return SpanExport(metrics, providers, content)
+    except ImportError as error:
+        log.error(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed (%s): "
+            "pip install 'mes-gateway[otel]'; spans are not exported",
+            error,
+        )
+        return None
