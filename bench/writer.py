@@ -221,6 +221,47 @@ async def run(
         f"together {(writer_cpu + server_cpu) / count * 1e6:.0f} us"
     )
     await writer.close(5)
+    sizes = await stored_bytes(dsn)
+    total = sum(sizes.values())
+    print(
+        f"stored: {total / 2**20:.1f} MiB, {total / count:,.0f} bytes a record ("
+        + ", ".join(f"{name} {size / count:,.0f}" for name, size in sorted(sizes.items()))
+        + "; tables and their indexes)"
+    )
+
+
+async def stored_bytes(dsn: str) -> dict[str, int]:
+    """The bytes each history table takes on disk, its indexes included: the database's
+    own count (PostgreSQL's; MariaDB's, after ANALYZE), or SQLite's pages."""
+    from sqlalchemy import text
+
+    from storage.database import create_engine
+    from storage.dsn import parse_dsn
+
+    engine = create_engine(parse_dsn(dsn), pool_size=1, max_overflow=0)
+    tables = ("completions", "conversations", "messages", "usage_daily", "latency_daily")
+    sizes: dict[str, int] = {}
+    try:
+        async with engine.connect() as connection:
+            kind = connection.dialect.name
+            for table in tables:
+                if kind == "postgresql":
+                    query = f"SELECT pg_total_relation_size('{table}')"
+                elif kind == "mysql":
+                    await connection.exec_driver_sql(f"ANALYZE TABLE {table}")
+                    query = (
+                        "SELECT data_length + index_length FROM information_schema.tables "
+                        f"WHERE table_schema = DATABASE() AND table_name = '{table}'"
+                    )
+                else:
+                    query = (
+                        "SELECT sum(pgsize) FROM dbstat WHERE name IN "
+                        f"(SELECT name FROM sqlite_master WHERE tbl_name = '{table}')"
+                    )
+                sizes[table] = int((await connection.execute(text(query))).scalar() or 0)
+    finally:
+        await engine.dispose()
+    return sizes
 
 
 def main() -> None:
