@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -131,3 +132,17 @@ class GatewayProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def until(check: Any, timeout: float = 90.0, tolerating: tuple[type[Exception], ...] = ()) -> Any:
+    """Poll ``check()`` until it returns something true; that value. An exception of
+    ``tolerating`` (a server not answering yet, say) counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := check():
+                return value
+        except tolerating:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout} s: {check}")

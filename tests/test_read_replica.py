@@ -7,8 +7,7 @@ is there, and not on the replica the read APIs answer from."""
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from tests.conftest import unavailable
 from tests.dbservers import DatabaseServer, start_postgres, start_postgres_standby
-from tests.gateway_process import free_port
+from tests.gateway_process import free_port, until
 from tests.managed import ADMIN, Member, managed_gateway, new_member
 
 pytestmark = pytest.mark.slow
@@ -37,19 +36,6 @@ def replicated() -> Iterator[tuple[DatabaseServer, DatabaseServer]]:
     yield servers[0], servers[1]
     for server in reversed(servers):
         server.shutdown()
-
-
-def until(found: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """``found()`` once it is truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := found():
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"not so after {timeout} s")
 
 
 def chat(gateway: Any, member: Member, words: str) -> None:
@@ -84,7 +70,9 @@ def test_reads_come_from_the_replica_and_writes_go_to_the_primary(
             return int(primary.sql("SELECT count(*) FROM completions", database=name))
 
         chat(gw, member, "first words about herons")
-        first = until(lambda: listed())  # once the replica has replayed it
+        first = until(
+            lambda: listed(), tolerating=(httpx.HTTPError,)
+        )  # once the replica has replayed it
         conversation = first[0]["conversation_id"]
 
         # Requested, a pause holds from the next record the standby would replay: "paused"

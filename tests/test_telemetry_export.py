@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.gateway_process import GatewayProcess, free_port
+from tests.gateway_process import GatewayProcess, free_port, until
 from tests.history_db import HistoryDB
 
 pytestmark = pytest.mark.slow
@@ -87,15 +86,6 @@ def receiving() -> Iterator[tuple[Receiver, str]]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def until(found: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := found():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not so after {timeout} s: {found()!r}")
 
 
 def counter(gateway: GatewayProcess, name: str) -> float:

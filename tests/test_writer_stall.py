@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, until
 from tests.history_db import HistoryDB
 
 
@@ -42,16 +41,6 @@ async def writes_blocked(db: HistoryDB, backend: str, path: str) -> AsyncIterato
             if backend != "postgresql":
                 await connection.execute(text("UNLOCK TABLES"))
             await connection.rollback()
-
-
-def until(check: Any, timeout: float = 90.0) -> Any:
-    """Poll ``check()`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not true within {timeout} s: {check}")
 
 
 def readyz(gateway: GatewayProcess) -> httpx.Response:
