@@ -167,8 +167,9 @@ class SpanExport:
 def span_export(
     metrics: Any, providers: Mapping[str, str | None], content: bool
 ) -> SpanExport | None:
-    """The export a writer process runs, or None where the OpenTelemetry packages are not
-    installed (said once, at start: records are stored all the same)."""
+    """The export a writer process runs, or None where it cannot (said once, at start:
+    records are stored all the same): the OpenTelemetry packages are not installed, or the
+    ``OTEL_*`` variables are not ones the exporter can use."""
     try:
         return SpanExport(metrics, providers, content)
     except ImportError as error:
@@ -177,4 +178,6 @@ def span_export(
             "pip install 'mes-gateway[otel]'; spans are not exported",
             error,
         )
-        return None
+    except Exception as error:  # a bad OTEL_* value: never a reason not to store records
+        log.error("OpenTelemetry export cannot start (%s): spans are not exported", error)
+    return None

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -22,6 +23,7 @@ from capture.exchange import Exchange, RequestLog
 from capture.messages import MessagesExchange
 from capture.responses import ResponsesExchange
 from capture.rows import Record, RowSet
+from storage import telemetry
 from storage.telemetry import SpanExport
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -334,3 +336,15 @@ def test_a_request_that_is_not_a_call_has_no_span() -> None:
     spans, counted = exported([log, CHAT])
     assert [s.attributes["mes.completion_id"] for s in spans] == [CHAT.id]
     assert counted.counts == {"otel_spans_exported": 1}
+
+
+def test_an_export_that_cannot_start_leaves_the_writer_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records are stored all the same: the writer gets no export, and says why."""
+
+    def broken(*args: Any) -> SpanExport:
+        raise ValueError("OTEL_EXPORTER_OTLP_HEADERS: not key=value pairs")
+
+    monkeypatch.setattr(telemetry, "SpanExport", broken)
+    assert telemetry.span_export(Counted(), {}, False) is None
