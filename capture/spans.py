@@ -31,7 +31,7 @@ OPERATIONS = {
 # Whose API a kind is, for an upstream whose provider is not known (a local model, say).
 API_OWNERS = {"messages": "anthropic"}
 
-Attribute = str | int | float | bool | list[str]
+Attribute = str | int | float | bool | tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ def span_of(
     _put(attributes, "gen_ai.response.id", completion.get("response_id"))
     finish = _finish_reasons(completion)
     if finish:
-        attributes["gen_ai.response.finish_reasons"] = finish
+        attributes["gen_ai.response.finish_reasons"] = tuple(finish)
     _put(attributes, "gen_ai.usage.input_tokens", completion.get("prompt_tokens"))
     _put(attributes, "gen_ai.usage.output_tokens", completion.get("completion_tokens"))
     _put(attributes, "gen_ai.usage.cache_read.input_tokens", completion.get("cached_tokens"))
