@@ -163,7 +163,7 @@ DATABASE_TROUBLE: tuple[type[Exception], ...] = (DBAPIError, OSError)
 def history_unavailable(error: Exception) -> HistoryUnavailable | None:
     """``error`` as the gateway's own when it says that the database a read of history went
     to (a read replica, say) is down or unreachable: 503, not a server error."""
-    if isinstance(error, DATABASE_TROUBLE) and is_unavailable(error):
+    if is_unavailable(error):
         return HistoryUnavailable("The history database cannot be reached; try again later.")
     return None
 

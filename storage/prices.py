@@ -234,6 +234,12 @@ def _price(usage: Any, model: str, provider: str | None, at: datetime) -> Any:
     return calc_price(usage, model, provider_id=provider, genai_request_timestamp=at)
 
 
+def upstream_provider(providers: Mapping[str, str | None], row: Row) -> str | None:
+    """The provider of the upstream that answered ``row``'s call, from ``providers`` by
+    upstream name (a gateway with one upstream names it ``default``)."""
+    return providers.get(row.get("upstream") or "default")
+
+
 class Pricer:
     """Each record's cost, put in its completion row as the writer shapes it: by the
     provider of the upstream that answered (``providers``, by upstream name), the model
@@ -262,7 +268,7 @@ class Pricer:
             input_audio=audio_in,
             output_audio=audio_out,
         )
-        provider = self.providers.get(row.get("upstream") or "default")
+        provider = upstream_provider(self.providers, row)
         model = row.get("response_model") or row.get("requested_model")
         cost, version = self.prices.cost(provider, model, tokens, row["started_at"].date())
         return (None if cost is None else round(cost, 12)), version  # to 1e-12 dollars

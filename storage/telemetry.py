@@ -21,6 +21,7 @@ from typing import Any
 
 from capture.rows import Record, RowSet
 from capture.spans import Span, span_of
+from storage.prices import upstream_provider
 
 log = logging.getLogger("mes.telemetry")
 
@@ -41,10 +42,12 @@ class SpanExport:
         exporter: Any = None,
         queue_spans: int = QUEUE_SPANS,
     ) -> None:
+        from opentelemetry import trace
         from opentelemetry.propagators.textmap import DefaultGetter
+        from opentelemetry.sdk import trace as sdk
         from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.export import SpanExportResult
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanKind
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         if exporter is None:
@@ -59,7 +62,9 @@ class SpanExport:
         service = os.environ.get("OTEL_SERVICE_NAME") or "mes-gateway"
         self._resource = Resource.create({"service.name": service})
         self._scope = InstrumentationScope("mes-gateway")
-        self._kind = SpanKind.CLIENT
+        # The API's and the SDK's modules, imported here, once: the writer runs without
+        # them unless export is on.
+        self._trace, self._sdk, self._success = trace, sdk, SpanExportResult.SUCCESS
         self._propagator = TraceContextTextMapPropagator()
         self._getter = DefaultGetter()
         self._thread = threading.Thread(target=self._send, name="mes-otel-export", daemon=True)
@@ -69,10 +74,10 @@ class SpanExport:
         """The spans of records just stored, queued for export; never waits."""
         for record, rows in written:
             try:
-                upstream = (rows.completion or {}).get("upstream") or "default"
+                completion = rows.completion or {}
                 span = span_of(
                     rows,
-                    self.providers.get(upstream),
+                    upstream_provider(self.providers, completion),
                     self.content,
                     getattr(record, "traceparent", None),
                 )
@@ -85,33 +90,31 @@ class SpanExport:
     def _start(self, span: Span) -> None:
         """The SDK's finished span, made as it is (a third of the CPU of starting and
         ending one through a tracer), then queued."""
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import Event, ReadableSpan
-        from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
-
+        trace, sdk = self._trace, self._sdk
         parent = None
         if span.traceparent:
             carrier = {"traceparent": span.traceparent}
             found = trace.get_current_span(self._propagator.extract(carrier, getter=self._getter))
             if found.get_span_context().is_valid:
                 parent = found.get_span_context()
-        context = SpanContext(
+        context = trace.SpanContext(
             parent.trace_id if parent else int.from_bytes(os.urandom(16), "big"),
             int.from_bytes(os.urandom(8), "big"),
             is_remote=False,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
         )
-        finished = ReadableSpan(
+        status = trace.StatusCode.ERROR if span.error else trace.StatusCode.UNSET
+        finished = sdk.ReadableSpan(
             span.name,
             context,
             parent,
             self._resource,
             span.attributes,
-            [Event(name, timestamp=at) for name, at in span.events],
+            [sdk.Event(name, timestamp=at) for name, at in span.events],
             (),
-            self._kind,
+            trace.SpanKind.CLIENT,
             None,
-            Status(StatusCode.ERROR, span.error) if span.error else Status(StatusCode.UNSET),
+            trace.Status(status, span.error),
             span.start_ns,
             span.end_ns,
             self._scope,
@@ -150,14 +153,12 @@ class SpanExport:
         return taken
 
     def _export(self, batch: list[Any]) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
         try:
             result = self.exporter.export(batch)
         except Exception as error:
             log.warning("OpenTelemetry export failed: %s", error)
             result = None
-        if result == SpanExportResult.SUCCESS:
+        if result == self._success:
             self.metrics.inc("otel_spans_exported", len(batch))
         else:
             self.metrics.inc("otel_spans_dropped", len(batch))
