@@ -13,7 +13,7 @@ COPY storage ./storage
 COPY migrations ./migrations
 COPY fake_upstream ./fake_upstream
 COPY config ./config
-RUN pip install --no-cache-dir ".[otel]" \
+RUN pip install --no-cache-dir ".[otel,queue]" \
     && useradd --system --uid 10001 --home-dir /data --create-home mes
 
 USER mes

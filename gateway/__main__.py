@@ -35,10 +35,11 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "migrate"),
+        choices=("serve", "migrate", "writer"),
         default="serve",
         help="serve (the default): run the gateway; migrate: create and upgrade the main and "
-        "history databases' schemas, then exit",
+        "history databases' schemas, then exit; writer: write the records gateways add to "
+        "the Redis stream MES_QUEUE names",
     )
     return parser.parse_args(argv)
 
@@ -68,6 +69,17 @@ async def _migrate(settings: Settings) -> None:
         logging.getLogger("mes.migrate").info("%s database is at its newest schema", target)
 
 
+def _write(settings: Settings) -> None:
+    import uvloop
+
+    from gateway import queue_writer
+
+    try:
+        uvloop.run(queue_writer.run(settings))
+    except ConfigError as error:
+        sys.exit(f"mes-gateway writer: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     arguments = _arguments(sys.argv[1:] if argv is None else argv)
     try:
@@ -77,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_level, settings.log_format)
     if arguments.command == "migrate":
         asyncio.run(_migrate(settings))
+        return
+    if arguments.command == "writer":
+        _write(settings)
         return
     uvicorn.run(
         "gateway.app:create_app",

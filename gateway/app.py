@@ -101,6 +101,8 @@ async def readyz(request: Request) -> Response:
         "spool_bytes": served.writer.spool.pending_bytes,
         "writer_stalled_seconds": round(stalled, 1),
     }
+    if served.settings.queue_url:  # records wait in the spool while it is unreachable
+        body["queue"] = "ok" if served.writer.queue_reachable else "unreachable"
     return _json(body, status=200 if ready else 503)
 
 

@@ -16,6 +16,7 @@ _HELP = {
     "requests_rejected": "Requests the gateway refused itself (bad key, JSON or size).",
     "records_captured": "Records accepted: appended to the durable spool.",
     "records_written": "Records written to the history database.",
+    "records_queued": "Records added to the Redis stream (MES_QUEUE), for writers to write.",
     "records_replayed": "Records the writer found spooled when it started (after a restart).",
     "records_adopted": "Records taken over from the spool slot of a process that is gone.",
     "records_dead_lettered": "Records the database refused for good, kept in dead-letter.jsonl.",

@@ -150,6 +150,7 @@ def writer_config(settings: Settings) -> WriterConfig:
         auto_migrate=settings.auto_migrate,
         otel=settings.otel_enabled,
         otel_content=settings.otel_content,
+        queue=settings.queue_url,
     )
 
 

@@ -59,6 +59,8 @@ class Settings:
     otel_endpoint: str | None = None
     otel_traces_endpoint: str | None = None
     otel_content: bool = False
+    queue_url: str | None = field(default=None, repr=False)  # may hold Redis' password
+    queue_claim_seconds: float = 60.0
     sqlite_path: str = DEFAULT_SQLITE_PATH
     mes_daily_partition: bool = False
     mes_retention_days: int = 0
@@ -190,6 +192,12 @@ def url(raw: str) -> str:
     if not raw.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
     return raw.rstrip("/")
+
+
+def redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return raw
 
 
 def flag(raw: str) -> bool:
@@ -370,6 +378,18 @@ VARIABLES: tuple[Variable, ...] = (
         "mes_sql_read_dsn",
         text,
         "a read replica of the history database: the read APIs and the viewer read there",
+    ),
+    Variable(
+        "MES_QUEUE",
+        "queue_url",
+        redis_url,
+        "a Redis stream between gateways and writers (python -m gateway writer)",
+    ),
+    Variable(
+        "MES_QUEUE_CLAIM_SECONDS",
+        "queue_claim_seconds",
+        seconds,
+        "seconds a record may wait in a writer that does not write it before another takes it",
     ),
     Variable("MES_SQLITE_PATH", "sqlite_path", text, "the SQLite file when no DSN is set"),
     Variable("MES_DAILY_PARTITION", "mes_daily_partition", flag, "split history by day"),

@@ -267,6 +267,10 @@ class Spool:
                 self._path(number).unlink(missing_ok=True)
         self._bytes = max(0, self._bytes - released)
 
+    def written_through(self) -> Position:
+        """The checkpoint as the writer following this slot last wrote it (from disk)."""
+        return self._read_checkpoint()
+
     def sync(self) -> None:
         """``fsync`` the journal: called by the writer, off the request path."""
         if self.following:

@@ -133,6 +133,19 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(code, int) and code in _TRANSIENT_MYSQL_ERRORS
 
 
+async def until_prepared(prepare: Callable[[], Awaitable[None]], retry_seconds: float) -> None:
+    """Run ``prepare`` (create and migrate the history database) until it succeeds."""
+    delay = 0.5
+    while True:
+        try:
+            await prepare()
+            return
+        except Exception as error:  # down, unreachable, or refusing: wait and retry
+            log.warning("history database not ready (%s): retrying", _reason(error))
+            await asyncio.sleep(delay)
+            delay = min(retry_seconds, delay * 2)
+
+
 def spool_record(spool: Spool, metrics: Counter, encode: Encode, record: Record) -> bool:
     """Append ``record`` to ``spool``; False (counted and logged) when it cannot be."""
     try:
@@ -331,16 +344,8 @@ class HistoryWriter:
     async def _until_ready(self) -> None:
         """Create and migrate the database before the first write, as long as it takes."""
         assert self.prepare is not None
-        delay = 0.5
-        while True:
-            try:
-                await self.prepare()
-                self.ready = True
-                return
-            except Exception as error:  # down, unreachable, or refusing: wait and retry
-                log.warning("history database not ready (%s): retrying", _reason(error))
-                await asyncio.sleep(delay)
-                delay = min(self.retry_seconds, delay * 2)
+        await until_prepared(self.prepare, self.retry_seconds)
+        self.ready = True
 
     async def _wait_for_records(self) -> None:
         """Look at the slot now and then (another process appends to it), for at most

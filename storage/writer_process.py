@@ -31,13 +31,14 @@ import subprocess
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from capture.codec import from_entry, shaped_entry, to_entry
 from capture.redaction import Redactor
@@ -47,6 +48,7 @@ from storage.database import create_engine, prepare_schema
 from storage.dsn import parse_dsn
 from storage.partitions import partitions_in_use
 from storage.prices import Pricer, Prices, read_prices_file
+from storage.queue import Forwarder
 from storage.spool import Position, Spool
 from storage.telemetry import span_export
 from storage.writer import POLL_SECONDS, Counter, HistoryWriter, spool_record
@@ -56,6 +58,7 @@ log = logging.getLogger("mes.writer")
 # The child's counters, as the gateway reports them, then what the child tells its gateway.
 COUNTERS = (
     "records_written",
+    "records_queued",
     "records_replayed",
     "records_dead_lettered",
     "records_failed",
@@ -75,6 +78,7 @@ _FIELDS = (
     "released_bytes",
     "ready",
     "stalled_since_ms",
+    "queue_reachable",
     "costs_seq",
     "costs_length",
 )
@@ -110,6 +114,9 @@ class WriterConfig:
     # content (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
     otel: bool = False
     otel_content: bool = False
+    # MES_QUEUE: a gateway's child forwards its records to this Redis stream instead of
+    # writing them (storage/queue.py); a writer (python -m gateway writer) has none.
+    queue: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
@@ -225,6 +232,11 @@ class WriterProcess:
         return bool(self.state["ready"])
 
     @property
+    def queue_reachable(self) -> bool:
+        """With MES_QUEUE: Redis answered the forwarder's last call."""
+        return bool(self.state["queue_reachable"])
+
+    @property
     def stalled_seconds(self) -> float:
         """How long the writer has had records it could not write (0: it keeps up)."""
         since = self.state["stalled_since_ms"]
@@ -241,6 +253,7 @@ class WriterProcess:
             state[name]
             for name in (
                 "records_written",
+                "records_queued",
                 "records_dead_lettered",
                 "records_failed",
                 "records_erased",
@@ -334,9 +347,13 @@ def _die_with_parent() -> None:
 async def _serve(
     config: WriterConfig, slot: Path, state: SharedState, stdin: IO[bytes], replayed: Position
 ) -> None:
+    spool = Spool(Path(config.spool_dir), config.spool_max_bytes)
+    spool.follow(slot)
+    counter = SharedCounter(state)
+    stalled_since = state["stalled_since_ms"] / 1000 or None  # the writer before this one's
     engine = create_engine(parse_dsn(config.history_dsn), **config.pool)
 
-    async def prepare() -> None:
+    async def set_up() -> None:
         await prepare_schema(
             engine,
             config.history_dsn,
@@ -344,12 +361,55 @@ async def _serve(
             auto_migrate=config.auto_migrate,
             connect_timeout=config.pool["connect_timeout"],
         )
+
+    worker: HistoryWriter | Forwarder
+    if config.queue:
+        worker = Forwarder(
+            config.queue,
+            spool,
+            counter,
+            retry_seconds=config.retry_seconds,
+            prepare=set_up,
+            stalled_since=stalled_since,
+        )
+    else:
+        worker = _history_writer(config, engine, set_up, spool, counter, stalled_since, replayed)
+    released = state["released_bytes"]  # by the writers before this one
+
+    async def report() -> None:
+        while True:
+            state["released_bytes"] = released + spool.released
+            state["ready"] = int(worker.ready)
+            stalled = worker.stalled_since
+            state["stalled_since_ms"] = 0 if stalled is None else int(stalled * 1000)
+            state["queue_reachable"] = int(isinstance(worker, Forwarder) and worker.reachable)
+            await asyncio.sleep(POLL_SECONDS)
+
+    worker.start()
+    reporter = asyncio.create_task(report())
+    await asyncio.to_thread(stdin.read)  # until the gateway closes it: time to stop
+    await worker.close(config.shutdown_grace)
+    if isinstance(worker, HistoryWriter) and worker.spans is not None:
+        await asyncio.to_thread(worker.spans.close)
+    reporter.cancel()
+    state["released_bytes"] = released + spool.released
+    await engine.dispose()
+
+
+def _history_writer(
+    config: WriterConfig,
+    engine: AsyncEngine,
+    set_up: Callable[[], Awaitable[None]],
+    spool: Spool,
+    counter: SharedCounter,
+    stalled_since: float | None,
+    replayed: Position,
+) -> HistoryWriter:
+    async def prepare() -> None:
+        await set_up()
         today = datetime.now(UTC).date()
         writer.partitions = await partitions_in_use(engine, config.daily_partition, today)
 
-    spool = Spool(Path(config.spool_dir), config.spool_max_bytes)
-    spool.follow(slot)
-    counter = SharedCounter(state)
     writer = HistoryWriter(
         engine,
         counter,
@@ -365,29 +425,11 @@ async def _serve(
             Prices(*read_prices_file(config.prices_file)) if config.prices_file else Prices(),
             config.providers,
         ),
-        stalled_since=state["stalled_since_ms"] / 1000 or None,  # the writer before this one's
+        stalled_since=stalled_since,
         replayed_until=replayed,
         spans=span_export(counter, config.providers, config.otel_content) if config.otel else None,
     )
-    released = state["released_bytes"]  # by the writers before this one
-
-    async def report() -> None:
-        while True:
-            state["released_bytes"] = released + spool.released
-            state["ready"] = int(writer.ready)
-            stalled = writer.stalled_since
-            state["stalled_since_ms"] = 0 if stalled is None else int(stalled * 1000)
-            await asyncio.sleep(POLL_SECONDS)
-
-    writer.start()
-    reporter = asyncio.create_task(report())
-    await asyncio.to_thread(stdin.read)  # until the gateway closes it: time to stop
-    await writer.close(config.shutdown_grace)
-    if writer.spans is not None:
-        await asyncio.to_thread(writer.spans.close)
-    reporter.cancel()
-    state["released_bytes"] = released + spool.released
-    await engine.dispose()
+    return writer
 
 
 def main() -> None:

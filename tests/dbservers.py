@@ -407,3 +407,69 @@ def start_mariadb(
         timeout=60,
     )
     return server
+
+
+@dataclass
+class RedisServer:
+    """A Redis server (Debian's ``redis-server``) for the queue's tests. Its data is on disk
+    and every write logged before Redis answers (``appendfsync always``), as a deployment
+    that must lose nothing runs it: a ``kill -9`` and a start again keep the stream."""
+
+    base: Path
+    port: int
+    binary: str
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.base),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.base / "redis.log"),
+            ]
+        )
+        _wait_for_port(self.port, 30, self.process)
+
+    def kill(self) -> None:
+        """``kill -9``: what it acknowledged is in its log already."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def shutdown(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_redis(base: Path, port: int | None = None) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerUnavailable("redis-server is not installed (apt-get install redis-server)")
+    base.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(base, port or free_port(), binary)
+    server.start()
+    atexit.register(server.shutdown)
+    return server

@@ -1,0 +1,255 @@
+"""Records per second through the Redis stream (``MES_QUEUE``), against the local spool, in
+one run.
+
+    python bench/queue_writers.py [--records 20000] [--rounds 3] [--backend postgresql]
+
+Each round, on one durable database server (PostgreSQL by default) and one Redis
+(``appendonly yes``, ``appendfsync everysec``), each case writes the same ``--records``
+records (``bench/writer.py``'s: a new conversation each, ~1 KB prompt) into a fresh
+database:
+
+- ``spool``: the baseline, a gateway's own writer process draining its local spool (the
+  records spooled first, as ``bench/writer.py --prefill``);
+- ``forward``: a gateway's writer process with ``MES_QUEUE``, moving the spooled records
+  into the stream (the gateway's side; nothing is written to the database);
+- ``queue x1``, ``queue x2``: the records in the stream first, then one or two
+  ``python -m gateway writer`` processes writing them, until every one is acknowledged.
+
+Prints each case's records/s (records over the time from the start until the last was
+written, or forwarded) and its CPU per record: the writer processes (a writer with its
+history writer child), the database server and Redis, read from ``/proc``; then the
+medians over the rounds. Everything runs on this machine's cores, the database too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.writer import cpu_seconds, record  # noqa: E402
+from capture.codec import to_entry  # noqa: E402
+from fake_upstream.responses import Answer  # noqa: E402
+from gateway.metrics import Metrics  # noqa: E402
+from gateway.services import writer_config  # noqa: E402
+from gateway.settings import Settings  # noqa: E402
+from storage.queue import GROUP, STREAM  # noqa: E402
+from storage.spool import Spool  # noqa: E402
+from storage.writer_process import WriterProcess  # noqa: E402
+from tests.dbservers import RedisServer, start_mariadb, start_postgres, start_redis  # noqa: E402
+
+CASES = ("spool", "forward", "queue x1", "queue x2")
+
+
+def entries(count: int) -> list[bytes]:
+    answer = Answer(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, 8
+    ).completion()
+    return [to_entry(record(n, answer)) for n in range(count)]
+
+
+def _spool(workdir: Path, lines: list[bytes]) -> Spool:
+    spool = Spool(workdir / "spool", 2**36)
+    spool.open()
+    for line in lines:
+        spool.append(line)
+    return spool
+
+
+async def through_spool(
+    settings: Settings, workdir: Path, lines: list[bytes], database: int | None, redis: int
+) -> tuple[float, float]:
+    """A gateway's writer process draining a spool: records/s and CPU us a record (with
+    ``settings.queue_url``, into the stream; without, into the database)."""
+    spool = _spool(workdir, lines)
+    writer = WriterProcess(writer_config(settings), spool, Metrics())  # finds them pending
+    before = _cpu(database, redis)
+    started = time.perf_counter()
+    writer.start()
+    assert writer.process is not None
+    pid = writer.process.pid
+    while writer.depth:  # noqa: ASYNC110 (a counter in another process's memory)
+        await asyncio.sleep(0.02)
+    took = time.perf_counter() - started
+    used = cpu_seconds(pid) + _cpu(database, redis) - before
+    await writer.close(5)
+    return len(lines) / took, used / len(lines) * 1e6
+
+
+async def through_queue(
+    settings: Settings,
+    workdir: Path,
+    lines: list[bytes],
+    writers: int,
+    database: int | None,
+    redis: RedisServer,
+) -> tuple[float, float]:
+    """The records in the stream first, then ``writers`` writer processes: records/s and
+    CPU us a record."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis.url)
+    await client.delete(STREAM)
+    for start in range(0, len(lines), 1000):
+        pipe = client.pipeline(transaction=False)
+        for line in lines[start : start + 1000]:
+            pipe.execute_command("XADD", STREAM, "*", b"r", line)
+        await pipe.execute()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(REPO),
+        "SQL_DSN": settings.sql_dsn or "",
+        "MES_QUEUE": redis.url,
+        "MES_BATCH_SIZE": str(settings.capture_batch_size),
+    }
+    assert redis.process is not None
+    before = _cpu(database, redis.process.pid)
+    started = time.perf_counter()
+    processes = []
+    for n in range(writers):
+        folder = workdir / f"writer-{n}"
+        folder.mkdir()
+        processes.append(
+            subprocess.Popen(  # noqa: ASYNC220 (started once, then measured)
+                [sys.executable, "-m", "gateway", "writer"],
+                env=env,
+                cwd=folder,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    while True:
+        groups = await client.xinfo_groups(STREAM)
+        ours = [group for group in groups if group["name"] == GROUP.encode()]
+        if ours and ours[0]["entries-read"] == len(lines) and not ours[0]["pending"]:
+            break
+        await asyncio.sleep(0.02)
+    took = time.perf_counter() - started
+    used = sum(cpu_seconds(p.pid, children=True) for p in processes)
+    used += _cpu(database, redis.process.pid) - before
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(30)
+    await client.delete(STREAM)
+    await client.aclose()
+    return len(lines) / took, used / len(lines) * 1e6
+
+
+def _cpu(database: int | None, redis: int) -> float:
+    return cpu_seconds(database, children=True) + cpu_seconds(redis)
+
+
+async def main_async(args: argparse.Namespace, workdir: Path) -> None:
+    start = start_postgres if args.backend == "postgresql" else start_mariadb
+    server = start(workdir / args.backend, durable=True)
+    redis = start_redis(workdir / "redis")
+    try:
+        await _configure(redis)
+        if server.process is not None:
+            database: int | None = server.process.pid
+        else:
+            database = int((server.base / "data" / "postmaster.pid").read_text().split()[0])
+        assert redis.process is not None
+        lines = entries(args.records)
+        results: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
+        for round_number in range(args.rounds):
+            for case in CASES:
+                folder = workdir / f"round-{round_number}-{case.replace(' ', '')}"
+                folder.mkdir()
+                settings = replace(
+                    Settings(),
+                    sql_dsn=server.url(f"mes_bench_queue_{round_number}_{case[0]}{case[-1]}"),
+                    spool_dir=str(folder / "spool"),
+                    spool_max_bytes=2**36,
+                )
+                await _migrated(settings, folder)  # outside the time taken
+                if case == "spool":
+                    result = await through_spool(
+                        settings, folder, lines, database, redis.process.pid
+                    )
+                elif case == "forward":
+                    queued = replace(settings, queue_url=redis.url)
+                    result = await through_spool(queued, folder, lines, database, redis.process.pid)
+                    await _clear(redis)
+                else:
+                    writers = int(case[-1])
+                    result = await through_queue(settings, folder, lines, writers, database, redis)
+                results[case].append(result)
+                print(
+                    f"round {round_number + 1} {case:>9}: {result[0]:8,.0f} records/s, "
+                    f"{result[1]:5,.0f} us CPU a record",
+                    flush=True,
+                )
+        print(f"\nmedians of {args.rounds} rounds, {args.records:,} records each, {args.backend}:")
+        baseline = statistics.median(r[0] for r in results["spool"])
+        for case in CASES:
+            rate = statistics.median(r[0] for r in results[case])
+            cpu = statistics.median(r[1] for r in results[case])
+            print(
+                f"{case:>9}: {rate:8,.0f} records/s ({rate / baseline:4.2f} x the spool's), "
+                f"{cpu:5,.0f} us CPU a record"
+            )
+    finally:
+        redis.shutdown()
+        server.shutdown()
+
+
+async def _migrated(settings: Settings, folder: Path) -> None:
+    """A writer of its own makes and migrates the database, then stops."""
+    spool = Spool(folder / "setup", 2**30)
+    spool.open()
+    setup = WriterProcess(
+        writer_config(replace(settings, spool_dir=str(folder / "setup"))), spool, Metrics()
+    )
+    setup.start()
+    await setup.ready_event.wait()
+    await setup.close(5)
+
+
+async def _configure(redis: RedisServer) -> None:
+    """Redis' log written once a second, as most deployments run it."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis.url)
+    await client.config_set("appendfsync", "everysec")
+    await client.aclose()
+
+
+async def _clear(redis: RedisServer) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis.url)
+    await client.delete(STREAM)
+    await client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", choices=["postgresql", "mysql"], default="postgresql")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mes-bench-queue-"))
+    workdir.chmod(0o755)  # the database servers run as their own users
+    try:
+        import uvloop
+
+        uvloop.run(main_async(args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""A Redis stream between gateways and writers (``MES_QUEUE``), for more than one machine.
+
+Without it, each gateway's writer process writes what its gateway spooled. With it:
+
+- **A gateway** still appends every record to its local spool first, on the request path,
+  exactly as without a queue. Its child process runs a ``Forwarder`` instead of a history
+  writer: it follows the slot, adds each record to the stream (``XADD``, pipelined), and
+  moves the spool's checkpoint past a record only once Redis has it. While Redis cannot be
+  reached, records wait in the spool and go on when it answers again; the request path
+  never talks to Redis.
+- **A writer** (``python -m gateway writer``, any number, on any machine) runs a ``Relay``:
+  it reads the stream in the consumer group ``GROUP`` (``XREADGROUP``) into a spool slot of
+  its own, which a history writer process writes to the database like a gateway's, and
+  acknowledges a record (``XACK``) only once that spool's checkpoint has passed it, after
+  its transaction committed. A record read by a writer that died stays pending in the
+  group; after ``claim_seconds`` idle another writer takes it (``XAUTOCLAIM``). A record
+  may so be written twice, or added twice by a gateway killed between its ``XADD`` and its
+  checkpoint; writes are idempotent on the record's id, so it is stored once.
+- **The stream** is trimmed (``XTRIM MINID``) only below the oldest record some group has
+  not acknowledged: every group's, ours and any other reading the stream.
+
+Redis keeps what it holds as durably as it is configured to: a record a gateway handed to
+Redis is only as safe as Redis' own log (``appendonly yes``; ``appendfsync always`` for
+nothing lost when Redis itself dies, ``everysec`` for at most a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from itertools import takewhile
+from typing import TYPE_CHECKING, Any
+
+from storage.spool import Position, Spool
+from storage.writer import Counter, until_prepared
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger("mes.queue")
+
+STREAM = "mes:records"  # the stream's key
+GROUP = "mes-writers"  # the writers' consumer group
+FIELD = b"r"  # each stream entry holds one spooled record, under this field
+FORWARD_RECORDS = 500  # records added to the stream in one round trip
+FORWARD_BYTES = 4 * 2**20
+SYNC_SECONDS = 1.0
+POLL_SECONDS = 0.02
+BLOCK_MS = 200  # how long a writer's read waits for new records in Redis
+TRIM_SECONDS = 5.0
+FORGET_CONSUMERS_MS = 3600_000  # a writer gone this long, with nothing pending, is dropped
+
+
+def connect(url: str) -> Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``): short timeouts,
+    since every caller retries on its own, and reads that outlast a blocking read."""
+    from redis.asyncio import Redis
+
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=5.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+    )
+
+
+def _trouble() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises while Redis is down, restarting or refusing: tried again."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, TimeoutError)
+
+
+class Backoff:
+    """Waits between tries, doubling from 50 ms to ``longest``; logs the first failure of a
+    run of them and every hundredth, and the recovery."""
+
+    def __init__(self, what: str, longest: float) -> None:
+        self.what, self.longest = what, longest
+        self.failures = 0
+
+    async def failed(self, error: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 100 == 0:
+            log.warning(
+                "%s: Redis unavailable (%s: %s), try %d: trying again",
+                self.what,
+                type(error).__name__,
+                error,
+                self.failures,
+            )
+        await asyncio.sleep(min(self.longest, 0.05 * 2 ** min(self.failures, 10)))
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("%s: Redis answers again after %d failed tries", self.what, self.failures)
+        self.failures = 0
+
+
+class Forwarder:
+    """A gateway's side: adds what its gateway spools to the stream, in spool order. The
+    writer process of a gateway with ``MES_QUEUE`` runs this instead of a history writer,
+    with the same face to its gateway (``ready``, ``stalled_since``, ``start``, ``close``):
+    ready once ``prepare`` has set the history database up (which the gateway reads), as a
+    writer would be; records go on to Redis meanwhile, and while Redis is down they wait,
+    which ``stalled_since`` tells."""
+
+    def __init__(
+        self,
+        url: str,
+        spool: Spool,
+        metrics: Counter,
+        *,
+        retry_seconds: float,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        stalled_since: float | None = None,
+    ) -> None:
+        self.redis = connect(url)
+        self.spool = spool
+        self.metrics = metrics
+        self.prepare = prepare
+        self.ready = prepare is None
+        self.reachable = False  # Redis answered the last call
+        self._cursor = spool.checkpoint  # everything before is in the stream
+        self._backoff = Backoff("forwarding records to the queue", retry_seconds)
+        self._progress_at = stalled_since or time.time()
+        self._caught_up = stalled_since is None
+        self._last_sync = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self._preparing: asyncio.Task[None] | None = None
+
+    @property
+    def stalled_since(self) -> float | None:
+        """When records last went into the stream, while some wait: None when all did."""
+        return None if self._caught_up else self._progress_at
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="mes-queue-forwarder")
+        if self.prepare is not None:
+            self._preparing = asyncio.create_task(self._set_up(self.prepare))
+
+    async def _set_up(self, prepare: Callable[[], Awaitable[None]]) -> None:
+        await until_prepared(prepare, self._backoff.longest)
+        self.ready = True
+
+    async def close(self, grace: float) -> None:
+        """Forward what is spooled, for at most ``grace`` seconds; the rest stays spooled."""
+        deadline = time.monotonic() + grace
+        while self._cursor < self.spool.end:
+            if time.monotonic() > deadline or self._task is None or self._task.done():
+                log.warning(
+                    "shutdown grace over: %d bytes of records stay in the spool for next start",
+                    self.spool.pending_bytes,
+                )
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        for task in (self._task, self._preparing):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        await asyncio.to_thread(self.spool.close)
+        await self.redis.aclose()
+
+    async def _run(self) -> None:
+        trouble = _trouble()
+        while True:
+            entries = self._read()
+            if not entries:
+                if not self.reachable:
+                    await self._reach()
+                self._caught_up = True
+                self._progress_at = time.time()
+                await self._sync(force=False)
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            self._caught_up = False
+            try:
+                await self._add(entries)
+            except trouble as error:
+                self.reachable = False
+                await self._backoff.failed(error)
+                continue
+            except Exception:  # a bug, or the spool's files: read again from the checkpoint
+                log.exception("forwarding records to the queue failed")
+                await asyncio.sleep(self._backoff.longest)
+                continue
+            self._backoff.succeeded()
+            self.reachable = True
+            end = entries[-1][1]
+            self._cursor = end
+            self._progress_at = time.time()
+            self.spool.commit(end)
+            self.metrics.inc("records_queued", len(entries))
+            await self._sync(force=False)
+
+    async def _reach(self) -> None:
+        try:
+            await self.redis.ping()
+        except _trouble() as error:
+            await self._backoff.failed(error)
+            return
+        self._backoff.succeeded()
+        self.reachable = True
+
+    def _read(self) -> list[tuple[bytes, Position]]:
+        position = self._cursor
+        while True:
+            entries = self.spool.read(position, FORWARD_RECORDS)
+            if entries:
+                break
+            ahead = self.spool.past_ended(position)
+            if ahead == position:
+                return []
+            position = self._cursor = ahead
+        kept, size = [], 0
+        for entry, end in entries:
+            kept.append((entry, end))
+            size += len(entry)
+            if size >= FORWARD_BYTES:
+                break
+        return kept
+
+    async def _add(self, entries: list[tuple[bytes, Position]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for entry, _ in entries:
+            pipe.execute_command("XADD", STREAM, "*", FIELD, entry)
+        await pipe.execute()
+
+    async def _sync(self, *, force: bool) -> None:
+        if force or time.monotonic() - self._last_sync > SYNC_SECONDS:
+            self._last_sync = time.monotonic()
+            await asyncio.to_thread(self.spool.sync)
+
+
+def consumer_name() -> str:
+    """This writer's name in the group: its host and process, unique to this run."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+class Relay:
+    """A writer's side: reads the stream in the writers' group into ``spool`` (this writer's
+    own slot, written by its history writer process), and acknowledges each record once the
+    slot's checkpoint is past it. Reads at most ``holding`` records ahead of what is written,
+    so that other writers get their share, and a writer that dies leaves little behind."""
+
+    def __init__(
+        self,
+        url: str,
+        spool: Spool,
+        appended: Callable[[int], None],
+        *,
+        batch_size: int,
+        claim_seconds: float,
+        retry_seconds: float,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = connect(url)
+        self.spool = spool
+        self.appended = appended  # told how many records went into the spool
+        self.batch_size = batch_size
+        self.holding = max(4 * batch_size, 2000)
+        self.claim_ms = max(1, round(claim_seconds * 1000))
+        self.consumer = consumer or consumer_name()
+        self._backoff = Backoff("reading the queue", retry_seconds)
+        # Records read and spooled, not yet acknowledged: where each ends in the spool.
+        self._unacked: deque[tuple[Position, bytes]] = deque()
+        self._claim_from = b"0-0"
+        self._last_claim = self._last_trim = self._last_touch = 0.0
+        self.acknowledged = 0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Read, spool and acknowledge until ``stopping`` is set."""
+        trouble = _trouble()
+        grouped = False
+        while not stopping.is_set():
+            try:
+                if not grouped:
+                    await self._group()
+                    grouped = True
+                await self._round()
+            except trouble as error:
+                if "NOGROUP" in str(error):  # Redis lost its data (restarted without any)
+                    grouped = False
+                await self._backoff.failed(error)
+                continue
+            self._backoff.succeeded()
+
+    async def close(self) -> None:
+        """Acknowledge what was written (after the history writer has stopped), and leave."""
+        try:
+            await self.acknowledge()
+        except _trouble() as error:
+            log.warning(
+                "could not acknowledge the last records (%s): they will be taken over "
+                "by another writer and stored once",
+                type(error).__name__,
+            )
+        await self.redis.aclose()
+
+    async def _group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            # From the stream's first record: gateways may have added records before any
+            # writer ever ran.
+            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            log.info("created the consumer group %s on %s", GROUP, STREAM)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def _round(self) -> None:
+        await self.acknowledge()
+        now = time.monotonic()
+        if now - self._last_touch > self.claim_ms / 3000:
+            self._last_touch = now
+            await self._touch()
+        if now - self._last_trim > TRIM_SECONDS:
+            self._last_trim = now
+            await self.trim()
+        if len(self._unacked) >= self.holding:
+            await asyncio.sleep(POLL_SECONDS)  # the history writer is behind: let it write
+            return
+        room = min(self.batch_size, self.holding - len(self._unacked))
+        if now - self._last_claim > min(self.claim_ms / 1000, 1.0):
+            self._last_claim = now
+            claimed = await self._claim(room)
+            if claimed:
+                return
+        read: Any = await self.redis.xreadgroup(
+            GROUP, self.consumer, {STREAM: ">"}, count=room, block=BLOCK_MS
+        )
+        for _, entries in read or ():  # RESP2's [[stream, entries]]
+            self._spool(entries)
+
+    async def _claim(self, room: int) -> int:
+        """Take records idle for ``claim_ms`` in another writer's hands (or a former run of
+        this one): that writer died, or is stuck."""
+        found = await self.redis.xautoclaim(
+            STREAM, GROUP, self.consumer, self.claim_ms, self._claim_from, count=room
+        )
+        self._claim_from, entries = found[0], found[1]
+        if entries:
+            log.info("took over %d records another writer left unacknowledged", len(entries))
+            self._spool(entries)
+        return len(entries)
+
+    def _spool(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        appended = 0
+        for entry_id, fields in entries:
+            record = fields.get(FIELD) if fields else None
+            if record is None or b"\n" in record:  # not a record of ours: kept aside, dropped
+                log.error("stream entry %s holds no record: dead-lettered", entry_id)
+                self.spool.dead_letter(
+                    record or repr(fields).encode(), f"queue entry {entry_id!r} is not a record"
+                )
+                self._unacked.append((self.spool.end, entry_id))
+                continue
+            position = self.spool.append(record)
+            if position is None:
+                # The spool is full: the rest stay pending in Redis, claimed again later.
+                log.error("spool full: %d records left in the queue for later", len(entries))
+                break
+            self._unacked.append((position, entry_id))
+            appended += 1
+        if appended:
+            self.appended(appended)
+
+    async def acknowledge(self) -> None:
+        """``XACK`` the records the history writer has written (its checkpoint is past)."""
+        if not self._unacked:
+            return
+        written = self.spool.written_through()
+        done = list(takewhile(lambda held: held[0] <= written, self._unacked))
+        if done:
+            await self.redis.xack(STREAM, GROUP, *(entry_id for _, entry_id in done))
+            for _ in done:
+                self._unacked.popleft()
+            self.acknowledged += len(done)
+
+    async def _touch(self) -> None:
+        """Reset the idle time of the records this writer holds, so that no other writer
+        takes them over while this one is alive (a slow database, a long batch)."""
+        if self._unacked:
+            ids: list[bytes | str | int | memoryview] = [i for _, i in self._unacked]
+            await self.redis.xclaim(STREAM, GROUP, self.consumer, 0, ids, justid=True)
+
+    async def trim(self) -> None:
+        """Drop the records every group has acknowledged; forget writers long gone."""
+        groups: list[dict[str, Any]] = await self.redis.xinfo_groups(STREAM)
+        if not groups:
+            return
+        lowest: tuple[int, int] | None = None
+        for group in groups:
+            if group["pending"]:
+                summary = await self.redis.xpending(STREAM, group["name"])
+                oldest = stream_id(summary["min"])
+            else:  # everything delivered is acknowledged: keep what comes after
+                milliseconds, sequence = stream_id(group["last-delivered-id"])
+                oldest = (milliseconds, sequence + 1)
+            lowest = oldest if lowest is None else min(lowest, oldest)
+        assert lowest is not None
+        await self.redis.xtrim(STREAM, minid=f"{lowest[0]}-{lowest[1]}", approximate=True)
+        for consumer in await self.redis.xinfo_consumers(STREAM, GROUP):
+            if not consumer["pending"] and consumer["idle"] > FORGET_CONSUMERS_MS:
+                await self.redis.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
