@@ -51,3 +51,9 @@ def test_migrate_creates_both_schemas_and_exits(tmp_path: Path) -> None:
 def test_a_misconfiguration_stops_it_with_the_variables_name(tmp_path: Path) -> None:
     done = gateway("migrate", cwd=tmp_path, PORT="eighty")
     assert done.returncode != 0 and "PORT" in done.stderr
+
+
+def test_a_writer_without_a_queue_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    done = gateway("writer", cwd=tmp_path)
+    assert done.returncode != 0 and "MES_QUEUE is not set" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no spool, no database

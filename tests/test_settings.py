@@ -25,10 +25,11 @@ def test_secrets_stay_out_of_repr() -> None:
             "GATEWAY_KEYS": "gw-secret",
             "SQL_DSN": "postgres://u:dbpass@h/db",
             "GATEWAY_ADMIN_KEY": "admin-secret",
+            "MES_QUEUE": "redis://:redispass@h:6379/0",
         }
     )
     text = repr(settings)
-    for secret in ("sk-upstream-secret", "gw-secret", "dbpass", "admin-secret"):
+    for secret in ("sk-upstream-secret", "gw-secret", "dbpass", "admin-secret", "redispass"):
         assert secret not in text
 
 
@@ -42,6 +43,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"UPSTREAM_API_KEY": "sk-x"}, "GATEWAY_KEYS"),
         ({"UPSTREAM_BASE_URL": "ftp://x"}, "UPSTREAM_BASE_URL"),
         ({"MES_FLUSH_INTERVAL": "0"}, "MES_FLUSH_INTERVAL"),
+        ({"MES_QUEUE": "http://redis:6379"}, "MES_QUEUE"),
+        ({"MES_QUEUE_CLAIM_SECONDS": "0"}, "MES_QUEUE_CLAIM_SECONDS"),
     ],
 )
 def test_a_misconfiguration_fails_with_a_sentence_naming_the_variable(
