@@ -8,12 +8,14 @@ Each round, on one durable database server (PostgreSQL by default) and one Redis
 records (``bench/writer.py``'s: a new conversation each, ~1 KB prompt) into a fresh
 database:
 
-- ``spool``: the baseline, a gateway's own writer process draining its local spool (the
-  records spooled first, as ``bench/writer.py --prefill``);
+- ``spool``: the baseline, a gateway's own writer process draining its local spool;
 - ``forward``: a gateway's writer process with ``MES_QUEUE``, moving the spooled records
   into the stream (the gateway's side; nothing is written to the database);
-- ``queue x1``, ``queue x2``: the records in the stream first, then one or two
-  ``python -m gateway writer`` processes writing them, until every one is acknowledged.
+- ``queue x1``, ``queue x2``: one or two ``python -m gateway writer`` processes writing
+  them from the stream, until every one is acknowledged.
+
+The processes are started and ready first; then every record is handed over at once (to
+the spool, or to the stream), and the time and CPU counted from there: a backlog drained.
 
 Prints each case's records/s (records over the time from the start until the last was
 written, or forwarded) and its CPU per record: the writer processes (a writer with its
@@ -32,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -59,32 +62,30 @@ def entries(count: int) -> list[bytes]:
     return [to_entry(record(n, answer)) for n in range(count)]
 
 
-def _spool(workdir: Path, lines: list[bytes]) -> Spool:
-    spool = Spool(workdir / "spool", 2**36)
-    spool.open()
-    for line in lines:
-        spool.append(line)
-    return spool
-
-
 async def through_spool(
     settings: Settings, workdir: Path, lines: list[bytes], database: int | None, redis: int
-) -> tuple[float, float]:
-    """A gateway's writer process draining a spool: records/s and CPU us a record (with
-    ``settings.queue_url``, into the stream; without, into the database)."""
-    spool = _spool(workdir, lines)
-    writer = WriterProcess(writer_config(settings), spool, Metrics())  # finds them pending
-    before = _cpu(database, redis)
-    started = time.perf_counter()
+) -> Result:
+    """A gateway's writer process, started and ready, then handed every record at once:
+    records/s and CPU a record (with ``settings.queue_url``, into the stream; without, into
+    the database)."""
+    spool = Spool(workdir / "spool", 2**36)
+    spool.open()
+    writer = WriterProcess(writer_config(settings), spool, Metrics())
     writer.start()
+    await writer.ready_event.wait()
     assert writer.process is not None
     pid = writer.process.pid
+    before = (cpu_seconds(pid), *_cpu(database, redis))
+    started = time.perf_counter()
+    for line in lines:
+        spool.append(line)
+    writer.appended(len(lines))
     while writer.depth:  # noqa: ASYNC110 (a counter in another process's memory)
         await asyncio.sleep(0.02)
     took = time.perf_counter() - started
-    used = cpu_seconds(pid) + _cpu(database, redis) - before
+    after = (cpu_seconds(pid), *_cpu(database, redis))
     await writer.close(5)
-    return len(lines) / took, used / len(lines) * 1e6
+    return _result(len(lines), took, before, after)
 
 
 async def through_queue(
@@ -94,18 +95,14 @@ async def through_queue(
     writers: int,
     database: int | None,
     redis: RedisServer,
-) -> tuple[float, float]:
-    """The records in the stream first, then ``writers`` writer processes: records/s and
-    CPU us a record."""
+) -> Result:
+    """``writers`` writer processes, started and reading, then every record added to the
+    stream at once (by this process, in pipelines of 1,000: Redis' CPU for the additions
+    counts in the figures, this process's does not): records/s and CPU a record."""
     from redis.asyncio import Redis
 
     client = Redis.from_url(redis.url)
     await client.delete(STREAM)
-    for start in range(0, len(lines), 1000):
-        pipe = client.pipeline(transaction=False)
-        for line in lines[start : start + 1000]:
-            pipe.execute_command("XADD", STREAM, "*", b"r", line)
-        await pipe.execute()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(REPO),
@@ -113,9 +110,6 @@ async def through_queue(
         "MES_QUEUE": redis.url,
         "MES_BATCH_SIZE": str(settings.capture_batch_size),
     }
-    assert redis.process is not None
-    before = _cpu(database, redis.process.pid)
-    started = time.perf_counter()
     processes = []
     for n in range(writers):
         folder = workdir / f"writer-{n}"
@@ -129,6 +123,22 @@ async def through_queue(
                 stderr=subprocess.DEVNULL,
             )
         )
+    while len(await _consumers(client)) < writers:  # noqa: ASYNC110 (another process)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # their history writer processes started and ready too
+    assert redis.process is not None
+
+    def cpu() -> tuple[float, float, float]:
+        used = sum(cpu_seconds(p.pid, children=True) for p in processes)
+        return (used, *_cpu(database, redis.process.pid if redis.process else None))
+
+    before = cpu()
+    started = time.perf_counter()
+    for start in range(0, len(lines), 1000):
+        pipe = client.pipeline(transaction=False)
+        for line in lines[start : start + 1000]:
+            pipe.execute_command("XADD", STREAM, "*", b"r", line)
+        await pipe.execute()
     while True:
         groups = await client.xinfo_groups(STREAM)
         ours = [group for group in groups if group["name"] == GROUP.encode()]
@@ -136,19 +146,49 @@ async def through_queue(
             break
         await asyncio.sleep(0.02)
     took = time.perf_counter() - started
-    used = sum(cpu_seconds(p.pid, children=True) for p in processes)
-    used += _cpu(database, redis.process.pid) - before
+    after = cpu()
     for process in processes:
         process.terminate()
     for process in processes:
         process.wait(30)
     await client.delete(STREAM)
     await client.aclose()
-    return len(lines) / took, used / len(lines) * 1e6
+    return _result(len(lines), took, before, after)
 
 
-def _cpu(database: int | None, redis: int) -> float:
-    return cpu_seconds(database, children=True) + cpu_seconds(redis)
+async def _consumers(client: Any) -> list[Any]:
+    try:
+        found: list[Any] = await client.xinfo_consumers(STREAM, GROUP)
+    except Exception:  # no stream or group yet
+        return []
+    return found
+
+
+def _result(count: int, took: float, before: tuple[float, ...], after: tuple[float, ...]) -> Result:
+    used = (b - a for a, b in zip(before, after, strict=True))
+    return Result(count / took, *(seconds / count * 1e6 for seconds in used))
+
+
+def _cpu(database: int | None, redis: int | None) -> tuple[float, float]:
+    return cpu_seconds(database, children=True), cpu_seconds(redis)
+
+
+@dataclass
+class Result:
+    rate: float  # records/s
+    writers: float  # CPU us a record: the writer processes
+    database: float  # the database server
+    redis: float
+
+    @property
+    def cpu(self) -> float:
+        return self.writers + self.database + self.redis
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rate:8,.0f} records/s, CPU a record {self.cpu:5,.0f} us (writers "
+            f"{self.writers:,.0f}, database {self.database:,.0f}, Redis {self.redis:,.0f})"
+        )
 
 
 async def main_async(args: argparse.Namespace, workdir: Path) -> None:
@@ -163,7 +203,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
             database = int((server.base / "data" / "postmaster.pid").read_text().split()[0])
         assert redis.process is not None
         lines = entries(args.records)
-        results: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
+        results: dict[str, list[Result]] = {case: [] for case in CASES}
         for round_number in range(args.rounds):
             for case in CASES:
                 folder = workdir / f"round-{round_number}-{case.replace(' ', '')}"
@@ -187,20 +227,17 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
                     writers = int(case[-1])
                     result = await through_queue(settings, folder, lines, writers, database, redis)
                 results[case].append(result)
-                print(
-                    f"round {round_number + 1} {case:>9}: {result[0]:8,.0f} records/s, "
-                    f"{result[1]:5,.0f} us CPU a record",
-                    flush=True,
-                )
+                print(f"round {round_number + 1} {case:>9}: {result}", flush=True)
         print(f"\nmedians of {args.rounds} rounds, {args.records:,} records each, {args.backend}:")
-        baseline = statistics.median(r[0] for r in results["spool"])
+        baseline = statistics.median(r.rate for r in results["spool"])
         for case in CASES:
-            rate = statistics.median(r[0] for r in results[case])
-            cpu = statistics.median(r[1] for r in results[case])
-            print(
-                f"{case:>9}: {rate:8,.0f} records/s ({rate / baseline:4.2f} x the spool's), "
-                f"{cpu:5,.0f} us CPU a record"
+            median = Result(
+                *(
+                    statistics.median(getattr(r, name) for r in results[case])
+                    for name in ("rate", "writers", "database", "redis")
+                )
             )
+            print(f"{case:>9}: {median} ({median.rate / baseline:4.2f} x the spool's rate)")
     finally:
         redis.shutdown()
         server.shutdown()

@@ -151,6 +151,7 @@ def writer_config(settings: Settings) -> WriterConfig:
         otel=settings.otel_enabled,
         otel_content=settings.otel_content,
         queue=settings.queue_url,
+        queue_durable_seconds=settings.queue_durable_seconds,
     )
 
 

@@ -61,6 +61,7 @@ class Settings:
     otel_content: bool = False
     queue_url: str | None = field(default=None, repr=False)  # may hold Redis' password
     queue_claim_seconds: float = 60.0
+    queue_durable_seconds: float = 2.0
     sqlite_path: str = DEFAULT_SQLITE_PATH
     mes_daily_partition: bool = False
     mes_retention_days: int = 0
@@ -197,6 +198,9 @@ def url(raw: str) -> str:
 def redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
+    for option in ("decode_responses", "protocol"):
+        if f"{option}=" in raw.partition("?")[2]:
+            raise ValueError(f"must not set {option}: the gateway reads Redis' replies as bytes")
     return raw
 
 
@@ -239,6 +243,16 @@ def seconds(raw: str) -> float:
     if not value > 0:
         raise ValueError("must be greater than 0")
     return value
+
+
+def at_least_seconds(minimum: float) -> Callable[[str], float]:
+    def reader(raw: str) -> float:
+        value = seconds(raw)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        return value
+
+    return reader
 
 
 def names(raw: str) -> frozenset[str]:
@@ -388,8 +402,14 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "MES_QUEUE_CLAIM_SECONDS",
         "queue_claim_seconds",
-        seconds,
+        at_least_seconds(1.0),
         "seconds a record may wait in a writer that does not write it before another takes it",
+    ),
+    Variable(
+        "MES_QUEUE_DURABLE_SECONDS",
+        "queue_durable_seconds",
+        seconds,
+        "seconds a gateway keeps a record in its spool after Redis took it",
     ),
     Variable("MES_SQLITE_PATH", "sqlite_path", text, "the SQLite file when no DSN is set"),
     Variable("MES_DAILY_PARTITION", "mes_daily_partition", flag, "split history by day"),

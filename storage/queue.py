@@ -29,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from itertools import takewhile
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from storage.spool import Position, Spool
 from storage.writer import Counter, until_prepared
@@ -50,22 +53,36 @@ FIELD = b"r"  # each stream entry holds one spooled record, under this field
 FORWARD_RECORDS = 500  # records added to the stream in one round trip
 FORWARD_BYTES = 4 * 2**20
 SYNC_SECONDS = 1.0
+# How long a gateway keeps a record after Redis took it, by default (MES_QUEUE_DURABLE_SECONDS):
+# Redis with ``appendfsync everysec`` writes its log to disk every second (two, when slow).
+DURABLE_SECONDS = 2.0
 POLL_SECONDS = 0.02
 BLOCK_MS = 200  # how long a writer's read waits for new records in Redis
 TRIM_SECONDS = 5.0
 FORGET_CONSUMERS_MS = 3600_000  # a writer gone this long, with nothing pending, is dropped
+_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
 
 
-def connect(url: str) -> Redis:
+def connect(url: str, *, retries: bool = True) -> Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``): short timeouts,
-    since every caller retries on its own, and reads that outlast a blocking read."""
+    since every caller retries on its own, and reads that outlast a blocking read. Without
+    ``retries``, a call that fails raises at once, on the first broken connection."""
     from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
+    options: dict[str, Any] = {} if retries else {"retry": Retry(NoBackoff(), 0)}
     return Redis.from_url(
         url,
         socket_connect_timeout=5.0,
         socket_timeout=10.0,
         health_check_interval=30,
+        **options,
     )
 
 
@@ -108,7 +125,12 @@ class Forwarder:
     with the same face to its gateway (``ready``, ``stalled_since``, ``start``, ``close``):
     ready once ``prepare`` has set the history database up (which the gateway reads), as a
     writer would be; records go on to Redis meanwhile, and while Redis is down they wait,
-    which ``stalled_since`` tells."""
+    which ``stalled_since`` tells.
+
+    A record stays in the spool ``durable_seconds`` after Redis took it: Redis with
+    ``appendfsync everysec`` has it on disk by then. When a call to Redis fails (Redis
+    restarted, say, and may have lost its last second), what was added since the
+    checkpoint is added again: a record twice in the stream is stored once."""
 
     def __init__(
         self,
@@ -117,20 +139,27 @@ class Forwarder:
         metrics: Counter,
         *,
         retry_seconds: float,
+        durable_seconds: float = DURABLE_SECONDS,
         prepare: Callable[[], Awaitable[None]] | None = None,
         stalled_since: float | None = None,
     ) -> None:
-        self.redis = connect(url)
+        self.durable_seconds = durable_seconds
+        # No retries inside the client: a failure must be seen, to add again what Redis may
+        # have lost.
+        self.redis = connect(url, retries=False)
         self.spool = spool
         self.metrics = metrics
         self.prepare = prepare
         self.ready = prepare is None
         self.reachable = False  # Redis answered the last call
         self._cursor = spool.checkpoint  # everything before is in the stream
+        # Added to the stream, not yet old enough to leave the spool: when, where they end,
+        # how many.
+        self._sent: deque[tuple[float, Position, int]] = deque()
         self._backoff = Backoff("forwarding records to the queue", retry_seconds)
         self._progress_at = stalled_since or time.time()
         self._caught_up = stalled_since is None
-        self._last_sync = time.monotonic()
+        self._last_sync = self._last_ping = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[None] | None = None
 
@@ -151,7 +180,7 @@ class Forwarder:
     async def close(self, grace: float) -> None:
         """Forward what is spooled, for at most ``grace`` seconds; the rest stays spooled."""
         deadline = time.monotonic() + grace
-        while self._cursor < self.spool.end:
+        while self._cursor < self.spool.end or self._sent:
             if time.monotonic() > deadline or self._task is None or self._task.done():
                 log.warning(
                     "shutdown grace over: %d bytes of records stay in the spool for next start",
@@ -169,43 +198,62 @@ class Forwarder:
     async def _run(self) -> None:
         trouble = _trouble()
         while True:
-            entries = self._read()
-            if not entries:
-                if not self.reachable:
-                    await self._reach()
-                self._caught_up = True
-                self._progress_at = time.time()
-                await self._sync(force=False)
-                await asyncio.sleep(POLL_SECONDS)
-                continue
-            self._caught_up = False
             try:
-                await self._add(entries)
+                await self._step()
             except trouble as error:
                 self.reachable = False
+                self._rewind()
                 await self._backoff.failed(error)
-                continue
-            except Exception:  # a bug, or the spool's files: read again from the checkpoint
-                log.exception("forwarding records to the queue failed")
+            except Exception:  # the spool's files (a full disk), or a bug: from the checkpoint
+                log.exception(
+                    "forwarding records to the queue failed: from the spool's checkpoint again"
+                )
+                self._rewind()
                 await asyncio.sleep(self._backoff.longest)
-                continue
-            self._backoff.succeeded()
-            self.reachable = True
-            end = entries[-1][1]
-            self._cursor = end
-            self._progress_at = time.time()
-            self.spool.commit(end)
-            self.metrics.inc("records_queued", len(entries))
-            await self._sync(force=False)
 
-    async def _reach(self) -> None:
-        try:
-            await self.redis.ping()
-        except _trouble() as error:
-            await self._backoff.failed(error)
+    async def _step(self) -> None:
+        self._commit_durable()
+        entries = self._read()
+        if not entries:
+            self._caught_up = True
+            self._progress_at = time.time()
+            if not self.reachable or time.monotonic() - self._last_ping > SYNC_SECONDS:
+                self._last_ping = time.monotonic()
+                await self.redis.ping()  # /readyz says whether Redis answers, idle or not
+                self._succeeded()
+            await self._sync()
+            await asyncio.sleep(POLL_SECONDS)
             return
+        self._caught_up = False
+        pipe = self.redis.pipeline(transaction=False)
+        for entry, _ in entries:
+            pipe.execute_command("XADD", STREAM, "*", FIELD, entry)
+        await pipe.execute()
+        self._succeeded()
+        self._cursor = entries[-1][1]
+        self._sent.append((time.monotonic(), self._cursor, len(entries)))
+        self._progress_at = time.time()
+        await self._sync()
+
+    def _succeeded(self) -> None:
         self._backoff.succeeded()
         self.reachable = True
+
+    def _rewind(self) -> None:
+        """Redis may have lost what it took since the checkpoint: add it again."""
+        self._sent.clear()
+        self._cursor = self.spool.checkpoint
+
+    def _commit_durable(self) -> None:
+        """Move the checkpoint past what Redis took ``durable_seconds`` ago or earlier."""
+        old = time.monotonic() - self.durable_seconds
+        end, count = None, 0
+        while self._sent and self._sent[0][0] <= old:
+            _, end, added = self._sent.popleft()
+            count += added
+        if end is not None:
+            self.spool.commit(end)
+            self.metrics.inc("records_queued", count)
 
     def _read(self) -> list[tuple[bytes, Position]]:
         position = self._cursor
@@ -225,21 +273,16 @@ class Forwarder:
                 break
         return kept
 
-    async def _add(self, entries: list[tuple[bytes, Position]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for entry, _ in entries:
-            pipe.execute_command("XADD", STREAM, "*", FIELD, entry)
-        await pipe.execute()
-
-    async def _sync(self, *, force: bool) -> None:
-        if force or time.monotonic() - self._last_sync > SYNC_SECONDS:
+    async def _sync(self) -> None:
+        if time.monotonic() - self._last_sync > SYNC_SECONDS:
             self._last_sync = time.monotonic()
             await asyncio.to_thread(self.spool.sync)
 
 
 def consumer_name() -> str:
-    """This writer's name in the group: its host and process, unique to this run."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """This writer's name in the group: its host and process, and a token unique to this
+    run (two containers' processes may share a host name and a pid)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def stream_id(raw: bytes | str) -> tuple[int, int]:
@@ -294,6 +337,10 @@ class Relay:
                     grouped = False
                 await self._backoff.failed(error)
                 continue
+            except Exception:  # the spool's files (a full disk), or a bug: go on in a while
+                log.exception("reading the queue failed: trying again")
+                await asyncio.sleep(self._backoff.longest)
+                continue
             self._backoff.succeeded()
 
     async def close(self) -> None:
@@ -329,7 +376,7 @@ class Relay:
         if now - self._last_trim > TRIM_SECONDS:
             self._last_trim = now
             await self.trim()
-        if len(self._unacked) >= self.holding:
+        if len(self._unacked) >= self.holding or not self._room():
             await asyncio.sleep(POLL_SECONDS)  # the history writer is behind: let it write
             return
         room = min(self.batch_size, self.holding - len(self._unacked))
@@ -343,6 +390,10 @@ class Relay:
         )
         for _, entries in read or ():  # RESP2's [[stream, entries]]
             self._spool(entries)
+
+    def _room(self) -> bool:
+        """The spool has room for a batch of large records (4 MiB) more."""
+        return self.spool.pending_bytes + 4 * 2**20 < self.spool.max_bytes
 
     async def _claim(self, room: int) -> int:
         """Take records idle for ``claim_ms`` in another writer's hands (or a former run of
@@ -358,19 +409,21 @@ class Relay:
 
     def _spool(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         appended = 0
-        for entry_id, fields in entries:
+        for n, (entry_id, fields) in enumerate(entries):
             record = fields.get(FIELD) if fields else None
             if record is None or b"\n" in record:  # not a record of ours: kept aside, dropped
                 log.error("stream entry %s holds no record: dead-lettered", entry_id)
+                raw = repr(fields).encode() if record is None else record
                 self.spool.dead_letter(
-                    record or repr(fields).encode(), f"queue entry {entry_id!r} is not a record"
+                    b'{"raw":' + orjson.dumps(raw.decode(errors="replace")) + b"}",
+                    f"queue entry {entry_id!r} is not a record",
                 )
                 self._unacked.append((self.spool.end, entry_id))
                 continue
             position = self.spool.append(record)
             if position is None:
-                # The spool is full: the rest stay pending in Redis, claimed again later.
-                log.error("spool full: %d records left in the queue for later", len(entries))
+                # The spool is full: the rest stay pending in Redis, taken over later.
+                log.error("spool full: %d records left in the queue for later", len(entries) - n)
                 break
             self._unacked.append((position, entry_id))
             appended += 1
@@ -399,12 +452,12 @@ class Relay:
     async def trim(self) -> None:
         """Drop the records every group has acknowledged; forget writers long gone."""
         groups: list[dict[str, Any]] = await self.redis.xinfo_groups(STREAM)
-        if not groups:
-            return
+        if GROUP.encode() not in {group["name"] for group in groups}:
+            return  # the stream made again without our group (Redis lost it): keep it all
         lowest: tuple[int, int] | None = None
         for group in groups:
-            if group["pending"]:
-                summary = await self.redis.xpending(STREAM, group["name"])
+            summary = await self.redis.xpending(STREAM, group["name"]) if group["pending"] else {}
+            if summary.get("min"):  # the oldest record read and not acknowledged
                 oldest = stream_id(summary["min"])
             else:  # everything delivered is acknowledged: keep what comes after
                 milliseconds, sequence = stream_id(group["last-delivered-id"])
@@ -414,4 +467,5 @@ class Relay:
         await self.redis.xtrim(STREAM, minid=f"{lowest[0]}-{lowest[1]}", approximate=True)
         for consumer in await self.redis.xinfo_consumers(STREAM, GROUP):
             if not consumer["pending"] and consumer["idle"] > FORGET_CONSUMERS_MS:
-                await self.redis.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
+                # Only if it still holds nothing, in one step: it may have read meanwhile.
+                await self.redis.eval(_FORGET, 1, STREAM, GROUP, consumer["name"])

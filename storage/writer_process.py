@@ -117,6 +117,7 @@ class WriterConfig:
     # MES_QUEUE: a gateway's child forwards its records to this Redis stream instead of
     # writing them (storage/queue.py); a writer (python -m gateway writer) has none.
     queue: str | None = field(default=None, repr=False)
+    queue_durable_seconds: float = 2.0
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"WriterConfig(spool_dir={self.spool_dir!r}, batch_size={self.batch_size})"
@@ -369,6 +370,7 @@ async def _serve(
             spool,
             counter,
             retry_seconds=config.retry_seconds,
+            durable_seconds=config.queue_durable_seconds,
             prepare=set_up,
             stalled_since=stalled_since,
         )

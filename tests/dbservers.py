@@ -418,6 +418,7 @@ class RedisServer:
     base: Path
     port: int
     binary: str
+    durable: bool = True  # False: nothing on disk; a kill -9 loses the stream
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -437,7 +438,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                "yes" if self.durable else "no",
                 "--appendfsync",
                 "always",
                 "--daemonize",
@@ -464,12 +465,12 @@ class RedisServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_redis(base: Path, port: int | None = None) -> RedisServer:
+def start_redis(base: Path, port: int | None = None, durable: bool = True) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerUnavailable("redis-server is not installed (apt-get install redis-server)")
     base.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(base, port or free_port(), binary)
+    server = RedisServer(base, port or free_port(), binary, durable)
     server.start()
     atexit.register(server.shutdown)
     return server

@@ -58,9 +58,9 @@ class QueueWriter(GatewayProcess):
         self.process.wait()
 
 
-def _redis(base: Path, port: int | None = None) -> RedisServer:
+def _redis(base: Path, port: int | None = None, durable: bool = True) -> RedisServer:
     try:
-        return start_redis(base, port)
+        return start_redis(base, port, durable)
     except ServerUnavailable as error:
         unavailable(f"redis server unavailable: {error}")
         raise
@@ -165,7 +165,8 @@ async def test_three_gateways_two_writers_a_writer_killed_and_redis_restarted(
         assert len(load.answered) == RECORDS
         assert sorted(set(load.answered) - set(users)) == []  # every one
         assert set(users.values()) == {1} and len(users) == RECORDS  # once, nothing else
-        assert sum(_metric(g, "mes_records_queued_total") for g in gateways) >= RECORDS
+        # Counted once a record has been in Redis long enough to leave the spool.
+        until(lambda: sum(_metric(g, "mes_records_queued_total") for g in gateways) >= RECORDS)
         assert all(_metric(g, "mes_records_dropped_total") == 0 for g in gateways)
         # Every record acknowledged in the end, and the stream trimmed behind them.
         client = Redis.from_url(redis_server.url)
@@ -212,13 +213,53 @@ async def test_redis_unreachable_at_start_records_wait_in_the_spool(
         server = _redis(Path(tempfile.mkdtemp(prefix="mes-test-redis-late-")), port)
         users = await recorded_users(server_dsn, 200, timeout=120)
         assert sorted(users) == sorted(load.answered) and set(users.values()) == {1}
-        ready = until(lambda: httpx.get(gateway.url + "/readyz").status_code == 200, 60)
-        assert ready
-        body = httpx.get(gateway.url + "/readyz").json()
-        assert (body["queue"], body["queue_depth"], body["spool_bytes"]) == ("ok", 0, 0)
+
+        def done() -> dict[str, Any] | None:  # the records' last seconds in the spool past
+            response = httpx.get(gateway.url + "/readyz")
+            body: dict[str, Any] = response.json()
+            return body if response.status_code == 200 and not body["spool_bytes"] else None
+
+        body = until(done, 60)
+        assert (body["status"], body["queue"], body["queue_depth"]) == ("ready", "ok", 0)
         assert _metric(gateway, "mes_records_queued_total") == 200
     finally:
         writer.stop()
         gateway.stop()
         if server is not None:
             server.shutdown()
+
+
+async def test_redis_that_loses_its_last_writes_gets_them_again_from_the_gateway(
+    upstream: Any, tmp_path: Path
+) -> None:
+    """Redis with nothing on disk, killed and started again before any writer read the
+    records: the gateway still holds them (``MES_QUEUE_DURABLE_SECONDS``), sees the broken
+    connection, and adds them again."""
+    redis = _redis(Path(tempfile.mkdtemp(prefix="mes-test-redis-volatile-")), durable=False)
+    dsn = str(tmp_path / "history.db")
+    env = {
+        "UPSTREAM_BASE_URL": upstream.base_url,
+        "SQL_DSN": dsn,
+        "MES_QUEUE": redis.url,
+        "MES_QUEUE_DURABLE_SECONDS": "3600",  # nothing leaves the spool during the test
+        "MES_RETRY_SECONDS": "0.5",
+    }
+    load = Load()
+    try:
+        with GatewayProcess(env, tmp_path / "gateway") as gateway:
+            async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+                for n in range(50):
+                    await load.one(client, f"lost{n}", n % 2 == 0)
+            client_redis = Redis.from_url(redis.url)
+            until(lambda: client_redis.xlen(STREAM) == 50, 60)
+            client_redis.close()
+            redis.kill()
+            redis.start()  # empty: the stream is gone
+            with QueueWriter(env, tmp_path / "writer"):
+                users = await recorded_users(dsn, 50, timeout=120)
+            body = httpx.get(gateway.url + "/readyz").json()
+        assert load.failed == [] and len(load.answered) == 50
+        assert sorted(users) == sorted(load.answered) and set(users.values()) == {1}
+        assert body["queue"] == "ok" and body["spool_bytes"] > 0  # still held, by design
+    finally:
+        redis.shutdown()

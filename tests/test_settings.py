@@ -44,7 +44,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"UPSTREAM_BASE_URL": "ftp://x"}, "UPSTREAM_BASE_URL"),
         ({"MES_FLUSH_INTERVAL": "0"}, "MES_FLUSH_INTERVAL"),
         ({"MES_QUEUE": "http://redis:6379"}, "MES_QUEUE"),
-        ({"MES_QUEUE_CLAIM_SECONDS": "0"}, "MES_QUEUE_CLAIM_SECONDS"),
+        ({"MES_QUEUE": "redis://r:6379/0?decode_responses=true"}, "MES_QUEUE"),
+        ({"MES_QUEUE_CLAIM_SECONDS": "0.5"}, "MES_QUEUE_CLAIM_SECONDS"),
     ],
 )
 def test_a_misconfiguration_fails_with_a_sentence_naming_the_variable(
