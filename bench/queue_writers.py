@@ -2,6 +2,7 @@
 one run.
 
     python bench/queue_writers.py [--records 20000] [--rounds 3] [--backend postgresql]
+                                  [--cases forward "queue x1" "queue x2"]
 
 Each round, on one durable database server (PostgreSQL by default) and one Redis
 (``appendonly yes``, ``appendfsync everysec``), each case writes the same ``--records``
@@ -10,7 +11,8 @@ database:
 
 - ``spool``: the baseline, a gateway's own writer process draining its local spool;
 - ``forward``: a gateway's writer process with ``MES_QUEUE``, moving the spooled records
-  into the stream (the gateway's side; nothing is written to the database);
+  into the stream (the gateway's side; nothing is written to the database), each leaving
+  the spool as soon as Redis has it (not ``MES_QUEUE_DURABLE_SECONDS`` later);
 - ``queue x1``, ``queue x2``: one or two ``python -m gateway writer`` processes writing
   them from the stream, until every one is acknowledged.
 
@@ -123,9 +125,15 @@ async def through_queue(
                 stderr=subprocess.DEVNULL,
             )
         )
-    while len(await _consumers(client)) < writers:  # noqa: ASYNC110 (another process)
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(1.0)  # their history writer processes started and ready too
+    # Warm-up records, one at a time, until every writer has taken one and they are all
+    # written: every writer and its history writer process are up.
+    warm = 0
+    while len(await _consumers(client)) < writers or await _unwritten(client, warm):
+        if not await _unwritten(client, warm):
+            await client.xadd(STREAM, {b"r": lines[-1 - warm]})
+            warm += 1
+        await asyncio.sleep(0.1)
+    lines = lines[: len(lines) - warm]
     assert redis.process is not None
 
     def cpu() -> tuple[float, float, float]:
@@ -139,11 +147,7 @@ async def through_queue(
         for line in lines[start : start + 1000]:
             pipe.execute_command("XADD", STREAM, "*", b"r", line)
         await pipe.execute()
-    while True:
-        groups = await client.xinfo_groups(STREAM)
-        ours = [group for group in groups if group["name"] == GROUP.encode()]
-        if ours and ours[0]["entries-read"] == len(lines) and not ours[0]["pending"]:
-            break
+    while await _unwritten(client, warm + len(lines)):  # noqa: ASYNC110 (Redis' count)
         await asyncio.sleep(0.02)
     took = time.perf_counter() - started
     after = cpu()
@@ -154,6 +158,16 @@ async def through_queue(
     await client.delete(STREAM)
     await client.aclose()
     return _result(len(lines), took, before, after)
+
+
+async def _unwritten(client: Any, added: int) -> bool:
+    """Of the ``added`` records, some are not read yet, or not acknowledged."""
+    try:
+        groups = await client.xinfo_groups(STREAM)
+    except Exception:  # no stream yet
+        return bool(added)
+    ours = [group for group in groups if group["name"] == GROUP.encode()]
+    return not ours or ours[0]["entries-read"] != added or bool(ours[0]["pending"])
 
 
 async def _consumers(client: Any) -> list[Any]:
@@ -204,8 +218,9 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
         assert redis.process is not None
         lines = entries(args.records)
         results: dict[str, list[Result]] = {case: [] for case in CASES}
+        cases = [case for case in CASES if case == "spool" or case in args.cases]
         for round_number in range(args.rounds):
-            for case in CASES:
+            for case in cases:
                 folder = workdir / f"round-{round_number}-{case.replace(' ', '')}"
                 folder.mkdir()
                 settings = replace(
@@ -220,7 +235,9 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
                         settings, folder, lines, database, redis.process.pid
                     )
                 elif case == "forward":
-                    queued = replace(settings, queue_url=redis.url)
+                    # Records leave the spool at once once in Redis: the rate the stream takes
+                    # them, not the durability window (MES_QUEUE_DURABLE_SECONDS) on top.
+                    queued = replace(settings, queue_url=redis.url, queue_durable_seconds=0.01)
                     result = await through_spool(queued, folder, lines, database, redis.process.pid)
                     await _clear(redis)
                 else:
@@ -230,7 +247,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
                 print(f"round {round_number + 1} {case:>9}: {result}", flush=True)
         print(f"\nmedians of {args.rounds} rounds, {args.records:,} records each, {args.backend}:")
         baseline = statistics.median(r.rate for r in results["spool"])
-        for case in CASES:
+        for case in cases:
             median = Result(
                 *(
                     statistics.median(getattr(r, name) for r in results[case])
@@ -277,6 +294,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", choices=["postgresql", "mysql"], default="postgresql")
+    parser.add_argument(
+        "--cases", nargs="+", choices=CASES[1:], default=CASES[1:], help="besides the spool"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mes-bench-queue-"))
     workdir.chmod(0o755)  # the database servers run as their own users
