@@ -46,13 +46,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.speed import FILLER  # noqa: E402
-from bench.writer import cpu_seconds, database, stored_bytes  # noqa: E402
+from bench.writer import cpu_seconds, database, started_writer, stored_bytes  # noqa: E402
 from capture.chat import ChatExchange  # noqa: E402
 from fake_upstream.responses import Answer  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
-from gateway.services import writer_config  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
-from storage.spool import Spool  # noqa: E402
 from storage.writer_process import WriterProcess  # noqa: E402
 
 DAY = 86_400
@@ -179,11 +176,7 @@ async def run(dsn: str, server: int | None, args: argparse.Namespace, workdir: P
     settings = replace(
         Settings(), sql_dsn=dsn, spool_dir=str(workdir / "spool"), spool_max_bytes=2**36
     )
-    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
-    spool.open()
-    writer = WriterProcess(writer_config(settings), spool, Metrics())
-    writer.start()
-    await writer.ready_event.wait()
+    _, writer = await started_writer(settings)
     assert writer.process is not None
     writer_pid = writer.process.pid
     random_ = random.Random(args.seed)

@@ -43,15 +43,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.writer import cpu_seconds, record  # noqa: E402
+from bench.writer import cpu_seconds, record, started_writer  # noqa: E402
 from capture.codec import to_entry  # noqa: E402
 from fake_upstream.responses import Answer  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
-from gateway.services import writer_config  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 from storage.queue import GROUP, STREAM  # noqa: E402
-from storage.spool import Spool  # noqa: E402
-from storage.writer_process import WriterProcess  # noqa: E402
 from tests.dbservers import RedisServer, start_mariadb, start_postgres, start_redis  # noqa: E402
 
 CASES = ("spool", "forward", "queue x1", "queue x2")
@@ -70,11 +66,9 @@ async def through_spool(
     """A gateway's writer process, started and ready, then handed every record at once:
     records/s and CPU a record (with ``settings.queue_url``, into the stream; without, into
     the database)."""
-    spool = Spool(workdir / "spool", 2**36)
-    spool.open()
-    writer = WriterProcess(writer_config(settings), spool, Metrics())
-    writer.start()
-    await writer.ready_event.wait()
+    spool, writer = await started_writer(
+        replace(settings, spool_dir=str(workdir / "spool"), spool_max_bytes=2**36)
+    )
     assert writer.process is not None
     pid = writer.process.pid
     before = (cpu_seconds(pid), *_cpu(database, redis))
@@ -262,13 +256,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
 
 async def _migrated(settings: Settings, folder: Path) -> None:
     """A writer of its own makes and migrates the database, then stops."""
-    spool = Spool(folder / "setup", 2**30)
-    spool.open()
-    setup = WriterProcess(
-        writer_config(replace(settings, spool_dir=str(folder / "setup"))), spool, Metrics()
-    )
-    setup.start()
-    await setup.ready_event.wait()
+    _, setup = await started_writer(replace(settings, spool_dir=str(folder / "setup")))
     await setup.close(5)
 
 

@@ -140,6 +140,17 @@ def _message(answer: bytes) -> dict[str, Any]:
     return message
 
 
+async def started_writer(settings: Settings) -> tuple[Spool, WriterProcess]:
+    """A new spool in ``settings.spool_dir`` and a writer process following it, started,
+    its database made and migrated."""
+    spool = Spool(Path(settings.spool_dir), settings.spool_max_bytes)
+    spool.open()
+    writer = WriterProcess(writer_config(settings), spool, Metrics())
+    writer.start()
+    await writer.ready_event.wait()
+    return spool, writer
+
+
 async def run(
     dsn: str,
     server: int | None,

@@ -37,8 +37,6 @@ from collections.abc import Awaitable, Callable
 from itertools import takewhile
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from storage.spool import Position, Spool
 from storage.writer import Counter, until_prepared
 
@@ -413,9 +411,8 @@ class Relay:
             record = fields.get(FIELD) if fields else None
             if record is None or b"\n" in record:  # not a record of ours: kept aside, dropped
                 log.error("stream entry %s holds no record: dead-lettered", entry_id)
-                raw = repr(fields).encode() if record is None else record
                 self.spool.dead_letter(
-                    b'{"raw":' + orjson.dumps(raw.decode(errors="replace")) + b"}",
+                    repr(fields).encode() if record is None else record,
                     f"queue entry {entry_id!r} is not a record",
                 )
                 self._unacked.append((self.spool.end, entry_id))

@@ -287,10 +287,11 @@ class Spool:
             os.fsync(self._fd)
 
     def dead_letter(self, entry: bytes, reason: str) -> None:
-        """Keep a record the database refused for good, with why, for an admin to see."""
+        """Keep a record the database refused for good, with why, for an admin to see; what
+        is not a record's JSON line (unreadable, or not ours) is kept as a string, ``raw``."""
+        if not entry.endswith(b"}") or b"\n" in entry:
+            entry = b'{"raw":' + _quoted(entry.decode(errors="replace")) + b"}"
         line = entry[:-1] + b',"dead_letter_reason":' + _quoted(reason) + b"}\n"
-        if not entry.endswith(b"}"):
-            line = b'{"raw":' + _quoted(entry.decode(errors="replace")) + b"}\n"
         with open(self.root / "dead-letter.jsonl", "ab") as file:
             file.write(line)
 

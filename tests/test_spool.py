@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from capture.codec import from_entry, to_entry
@@ -206,3 +207,18 @@ def test_the_owner_counts_what_is_left_again_from_disk(tmp_path: Path) -> None:
     owner.recount()
     assert owner.pending_bytes == len(written[2]) + 1
     owner.close()
+
+
+def test_a_dead_letter_is_one_json_line_with_its_reason_whatever_it_held(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=2**20)
+    spool.open()
+    spool.dead_letter(b'{"id": "r1"}', "refused")
+    spool.dead_letter(b"not json at all", "unreadable")
+    spool.dead_letter(b'{"a": 1}\n{"b": 2}', "two lines in one entry")
+    lines = (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line) for line in lines] == [
+        {"id": "r1", "dead_letter_reason": "refused"},
+        {"raw": "not json at all", "dead_letter_reason": "unreadable"},
+        {"raw": '{"a": 1}\n{"b": 2}', "dead_letter_reason": "two lines in one entry"},
+    ]
+    spool.close()
