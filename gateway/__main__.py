@@ -9,6 +9,7 @@ import asyncio
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import uvicorn
 
@@ -35,13 +36,20 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "migrate", "writer"),
+        choices=("serve", "migrate", "writer", "import"),
         default="serve",
         help="serve (the default): run the gateway; migrate: create and upgrade the main and "
         "history databases' schemas, then exit; writer: write the records gateways add to "
-        "the Redis stream MES_QUEUE names",
+        "the Redis stream MES_QUEUE names; import FILE...: load exports and archives "
+        "(.jsonl, .json, .jsonl.gz) into the history database, idempotently",
     )
-    return parser.parse_args(argv)
+    parser.add_argument("files", nargs="*", type=Path, help="import: the files to load")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "import" and not arguments.files:
+        parser.error("import needs at least one FILE")
+    if arguments.command != "import" and arguments.files:
+        parser.error(f"{arguments.command} takes no FILE")
+    return arguments
 
 
 def _variables() -> str:
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.command == "writer":
         _write(settings)
         return
+    if arguments.command == "import":
+        from gateway import import_command
+
+        sys.exit(asyncio.run(import_command.run(settings, arguments.files)))
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

@@ -27,10 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from capture.exchange import attempts_of
-from capture.messages import MARKS
 from gateway import admin_models as m
 from gateway.auth import presented_key
-from gateway.completion_objects import fine_tuning_example, stored_json
+from gateway.completion_objects import fine_tuning_example
 from gateway.errors import (
     DATABASE_TROUBLE,
     Forbidden,
@@ -43,8 +42,9 @@ from gateway.errors import (
 )
 from gateway.services import services
 from gateway.stored_completions import has_nul
-from storage import accounts, browse, deletion, erasures, retention, search, stats
+from storage import accounts, browse, deletion, erasures, exports, retention, search, stats
 from storage.browse import CompletionFilter
+from storage.exports import stored_json
 from storage.schema import conversations
 from storage.scope import Scope
 
@@ -241,15 +241,7 @@ async def revoke_key(key_id: str, request: Request, actor: Actor) -> dict[str, A
 
 
 def _completion(row: RowMapping) -> dict[str, Any]:
-    params = stored_json(row["params"])
-    if isinstance(params, dict):
-        params.pop(MARKS, None)  # the request's cache markers, back in its messages
-    record = {**_plain(row), "user_id": row["owner"], "params": params}
-    record["metadata"] = stored_json(row["metadata"])
-    record["attempts"] = attempts_of(
-        stored_json(row["attempts"]), row["upstream"], row["status_code"]
-    )
-    return record
+    return exports.completion_fields(row)
 
 
 def _conversation(row: RowMapping) -> dict[str, Any]:
@@ -719,7 +711,7 @@ async def _export_lines(
     if format == "json":
         yield b"["
     context = format == "fine-tuning"  # a follow-up's example needs what came before it
-    async for row, request, answer in browse.iter_completions(
+    async for row, request, answer, conversation in browse.iter_completions(
         engine, scope, filters, context=context
     ):
         if format == "fine-tuning":
@@ -727,13 +719,11 @@ async def _export_lines(
             if example is not None:
                 yield orjson.dumps(example) + b"\n"
             continue
-        record = {**_completion(row), "request": request, "answer": answer}
-        record["extra_choices"] = stored_json(row["extra_choices"])
-        line = orjson.dumps(record, option=orjson.OPT_NAIVE_UTC)
+        line = exports.line(exports.export_record(row, request, answer, conversation))
         if format == "json":
-            yield (b"" if first else b",") + b"\n" + line
+            yield (b"" if first else b",") + b"\n" + line[:-1]
         else:
-            yield line + b"\n"
+            yield line
         first = False
     if format == "json":
         yield b"\n]\n"

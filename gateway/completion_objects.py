@@ -12,10 +12,10 @@ from __future__ import annotations
 import calendar
 from typing import Any
 
-import orjson
 from sqlalchemy.engine import RowMapping
 
 from storage.browse import public_id
+from storage.exports import stored_json
 
 JSON = dict[str, Any]
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
@@ -227,13 +227,3 @@ def _usage(row: RowMapping) -> JSON | None:
         "completion_tokens": row["completion_tokens"] or 0,
         "total_tokens": row["total_tokens"],
     }
-
-
-def stored_json(raw: str | None) -> Any:
-    """A JSON column's value (written by orjson), or None."""
-    if raw is None:
-        return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None

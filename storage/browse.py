@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import ColumnElement, and_, cast, exists, false, func, or_, select
@@ -201,8 +201,10 @@ class Rebuilder:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
         self._trees: dict[str, dict[str, tuple[str | None, Any]]] = {}
+        self._conversations: dict[str, RowMapping] = {}
 
-    async def load(self, conversation_ids: Iterable[str]) -> None:
+    async def load(self, conversation_ids: Iterable[str], *, with_rows: bool = False) -> None:
+        """Read these conversations' messages (and, ``with_rows``, their rows)."""
         wanted = sorted(set(conversation_ids) - set(self._trees))
         for start in range(0, len(wanted), 200):
             chunk = wanted[start : start + 200]
@@ -212,9 +214,18 @@ class Rebuilder:
             for row in (await self._connection.execute(query)).mappings():
                 tree = self._trees[row["conversation_id"]]
                 tree[row["hash"]] = (row["parent_hash"], stored_message(row))
+            if with_rows:
+                query = select(conversations).where(conversations.c.id.in_(chunk))
+                for row in (await self._connection.execute(query)).mappings():
+                    self._conversations[row["id"]] = row
+
+    def conversation(self, conversation_id: str) -> RowMapping | None:
+        """A conversation's row, if ``load`` read it."""
+        return self._conversations.get(conversation_id)
 
     def forget(self) -> None:
         self._trees.clear()
+        self._conversations.clear()
 
     def chain(self, conversation_id: str, tail: str | None) -> list[Any]:
         tree = self._trees[conversation_id]
@@ -256,8 +267,30 @@ class Rebuilder:
         return None if found is None else found[1]
 
 
+def rebuilt(rebuilder: Rebuilder, row: RowMapping, *, context: bool = False) -> Rebuilt:
+    """``row`` rebuilt from what ``rebuilder`` loaded."""
+    conversation_id = row["conversation_id"]
+    return Rebuilt(
+        row,
+        rebuilder.chain(conversation_id, row["request_hash"])
+        if context
+        else rebuilder.request(row),
+        rebuilder.answer(row),
+        rebuilder.conversation(conversation_id),
+    )
+
+
 def last(chain: list[Any], count: int) -> list[Any]:
     return chain[len(chain) - count :] if 0 <= count < len(chain) else chain
+
+
+class Rebuilt(NamedTuple):
+    """A completion with its request and answer rebuilt, and its conversation's row."""
+
+    row: RowMapping
+    request: list[Any]
+    answer: Any
+    conversation: RowMapping | None
 
 
 async def iter_completions(
@@ -267,7 +300,7 @@ async def iter_completions(
     page_size: int = 500,
     *,
     context: bool = False,
-) -> AsyncIterator[tuple[RowMapping, list[Any], Any]]:
+) -> AsyncIterator[Rebuilt]:
     """Every matching completion, oldest first, with its request and answer rebuilt: a page
     at a time, each page read on a connection of its own, so that exporting a million rows
     holds one page in memory and no transaction open for long. With ``context``, the
@@ -279,17 +312,8 @@ async def iter_completions(
                 connection, scope, filters, limit=page_size, after=after, descending=False
             )
             rebuilder = Rebuilder(connection)
-            await rebuilder.load(row["conversation_id"] for row in page.rows)
-            items = [
-                (
-                    row,
-                    rebuilder.chain(row["conversation_id"], row["request_hash"])
-                    if context
-                    else rebuilder.request(row),
-                    rebuilder.answer(row),
-                )
-                for row in page.rows
-            ]
+            await rebuilder.load((row["conversation_id"] for row in page.rows), with_rows=True)
+            items = [rebuilt(rebuilder, row, context=context) for row in page.rows]
         for item in items:
             yield item
         if not page.has_more:

@@ -510,13 +510,7 @@ class HistoryWriter:
             reraise=True,
         ):
             with attempt:
-                day_table = None
-                if self.partitions is not None:
-                    await self.partitions.ensure(_days(rowsets))
-                    day_table = self.partitions.day_table
-                async with self.engine.begin() as connection:
-                    await write_batch(connection, rowsets, day_table)
-                    await self.erasures.check(connection, rowsets)
+                await write_rows(self.engine, rowsets, self.partitions, self.erasures)
 
     def _count_retry(self, state: RetryCallState) -> None:
         self.metrics.inc("write_retries")
@@ -528,6 +522,25 @@ class HistoryWriter:
                 type(error).__name__,
                 state.attempt_number,
             )
+
+
+async def write_rows(
+    engine: AsyncEngine,
+    rowsets: list[RowSet],
+    partitions: Partitions | None,
+    erasures: Erasures,
+) -> int:
+    """Write ``rowsets`` in one transaction, into their days' partitions if split by day;
+    how many records were new. Raises ``Erased`` (nothing written) if one of their owners
+    was erased meanwhile."""
+    day_table = None
+    if partitions is not None:
+        await partitions.ensure(_days(rowsets))
+        day_table = partitions.day_table
+    async with engine.begin() as connection:
+        written = await write_batch(connection, rowsets, day_table)
+        await erasures.check(connection, rowsets)
+    return written
 
 
 def _days(rowsets: list[RowSet]) -> set[date]:
