@@ -32,6 +32,7 @@ from gateway.auth import presented_key
 from gateway.completion_objects import fine_tuning_example
 from gateway.errors import (
     DATABASE_TROUBLE,
+    ArchiveUnwritable,
     Forbidden,
     GatewayError,
     InvalidGatewayKey,
@@ -43,6 +44,7 @@ from gateway.errors import (
 from gateway.services import services
 from gateway.stored_completions import has_nul
 from storage import accounts, browse, deletion, erasures, exports, retention, search, stats
+from storage.archive import ArchiveFailed
 from storage.browse import CompletionFilter
 from storage.exports import stored_json
 from storage.schema import conversations
@@ -559,9 +561,19 @@ async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
     messages and conversations only they used, in small transactions (as retention does),
     so that writers and readers are never held up for long."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
-    run = await retention.prune(
-        _history(request), cutoff, partitions=services(request).maintenance.partitions
-    )
+    maintenance = services(request).maintenance
+    try:
+        run = await maintenance.archived(
+            retention.prune(
+                _history(request),
+                cutoff,
+                partitions=maintenance.partitions,
+                archive=maintenance.archive,
+                reason="prune",
+            )
+        )
+    except ArchiveFailed as error:
+        raise ArchiveUnwritable(str(error)) from None
     details = {"older_than_days": body.older_than_days, **_counts(run.deleted)}
     await _audit(request, actor, "history.pruned", None, details)
     return run.deleted

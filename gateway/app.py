@@ -103,6 +103,14 @@ async def readyz(request: Request) -> Response:
     }
     if served.settings.queue_url:  # records wait in the spool while it is unreachable
         body["queue"] = "ok" if served.writer.queue_reachable else "unreachable"
+    if served.maintenance.archive is not None:
+        # Retention waits while its archive cannot be written; requests and capture do not.
+        failing = served.maintenance.archive_failing
+        body["archive"] = (
+            "ok"
+            if failing is None
+            else {"status": "failing", "since": failing[0].isoformat(), "error": failing[1]}
+        )
     return _json(body, status=200 if ready else 503)
 
 

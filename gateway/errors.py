@@ -126,6 +126,14 @@ class HistoryUnavailable(GatewayError):
     code = "history_unavailable"
 
 
+class ArchiveUnwritable(GatewayError):
+    """A prune stopped because what it would remove could not be archived first."""
+
+    status = 507
+    type = "server_error"
+    code = "archive_unwritable"
+
+
 class UpstreamUnreachable(GatewayError):
     status = 502
     type = "upstream_error"

@@ -15,18 +15,22 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from storage import accounts, retention
+from storage.archive import Archive, ArchiveFailed, database_name
 from storage.locks import named_lock
 from storage.partitions import Partitions
 
 log = logging.getLogger("mes.maintenance")
 
 ACTOR = "retention"
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -50,6 +54,34 @@ class Maintenance:
         self.metrics = metrics
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
+        self.archive = (
+            Archive(Path(settings.archive_dir), database_name(settings.history_dsn))
+            if settings.archive_dir
+            else None
+        )
+        # Why the last removal could not be archived, and since when (None: it could).
+        self.archive_failing: tuple[datetime, str] | None = None
+        if self.archive is not None:
+            metrics.gauges["archive_failing"] = lambda: float(self.archive_failing is not None)
+
+    async def archived(self, removal: Awaitable[T]) -> T:
+        """``removal`` (a prune or content drop that archives first), its archive's records
+        counted, and a failure to write the archive recorded for ``/readyz`` and
+        ``/metrics`` (then raised: nothing more is removed this round)."""
+        before = self.archive.records if self.archive is not None else 0
+        try:
+            done = await removal
+        except ArchiveFailed as error:
+            self.metrics.inc("archive_failures")
+            if self.archive_failing is None:
+                self.archive_failing = (utcnow(), str(error))
+            log.error("archive could not be written, nothing more removed: %s", error)
+            raise
+        finally:
+            if self.archive is not None:
+                self.metrics.inc("archive_records", self.archive.records - before)
+        self.archive_failing = None
+        return done
 
     @property
     def needed(self) -> bool:
@@ -105,7 +137,9 @@ class Maintenance:
                 cutoff = now - timedelta(days=days)
                 if self.partitions is not None:  # whole days: a day goes when all of it is old
                     cutoff = datetime.combine(cutoff.date(), time())
-                run = await retention.prune(self.history, cutoff, step, self.partitions)
+                run = await self.archived(
+                    retention.prune(self.history, cutoff, step, self.partitions, self.archive)
+                )
                 self.metrics.inc("retention_completions_deleted", run.deleted.completions)
                 self.metrics.inc("retention_request_logs_deleted", run.deleted.request_logs)
                 self.metrics.inc("retention_days_dropped", run.days_dropped)
@@ -122,7 +156,11 @@ class Maintenance:
                     )
                     await self._audit("history.pruned", {"older_than_days": days, **counts})
             if days := self.settings.content_retention_days:
-                run = await retention.drop_content(self.history, now - timedelta(days=days), step)
+                run = await self.archived(
+                    retention.drop_content(
+                        self.history, now - timedelta(days=days), step, self.archive
+                    )
+                )
                 self.metrics.inc("retention_contents_dropped", run.contents_dropped)
                 if run.contents_dropped:
                     log.info(

@@ -35,6 +35,10 @@ _HELP = {
     "retention_days_dropped": "Whole days of history dropped (MES_DAILY_PARTITION).",
     "retention_contents_dropped": "Messages whose content MES_CONTENT_RETENTION_DAYS dropped.",
     "maintenance_failures": "Maintenance runs (retention) that failed; retried next interval.",
+    "archive_records": "Records written to MES_ARCHIVE_DIR before retention or a prune removed "
+    "them (or their content).",
+    "archive_failures": "Removals not done because their archive could not be written whole "
+    "(disk full, permission denied); retried next round.",
 }
 
 

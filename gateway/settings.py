@@ -69,6 +69,7 @@ class Settings:
     capture_content: bool = True
     maintenance_interval: float = 3600.0
     retention_step: int = 100
+    archive_dir: str | None = None
     gateway_admin_key: str | None = field(default=None, repr=False)
     ui_secret: str | None = field(default=None, repr=False)
     host: str = "0.0.0.0"
@@ -425,6 +426,12 @@ VARIABLES: tuple[Variable, ...] = (
         "MES_MAINTENANCE_INTERVAL", "maintenance_interval", seconds, "seconds between retentions"
     ),
     Variable("MES_RETENTION_STEP", "retention_step", at_least(1), "conversations pruned a step"),
+    Variable(
+        "MES_ARCHIVE_DIR",
+        "archive_dir",
+        text,
+        "where retention and prunes write what they remove, first (unset: nowhere)",
+    ),
     Variable("GATEWAY_ADMIN_KEY", "gateway_admin_key", text, "bearer key for /admin"),
     Variable("MES_UI_SECRET", "ui_secret", text, "signs the viewer's session cookies"),
     Variable("HOST", "host", text, "listen address"),

@@ -75,6 +75,7 @@ async def write_batch(
     by day needs ``day_table``: completions and request logs go straight to the table of
     their day (SQLite cannot upsert into the view over all days)."""
     rowsets = [rowset if rowset.nul_free else _without_nul(rowset) for rowset in rowsets]
+    rowsets = _first_of_each(rowsets)
     if any(rowset.follows for rowset in rowsets):
         rowsets = await _join_followed(connection, rowsets)
     returning = connection.dialect.name != "mysql"
@@ -122,6 +123,22 @@ async def write_batch(
         await settle_follow_ups(connection, fresh)
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
     return len(new_ids) + sum(map(len, new_others.values()))
+
+
+def _first_of_each(rowsets: list[RowSet]) -> list[RowSet]:
+    """The rowsets without a second of one record (a stream that took a record twice, an
+    archive that holds it twice): counted twice, its conversation's totals and its day's
+    usage would be too."""
+    seen: set[str] = set()
+    kept = []
+    for rowset in rowsets:
+        completion = rowset.completion
+        if completion is not None:
+            if completion["id"] in seen:
+                continue
+            seen.add(completion["id"])
+        kept.append(rowset)
+    return kept if len(kept) < len(rowsets) else rowsets
 
 
 # Tables whose rows follow the rules above; a row of any other table is a record of its own

@@ -10,7 +10,7 @@ written at the same moment never points at a message just deleted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +23,9 @@ from storage.schema import completions, conversations, messages, request_logs
 from storage.scope import Scope
 
 CHUNK = 500
+# Given the ids of the completions and request logs about to be deleted, in the deleting
+# transaction: keeps them elsewhere first (an archive), or raises to stop the deletion.
+Keep = Callable[[AsyncConnection, Sequence[str], Sequence[str]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +68,17 @@ async def delete_owner_history(connection: AsyncConnection, scope: Scope) -> Del
 
 
 async def prune_step(
-    connection: AsyncConnection, scope: Scope, cutoff: datetime, limit: int
+    connection: AsyncConnection,
+    scope: Scope,
+    cutoff: datetime,
+    limit: int,
+    keep: Keep | None = None,
 ) -> Deleted:
     """One small step of a prune: the old completions of at most ``limit`` conversations
     and at most ``limit`` old request logs. Empty when nothing older is left. Retention runs
-    each step in a transaction of its own, so that no lock is held for long."""
-    deleted = await _delete_chunk(connection, scope, completions.c.started_at < cutoff, limit)
+    each step in a transaction of its own, so that no lock is held for long. ``keep`` is
+    given what goes before it goes (``storage/archive.py``)."""
+    deleted = await _delete_chunk(connection, scope, completions.c.started_at < cutoff, limit, keep)
     ids = list(
         (
             await connection.execute(
@@ -81,6 +89,8 @@ async def prune_step(
         ).scalars()
     )
     if ids:
+        if keep is not None:
+            await keep(connection, [], ids)
         await connection.execute(delete(request_logs).where(request_logs.c.id.in_(ids)))
         deleted += Deleted(request_logs=len(ids))
     return deleted
@@ -98,7 +108,11 @@ async def _delete_where(
 
 
 async def _delete_chunk(
-    connection: AsyncConnection, scope: Scope, condition: ColumnElement[bool], limit: int
+    connection: AsyncConnection,
+    scope: Scope,
+    condition: ColumnElement[bool],
+    limit: int,
+    keep: Keep | None = None,
 ) -> Deleted:
     """The completions matching ``condition`` of at most ``limit`` conversations. A
     conversation left without completions goes with all its messages, in a few statements
@@ -131,6 +145,8 @@ async def _delete_chunk(
     for row in found:
         doomed.append(row["id"])
         counted.add(row, sign=-1)
+    if keep is not None:
+        await keep(connection, doomed, [])
     for start in range(0, len(doomed), CHUNK):
         await connection.execute(
             delete(completions).where(completions.c.id.in_(doomed[start : start + CHUNK]))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -66,6 +66,15 @@ async def partitions_in_use(engine: AsyncEngine, wanted: bool, today: date) -> P
         )
     await partitions.setup(today)
     return partitions
+
+
+class PartitionChanged(Exception):
+    """A day's partition does not hold what was archived of it: not dropped this round."""
+
+
+# Given a day about to be dropped, keeps its rows elsewhere (an archive); how many
+# completions and request logs it kept.
+KeepDay = Callable[[date], Awaitable[tuple[int, int]]]
 
 
 def partition_name(table: str, day: date) -> str:
@@ -156,6 +165,14 @@ class Partitions:
         other backends route rows to their partitions on their own)."""
         return self._sqlite_day_table if self.kind == "sqlite" else None
 
+    def of_day(self, table: str, day: date) -> tuple[Table, str | None]:
+        """What to select ``day``'s rows of ``table`` from, to read its partition alone:
+        the day's table (SQLite, PostgreSQL), or the table with a MySQL hint naming the
+        partition."""
+        if self.kind == "mysql":
+            return history_metadata.tables[table], f"PARTITION ({partition_name(table, day)})"
+        return self._sqlite_day_table(table, day), None
+
     def _sqlite_day_table(self, table: str, day: date) -> Table:
         name = partition_name(table, day)
         if name not in self._day_tables:
@@ -169,9 +186,14 @@ class Partitions:
         await self.refresh()
         return sorted(set.intersection(*(self._days[table] for table in TABLES)))
 
-    async def drop_before(self, day: date) -> dict[date, tuple[int, int]]:
+    async def drop_before(
+        self, day: date, keep: KeepDay | None = None
+    ) -> dict[date, tuple[int, int]]:
         """Drop every day partition of a day before ``day``; for each day dropped, how many
-        completions and request logs it held."""
+        completions and request logs it held. ``keep`` is given each day first (an archive
+        writes it) and says how many of each it kept: a partition that holds another count
+        when it is dropped (a late record written to it meanwhile) is left for the next
+        round, which keeps it again (``PartitionChanged``)."""
         dropped: dict[date, tuple[int, int]] = {}
         async with named_lock(self.engine, "mes-partitions", wait=True):
             await self.refresh()
@@ -182,12 +204,20 @@ class Partitions:
                     self._days[table].add(day)
             old_days = sorted({d for table in TABLES for d in self._days[table] if d < day})
             for old in old_days:
-                counts = [
-                    await self._drop(table, partition_name(table, old))
-                    if old in self._days[table]
-                    else 0
-                    for table in TABLES
-                ]
+                kept = await keep(old) if keep is not None else None
+                counts = []
+                try:
+                    for index, table in enumerate(TABLES):
+                        if old in self._days[table]:
+                            expected = None if kept is None else kept[index]
+                            name = partition_name(table, old)
+                            counts.append(await self._drop(table, name, expected))
+                            self._days[table].discard(old)
+                        else:
+                            counts.append(0)
+                except PartitionChanged as changed:
+                    log.warning("%s: kept for the next round", changed)
+                    continue
                 dropped[old] = (counts[0], counts[1])
                 async with self.engine.begin() as connection:  # the day's usage went with it
                     for usage in (usage_daily, latency_daily):
@@ -270,20 +300,29 @@ class Partitions:
                 if "Duplicate partition" not in str(error) and "already exists" not in str(error):
                     raise
 
-    async def _drop(self, table: str, name: str) -> int:
-        """Drop ``table``'s partition ``name``; how many rows it held. On PostgreSQL it is
-        first detached concurrently, which never makes writers to other days wait (a plain
-        DROP would lock the whole table for a moment)."""
+    async def _drop(self, table: str, name: str, expected: int | None = None) -> int:
+        """Drop ``table``'s partition ``name``; how many rows it held. Unless it holds
+        ``expected`` rows (when given): then ``PartitionChanged``, and it stays. On
+        PostgreSQL it is first detached concurrently, which never makes writers to other
+        days wait (a plain DROP would lock the whole table for a moment)."""
+
+        def counted(rows: int) -> int:
+            if expected is not None and rows != expected:
+                raise PartitionChanged(f"{name} holds {rows} rows, {expected} were archived")
+            return rows
+
         if self.kind == "sqlite":
             async with self.engine.begin() as connection:
                 await _sqlite_transaction(connection)
                 rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) or 0)
+                counted(rows)
                 await connection.execute(text(f"DROP TABLE {name}"))
                 await _sqlite_view(connection, table)
             return rows
         if self.kind == "postgresql":
             async with self.engine.connect() as connection:
                 rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) or 0)
+                counted(rows)
                 await connection.commit()
                 autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
                 await autocommit.execute(
@@ -293,7 +332,7 @@ class Partitions:
             return rows
         async with self.engine.begin() as connection:
             count = f"SELECT COUNT(*) FROM {table} PARTITION ({name})"
-            rows = int(await connection.scalar(text(count)) or 0)
+            rows = counted(int(await connection.scalar(text(count)) or 0))
             await connection.execute(text(f"ALTER TABLE {table} DROP PARTITION {name}"))
         return rows
 

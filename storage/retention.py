@@ -16,6 +16,7 @@ said it, when, the tool calls' names, and every metadata row (see ``without_cont
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -23,11 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, false, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, bindparam, false, or_, select, tuple_, update
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from capture.redaction import without_content
+from storage import archive as archiving
 from storage import deletion
+from storage.archive import Archive
 from storage.deletion import Deleted, prune_step
 from storage.partitions import Partitions
 from storage.schema import completions, conversations, messages
@@ -46,21 +50,43 @@ class Run:
 
 
 async def prune(
-    engine: AsyncEngine, cutoff: datetime, step: int = 100, partitions: Partitions | None = None
+    engine: AsyncEngine,
+    cutoff: datetime,
+    step: int = 100,
+    partitions: Partitions | None = None,
+    archive: Archive | None = None,
+    reason: str = "retention",
 ) -> Run:
     """Remove every completion and request log started before ``cutoff``. With daily
     partitions, the days wholly before it are dropped at once, and what they leave unused
-    (conversations and messages) is then removed in steps."""
+    (conversations and messages) is then removed in steps. With an ``archive``, what goes
+    is written there first (``storage/archive.py``); a step whose archive cannot be
+    written raises ``ArchiveFailed`` and removes nothing."""
+    keep = keep_day = None
+    if archive is not None:
+        keep = functools.partial(archiving.keep, archive=archive, reason=reason)
+        if partitions is not None:
+            keep_day = functools.partial(
+                archiving.keep_day,
+                engine=engine,
+                partitions=partitions,
+                archive=archive,
+                reason=reason,
+            )
+
+    def step_of(connection: AsyncConnection) -> Awaitable[Deleted]:
+        return prune_step(connection, Scope.everyone(), cutoff, step, keep)
+
     if partitions is None:
-        return await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
-    days = await partitions.drop_before(cutoff.date())
+        return await _in_steps(engine, step_of)
+    days = await partitions.drop_before(cutoff.date(), keep_day)
     dropped = Deleted(
         completions=sum(n for n, _ in days.values()),
         request_logs=sum(n for _, n in days.values()),
     )
     # What is left older than the cutoff: history from before partitioning, or the part of
     # a day before a cutoff that is not midnight. Then that history's table, once empty.
-    run = await _in_steps(engine, lambda c: prune_step(c, Scope.everyone(), cutoff, step))
+    run = await _in_steps(engine, step_of)
     await partitions.drop_empty_legacy(cutoff.date())
     orphans = await _drop_orphans(engine, cutoff, step)
     straddlers = await _tidy_straddlers(engine, cutoff, step)
@@ -190,14 +216,17 @@ async def _walk_conversations(
             return Run(deleted=deleted, steps=steps, longest_step=longest)
 
 
-async def drop_content(engine: AsyncEngine, cutoff: datetime, step: int = 100) -> Run:
+async def drop_content(
+    engine: AsyncEngine, cutoff: datetime, step: int = 100, archive: Archive | None = None
+) -> Run:
     """Drop the content of messages stored before ``cutoff``; with it, in their
     conversations, the other choices (``n`` > 1) of completions started before it and the
-    title of a conversation begun before it (the title is its first user message)."""
+    title of a conversation begun before it (the title is its first user message). With an
+    ``archive``, the completions whose content goes are written there whole first."""
     dropped, steps, longest = 0, 0, 0.0
     while True:
         async with _transaction(engine) as timed:
-            count = await _drop_content_step(timed.connection, cutoff, step * 10)
+            count = await _drop_content_step(timed.connection, cutoff, step * 10, archive)
         longest = max(longest, timed.seconds)
         steps += 1
         dropped += count
@@ -205,7 +234,9 @@ async def drop_content(engine: AsyncEngine, cutoff: datetime, step: int = 100) -
             return Run(contents_dropped=dropped, steps=steps, longest_step=longest)
 
 
-async def _drop_content_step(connection: AsyncConnection, cutoff: datetime, limit: int) -> int:
+async def _drop_content_step(
+    connection: AsyncConnection, cutoff: datetime, limit: int, archive: Archive | None
+) -> int:
     rows = (
         (
             await connection.execute(
@@ -226,6 +257,8 @@ async def _drop_content_step(connection: AsyncConnection, cutoff: datetime, limi
     )
     if not rows:
         return 0
+    if archive is not None:
+        await _keep_content(connection, archive, rows)
     stripped = [without_content(dict(row)) for row in rows]
     await connection.execute(
         update(messages)
@@ -264,3 +297,27 @@ async def _drop_content_step(connection: AsyncConnection, cutoff: datetime, limi
         .values(title=None)
     )
     return len(rows)
+
+
+async def _keep_content(
+    connection: AsyncConnection, archive: Archive, rows: Sequence[RowMapping]
+) -> None:
+    """Archive the completions whose answer (or, with none, the request's last message) is
+    among the messages losing their content: the completion that stored each message, so
+    each is archived once, with its whole request, before its content goes."""
+    stored = {(row["conversation_id"], row["hash"]) for row in rows}
+    touched = sorted({conversation_id for conversation_id, _ in stored})
+    hashes = sorted({digest for _, digest in stored})
+    c = completions.c
+    ids = []
+    for start in range(0, len(hashes), deletion.CHUNK):
+        chunk = hashes[start : start + deletion.CHUNK]
+        query = select(c.id, c.conversation_id, c.request_hash, c.response_hash).where(
+            c.conversation_id.in_(touched),
+            or_(c.response_hash.in_(chunk), c.request_hash.in_(chunk)),
+        )
+        for found in await connection.execute(query):
+            tail = found.response_hash or found.request_hash
+            if (found.conversation_id, tail) in stored:
+                ids.append(found.id)
+    await archiving.keep(connection, sorted(set(ids)), [], archive=archive, reason="content")

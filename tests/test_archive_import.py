@@ -1,20 +1,27 @@
-"""History exported, wiped and imported back answers every read API as before, on every
-backend: completions, conversations (titles, tags), messages, search, statistics, the
-user's stored completions through the OpenAI SDK. Importing twice stores once; a line
-that is no record is reported with its line number and skipped."""
+"""History exported (or archived as retention removes it), wiped and imported back answers
+every read API as before, on every backend and layout: completions, conversations (titles,
+tags), messages, search, statistics, request logs, the user's stored completions through
+the OpenAI SDK. Importing twice stores once; a line that is no record is reported with its
+line number and skipped; a removal whose archive cannot be written does not happen."""
 
 from __future__ import annotations
 
+import gzip
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import orjson
+import pytest
 from sqlalchemy import delete
 
+from storage import retention
+from storage.archive import Archive, ArchiveFailed
 from storage.database import create_engine
 from storage.dsn import parse_dsn
+from storage.partitions import partitions_in_use
 from storage.restore import Importer
 from storage.schema import (
     completions,
@@ -109,10 +116,13 @@ async def listed(admin: httpx.AsyncClient, path: str, **params: Any) -> list[Any
         params["after"] = page["last_id"]
 
 
-async def read_back(running: Gateway, user: tuple[str, str]) -> dict[str, Any]:
-    """What the read APIs answer about everything stored."""
+async def read_back(running: Gateway, user: tuple[str, str], logs: bool = True) -> dict[str, Any]:
+    """What the read APIs answer about everything stored (an export has no request logs:
+    without ``logs``, they are not read)."""
     admin = running.client
     seen: dict[str, Any] = {}
+    if logs:
+        seen["request logs"] = await listed(admin, "/admin/request-logs")
     seen["completions"] = await listed(admin, "/admin/completions")
     seen["details"] = [
         (await admin.get(f"/admin/completions/{c['id']}", headers=ADMIN)).json()
@@ -150,7 +160,8 @@ async def wipe(dsn: str) -> None:
 async def imported(dsn: str, *paths: Path) -> Any:
     engine = create_engine(parse_dsn(dsn), pool_size=2)
     try:
-        return await Importer(engine).load(list(paths))
+        partitions = await partitions_in_use(engine, False, today())  # as the database is
+        return await Importer(engine, partitions).load(list(paths))
     finally:
         await engine.dispose()
 
@@ -170,7 +181,7 @@ async def test_an_export_wiped_and_imported_reads_back_the_same(
             headers=ADMIN,
         )
         assert renamed.status_code == 200, renamed.text
-        before = await read_back(running, user)
+        before = await read_back(running, user, logs=False)
         assert len(before["completions"]) == 9
         assert len(before["threads"]) >= 5 and before["sdk messages"]
         export = tmp_path / "history.jsonl"
@@ -181,17 +192,17 @@ async def test_an_export_wiped_and_imported_reads_back_the_same(
         assert await listed(admin, "/admin/completions") == []
         first = await imported(history_dsn, export)
         assert (first.stored, first.present, first.skipped) == (9, 0, 0), first.problems
-        assert await read_back(running, user) == before
+        assert await read_back(running, user, logs=False) == before
 
         again = await imported(history_dsn, export)
         assert (again.stored, again.present) == (0, 9)
-        assert await read_back(running, user) == before
+        assert await read_back(running, user, logs=False) == before
 
 
 async def test_a_json_array_export_and_bad_lines(tmp_path: Path) -> None:
     async with gateway(tmp_path) as running:
         user = await capture_variety(running)
-        before = await read_back(running, user)
+        before = await read_back(running, user, logs=False)
         array = (await running.client.get("/admin/export?format=json", headers=ADMIN)).content
         lines = (await running.client.get("/admin/export", headers=ADMIN)).content.splitlines()
         damaged = tmp_path / "damaged.jsonl"
@@ -208,9 +219,149 @@ async def test_a_json_array_export_and_bad_lines(tmp_path: Path) -> None:
             f"{damaged}:3",
             f"{damaged}:{len(lines) + 3}",
         ]
-        assert await read_back(running, user) == before
+        assert await read_back(running, user, logs=False) == before
         await wipe(dsn)
         tally = await imported(dsn, tmp_path / "array.json")
         assert (tally.stored, tally.skipped) == (9, 0)
-        assert await read_back(running, user) == before
+        assert await read_back(running, user, logs=False) == before
         assert orjson.loads(array)[0]["conversation"]["created_at"]
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+def archive_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jsonl.gz"))
+
+
+def manifests(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path) as file:
+        return [line["manifest"] for line in map(orjson.loads, file) if "manifest" in line]
+
+
+async def emptied(running: Gateway) -> None:
+    admin = running.client
+    for path in ("/admin/completions", "/admin/conversations", "/admin/request-logs"):
+        assert await listed(admin, path) == [], path
+
+
+@pytest.mark.parametrize("partitioned", [False, True], ids=["one-table", "by-day"])
+async def test_retention_archives_what_it_removes_and_import_restores_it(
+    tmp_path: Path, history_dsn: str, partitioned: bool
+) -> None:
+    archive = tmp_path / "archive"
+    async with gateway(
+        tmp_path, mes_sql_dsn=history_dsn, archive_dir=str(archive), mes_daily_partition=partitioned
+    ) as running:
+        user = await capture_variety(running)
+        before = await read_back(running, user)
+        assert len(before["request logs"]) == 1
+        maintenance = running.services.maintenance
+        tomorrow = datetime.combine(today() + timedelta(days=1), datetime.min.time())
+        run = await maintenance.archived(
+            retention.prune(
+                maintenance.history,
+                tomorrow,
+                partitions=maintenance.partitions,
+                archive=maintenance.archive,
+            )
+        )
+        assert run.deleted.completions == 9 and run.days_dropped == (1 if partitioned else 0)
+        await emptied(running)
+        (day_file,) = archive_files(archive)
+        assert day_file.name == f"{maintenance.archive.database}-{today().isoformat()}.jsonl.gz"
+        written = manifests(day_file)  # a member a step (or, by day, the whole day)
+        assert len(written) == 1 or not partitioned
+        assert sum(m["completions"] for m in written) == 9
+        assert sum(m["request_logs"] for m in written) == 1
+        assert running.services.metrics.counters["archive_records"] == 10
+
+        tally = await imported(running.services.settings.history_dsn, day_file)
+        assert (tally.stored, tally.skipped, tally.manifests) == (10, 0, len(written))
+        assert tally.problems == []
+        assert await read_back(running, user) == before
+
+
+async def test_a_prune_archives_and_content_retention_keeps_what_it_drops(
+    tmp_path: Path, history_dsn: str
+) -> None:
+    archive = tmp_path / "archive"
+    async with gateway(tmp_path, mes_sql_dsn=history_dsn, archive_dir=str(archive)) as running:
+        user = await capture_variety(running)
+        before = await read_back(running, user)
+        maintenance = running.services.maintenance
+        tomorrow = datetime.combine(today() + timedelta(days=1), datetime.min.time())
+        run = await maintenance.archived(
+            retention.drop_content(maintenance.history, tomorrow, archive=maintenance.archive)
+        )
+        assert run.contents_dropped > 0
+        dropped = await read_back(running, user)
+        assert dropped["search 北京"]["data"] == [] and before["search 北京"]["data"]
+        pruned = await running.client.post(
+            "/admin/prune", json={"older_than_days": 0}, headers=ADMIN
+        )
+        assert pruned.status_code == 200 and pruned.json()["completions"] == 9
+        await emptied(running)
+        (day_file,) = archive_files(archive)
+        reasons = [(m["reason"], m["completions"], m["request_logs"]) for m in manifests(day_file)]
+        # the content round kept each completion once, whole; the prune all of them, and the
+        # request log, without their content: imported in order, the whole ones win
+        assert reasons[0] == ("content", 9, 0) or reasons[0][0] == "content"
+        assert sum(r[1] for r in reasons if r[0] == "content") == 9
+        assert [r for r in reasons if r[0] == "prune"] == [("prune", 9, 0), ("prune", 0, 1)] or (
+            sum(r[1] for r in reasons if r[0] == "prune"),
+            sum(r[2] for r in reasons if r[0] == "prune"),
+        ) == (9, 1)
+        tally = await imported(running.services.settings.history_dsn, day_file)
+        assert (tally.stored, tally.present, tally.skipped) == (10, 9, 0), tally.problems
+        assert await read_back(running, user) == before
+
+
+async def test_no_removal_without_its_archive(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "archive"
+    in_the_way.write_text("a file where the archive folder should be")
+    async with gateway(tmp_path, archive_dir=str(in_the_way)) as running:
+        user = await capture_variety(running)
+        before = await read_back(running, user)
+        admin = running.client
+        refused = await admin.post("/admin/prune", json={"older_than_days": 0}, headers=ADMIN)
+        assert refused.status_code == 507, refused.text
+        assert refused.json()["error"]["code"] == "archive_unwritable"
+        assert await read_back(running, user) == before
+        ready = (await admin.get("/readyz")).json()
+        assert ready["archive"]["status"] == "failing" and ready["status"] == "ready"
+        metrics = (await admin.get("/metrics")).text
+        assert "mes_archive_failures_total 1" in metrics and "mes_archive_failing 1.0" in metrics
+
+        in_the_way.unlink()
+        pruned = await admin.post("/admin/prune", json={"older_than_days": 0}, headers=ADMIN)
+        assert pruned.status_code == 200 and pruned.json()["completions"] == 9
+        assert (await admin.get("/readyz")).json()["archive"] == "ok"
+        assert "mes_archive_failing 0.0" in (await admin.get("/metrics")).text
+        tally = await imported(running.services.settings.history_dsn, *archive_files(in_the_way))
+        assert tally.stored == 10
+        assert await read_back(running, user) == before
+
+
+def test_an_archive_member_that_fails_midway_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = Archive(tmp_path, "history")
+    day = date(2026, 11, 23)
+    first = kept.member(day, "retention")
+    first.write([{"id": "a", "started_at": "2026-11-23T10:00:00"}])
+    first.commit()
+    whole = kept.path(day).read_bytes()
+
+    def disk_full(self: Any, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    second = kept.member(day, "retention")
+    monkeypatch.setattr(gzip.GzipFile, "write", disk_full)
+    with pytest.raises(ArchiveFailed, match="No space left"):
+        second.write([{"id": "b", "started_at": "2026-11-23T11:00:00"}])
+    monkeypatch.undo()
+    assert kept.path(day).read_bytes() == whole
+    assert kept.path(day).name == "history-2026-11-23.jsonl.gz"
+    assert [m["last_id"] for m in manifests(kept.path(day))] == ["a"]

@@ -189,8 +189,8 @@ async def test_retention_drops_whole_days_and_tidies_what_they_leave(
     dropped: dict[date, tuple[int, int]] = {}
     drop_before = partitions.drop_before
 
-    async def watched(day: date) -> dict[date, tuple[int, int]]:
-        dropped.update(await drop_before(day))
+    async def watched(day: date, keep: Any = None) -> dict[date, tuple[int, int]]:
+        dropped.update(await drop_before(day, keep))
         return dropped
 
     partitions.drop_before = watched  # type: ignore[method-assign]

@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from capture.chat import ChatExchange
 from storage import writer as writer_module
-from storage.schema import completions, messages
+from storage.batch import write_batch
+from storage.schema import completions, conversations, messages, usage_daily
 from storage.spool import Position, Spool
 from tests.history_db import SpooledWriter, migrated, spooled_writer, until_written
 from tests.test_message_store import exchange
@@ -265,3 +266,23 @@ async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
     while not check():
         assert time.monotonic() < deadline, f"not true within {timeout} s"
         await asyncio.sleep(0.02)
+
+
+async def test_a_record_twice_in_one_batch_is_stored_and_counted_once(history_dsn: str) -> None:
+    """A Redis stream may hold a record twice (a gateway adds it again after losing Redis),
+    and a relay may hand both to one batch: its conversation and its day count it once."""
+    first = exchange([{"role": "user", "content": "once"}])
+    follow = exchange([{"role": "user", "content": "once"}, {"role": "assistant", "content": "a"}])
+    async with migrated(history_dsn) as engine:
+        async with engine.begin() as connection:
+            rowsets = [first.rows(), first.rows(), follow.rows(), first.rows()]
+            assert await write_batch(connection, rowsets) == 2
+        async with engine.connect() as connection:
+            counts = (
+                await connection.execute(
+                    select(conversations.c.completion_count, conversations.c.message_count)
+                )
+            ).all()
+            requests = await connection.scalar(select(func.sum(usage_daily.c.requests)))
+    assert sorted(tuple(row) for row in counts) == [(1, 2), (1, 3)]
+    assert requests == 2

@@ -1,0 +1,247 @@
+"""Archives: what retention, a prune or content retention removes, written first to
+``MES_ARCHIVE_DIR`` as compressed JSON lines in the export's format (``storage/exports.py``),
+which ``python -m gateway import`` loads back.
+
+One file per database and day (the day the records started), named so that a person finds
+a day at a glance: ``<database>-2026-11-23.jsonl.gz``. Each archiving round that reaches a
+day appends one gzip member to its file: the records, then a manifest line (how many, the
+first and last ids, the SHA-256 of the record lines), and is synced to disk before the rows
+are removed. A member that cannot be written whole (disk full, permission denied) is cut
+off again, and the removal does not happen: ``ArchiveFailed`` is raised, and the next round
+tries again. A round that wrote its archive and then failed to remove leaves records that
+the next round archives again; importing is idempotent, so a record twice in the archive
+is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from sqlalchemy import Select, select
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from storage.browse import Rebuilder, rebuilt
+from storage.dsn import parse_dsn
+from storage.exports import MANIFEST, export_record, line, request_log_record
+from storage.partitions import Partitions
+from storage.schema import completions, request_logs
+
+CHUNK = 500
+
+
+class ArchiveFailed(Exception):
+    """An archive could not be written whole: what it was to hold stays in the database."""
+
+
+@dataclass(slots=True)
+class Archive:
+    root: Path
+    database: str  # the history database's name: part of every file's name
+    records: int = 0  # records this process archived
+
+    def path(self, day: date) -> Path:
+        return self.root / f"{self.database}-{day.isoformat()}.jsonl.gz"
+
+    def member(self, day: date, reason: str) -> Member:
+        return Member(self, day, reason)
+
+
+class Member:
+    """One round's records of one day, appended to the day's file as a gzip member of
+    their own; ``commit`` adds the manifest and syncs, ``abort`` cuts the file back."""
+
+    def __init__(self, archive: Archive, day: date, reason: str) -> None:
+        self.archive, self.day, self.reason = archive, day, reason
+        self.records = self.completions = self.request_logs = 0
+        self.first_id: str | None = None
+        self.last_id: str | None = None
+        self.digest = hashlib.sha256()
+        self._file: IO[bytes] | None = None
+        self._gzip: gzip.GzipFile | None = None
+        self._start = 0
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append records (blocking: call it in a thread)."""
+        try:
+            if self._gzip is None:
+                self._open()
+            assert self._gzip is not None
+            lines = []
+            for record in records:
+                raw = line(record)
+                lines.append(raw)
+                self.digest.update(raw)
+                self.records += 1
+                if record.get("object") == "request_log":
+                    self.request_logs += 1
+                else:
+                    self.completions += 1
+                self.first_id = self.first_id or record["id"]
+                self.last_id = record["id"]
+            self._gzip.write(b"".join(lines))
+        except OSError as error:
+            self.abort()
+            raise ArchiveFailed(f"{self.archive.path(self.day)}: {error}") from error
+
+    def commit(self) -> None:
+        """The manifest written and the file synced: the records are safe to remove."""
+        if self._gzip is None:
+            return  # nothing was written
+        manifest = {
+            "database": self.archive.database,
+            "day": self.day.isoformat(),
+            "reason": self.reason,
+            "records": self.records,
+            "completions": self.completions,
+            "request_logs": self.request_logs,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "sha256": self.digest.hexdigest(),
+            "written_at": datetime.now(UTC).isoformat(),
+        }
+        assert self._file is not None
+        try:
+            self._gzip.write(orjson.dumps({MANIFEST: manifest}) + b"\n")
+            self._gzip.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            _sync_folder(self.archive.root)
+        except OSError as error:
+            self.abort()
+            raise ArchiveFailed(f"{self.archive.path(self.day)}: {error}") from error
+        self._gzip = self._file = None
+        self.archive.records += self.records
+
+    def abort(self) -> None:
+        """The file as it was before this member (best effort: the disk may be full)."""
+        file, self._gzip, self._file = self._file, None, None
+        if file is None:
+            return
+        try:
+            file.truncate(self._start)
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError:
+            pass
+        finally:
+            file.close()
+
+    def _open(self) -> None:
+        self.archive.root.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.archive.path(self.day), "ab")  # noqa: SIM115 - closed in commit
+        self._start = self._file.seek(0, os.SEEK_END)
+        self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=6, mtime=0)
+
+
+def _sync_folder(folder: Path) -> None:
+    """A new file's name synced too, not only its bytes."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+async def keep(
+    connection: AsyncConnection,
+    completion_ids: Sequence[str],
+    request_log_ids: Sequence[str],
+    *,
+    archive: Archive,
+    reason: str,
+) -> None:
+    """Archive these completions (rebuilt, with their conversations) and request logs, read
+    in the transaction about to remove them, each in the file of its day."""
+    by_day: dict[date, list[dict[str, Any]]] = defaultdict(list)
+    for start in range(0, len(completion_ids), CHUNK):
+        query = select(completions).where(
+            completions.c.id.in_(completion_ids[start : start + CHUNK])
+        )
+        for record in await _completion_records(connection, query):
+            by_day[record["started_at"].date()].append(record)
+    for start in range(0, len(request_log_ids), CHUNK):
+        query = select(request_logs).where(
+            request_logs.c.id.in_(request_log_ids[start : start + CHUNK])
+        )
+        for row in (await connection.execute(query)).mappings():
+            by_day[row["started_at"].date()].append(request_log_record(row))
+    for day, records in sorted(by_day.items()):
+        records.sort(key=lambda r: (r["started_at"], r["id"]))
+        member = archive.member(day, reason)
+        await asyncio.to_thread(_write_whole, member, records)
+
+
+def _write_whole(member: Member, records: list[dict[str, Any]]) -> None:
+    member.write(records)
+    member.commit()
+
+
+async def keep_day(
+    day: date, *, engine: AsyncEngine, partitions: Partitions, archive: Archive, reason: str
+) -> tuple[int, int]:
+    """Archive every row of ``day``'s partitions, a page at a time; how many completions
+    and request logs were archived (``Partitions.drop_before`` drops the day only if its
+    partitions still hold that many)."""
+    member = archive.member(day, reason)
+    try:
+        for name in ("completions", "request_logs"):
+            table, hint = partitions.of_day(name, day)
+            after: tuple[datetime, str] | None = None
+            while True:
+                query = select(table).order_by(table.c.started_at, table.c.id).limit(CHUNK)
+                if hint is not None:
+                    query = query.with_hint(table, hint, "mysql")
+                if after is not None:
+                    query = query.where(
+                        (table.c.started_at > after[0])
+                        | ((table.c.started_at == after[0]) & (table.c.id > after[1]))
+                    )
+                async with engine.connect() as connection:
+                    if name == "completions":
+                        records = await _completion_records(connection, query)
+                    else:
+                        rows = (await connection.execute(query)).mappings().all()
+                        records = [request_log_record(row) for row in rows]
+                if not records:
+                    break
+                await asyncio.to_thread(member.write, records)
+                after = (records[-1]["started_at"], records[-1]["id"])
+                if len(records) < CHUNK:
+                    break
+        await asyncio.to_thread(member.commit)
+    except BaseException:
+        await asyncio.to_thread(member.abort)
+        raise
+    return member.completions, member.request_logs
+
+
+async def _completion_records(
+    connection: AsyncConnection, query: Select[Any]
+) -> list[dict[str, Any]]:
+    rows: list[RowMapping] = list((await connection.execute(query)).mappings())
+    rebuilder = Rebuilder(connection)
+    await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
+    records = []
+    for row in rows:
+        item = rebuilt(rebuilder, row)
+        records.append(export_record(item.row, item.request, item.answer, item.conversation))
+    return records
+
+
+def database_name(dsn: str) -> str:
+    """The name archives give a history database: its own (a SQLite file's stem)."""
+    database = parse_dsn(dsn)
+    name = database.database or "history"
+    return Path(name).stem if database.kind == "sqlite" else name
