@@ -6,7 +6,11 @@ line number and skipped; a removal whose archive cannot be written does not happ
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from storage.schema import (
     request_logs,
     usage_daily,
 )
+from tests.conftest import database_dsn
 from tests.in_process import ADMIN_KEY, Gateway, gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -365,3 +370,48 @@ def test_an_archive_member_that_fails_midway_is_cut_off(
     assert kept.path(day).read_bytes() == whole
     assert kept.path(day).name == "history-2026-11-23.jsonl.gz"
     assert [m["last_id"] for m in manifests(kept.path(day))] == ["a"]
+
+
+async def run_import(env: dict[str, str], *paths: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway import`` as a person runs it, with ``env`` over this one."""
+    command = [sys.executable, "-m", "gateway", "import", *map(str, paths)]
+    return await asyncio.to_thread(
+        subprocess.run,
+        command,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("target", ["postgresql", "mysql"])
+async def test_moving_from_sqlite_to_a_server_is_an_export_and_an_import(
+    tmp_path: Path, request: pytest.FixtureRequest, target: str
+) -> None:
+    server = database_dsn(request, target, tmp_path, "moved")
+    async with gateway(tmp_path) as running:  # the embedded default
+        user = await capture_variety(running)
+        before = await read_back(running, user, logs=False)
+        export = tmp_path / "history.jsonl"
+        export.write_bytes((await running.client.get("/admin/export", headers=ADMIN)).content)
+    done = await run_import({"MES_SQL_DSN": server}, export, export)
+    assert done.returncode == 0, done.stderr
+    assert "9 records stored, 9 already there" in done.stdout, done.stdout
+    async with gateway(tmp_path, mes_sql_dsn=server) as moved:  # same users, history moved
+        assert await read_back(moved, user, logs=False) == before
+
+
+async def test_the_import_command_reports_what_it_skipped(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as running:
+        await capture_variety(running)
+        lines = (await running.client.get("/admin/export", headers=ADMIN)).content.splitlines()
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(b"\n".join([*lines[:2], b'{"request": "no id"}', *lines[2:]]) + b"\n")
+    into = {"MES_SQL_DSN": str(tmp_path / "restored.db")}
+    done = await run_import(into, damaged)
+    assert done.returncode == 1
+    assert "9 records stored, 0 already there" in done.stdout
+    assert f"{damaged}:3: skipped: 'id' must be a non-empty string" in done.stdout
+    missing = await run_import(into, tmp_path / "nowhere.jsonl")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
