@@ -559,7 +559,9 @@ async def delete_conversation(conversation_id: str, request: Request, actor: Act
 async def prune(body: m.PruneRequest, request: Request, actor: Actor) -> Any:
     """Delete every completion and request log older than ``older_than_days``, and the
     messages and conversations only they used, in small transactions (as retention does),
-    so that writers and readers are never held up for long."""
+    so that writers and readers are never held up for long. With ``MES_ARCHIVE_DIR``, what
+    goes is archived first; 507 (``archive_unwritable``) when that cannot be done, and what
+    was not archived stays."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=body.older_than_days)
     maintenance = services(request).maintenance
     try:

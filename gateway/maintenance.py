@@ -5,7 +5,10 @@ ready), the process that gets the database's ``mes-maintenance`` lock (see
 ``storage/locks.py``) makes the partitions of today and tomorrow (``MES_DAILY_PARTITION``),
 removes history older than ``MES_RETENTION_DAYS`` and drops content older than
 ``MES_CONTENT_RETENTION_DAYS``; the others find the lock taken and skip their turn.
-What was removed is counted in ``/metrics`` and written to the audit log.
+What was removed is counted in ``/metrics`` and written to the audit log. With
+``MES_ARCHIVE_DIR``, it is written to an archive first (``storage/archive.py``); a round
+whose archive cannot be written removes nothing more, and says so in ``/readyz`` and
+``/metrics`` until one can.
 """
 
 from __future__ import annotations
