@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from sqlalchemy import Select, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -38,6 +38,7 @@ from storage.partitions import Partitions
 from storage.schema import completions, request_logs
 
 CHUNK = 500
+KEPT_CONVERSATIONS = 5000  # a day's archive keeps this many conversations' messages read
 
 
 class ArchiveFailed(Exception):
@@ -195,7 +196,8 @@ async def keep_day(
     and request logs were archived (``Partitions.drop_before`` drops the day only if its
     partitions still hold that many)."""
     member = archive.member(day, reason)
-    try:
+    rebuilder: Rebuilder | None = None  # kept from page to page: a conversation's turns
+    try:  # are spread over the day, and its messages are read once, not once a page
         for name in ("completions", "request_logs"):
             table, hint = partitions.of_day(name, day)
             after: tuple[datetime, str] | None = None
@@ -203,14 +205,17 @@ async def keep_day(
                 query = select(table).order_by(table.c.started_at, table.c.id).limit(CHUNK)
                 if hint is not None:
                     query = query.with_hint(table, hint, "mysql")
-                if after is not None:
+                if after is not None:  # a range on started_at, which its index serves
                     query = query.where(
-                        (table.c.started_at > after[0])
-                        | ((table.c.started_at == after[0]) & (table.c.id > after[1]))
+                        table.c.started_at >= after[0],
+                        or_(table.c.started_at > after[0], table.c.id > after[1]),
                     )
                 async with engine.connect() as connection:
                     if name == "completions":
-                        records = await _completion_records(connection, query)
+                        if rebuilder is None or rebuilder.loaded > KEPT_CONVERSATIONS:
+                            rebuilder = Rebuilder(connection)
+                        rebuilder.connection = connection
+                        records = await _completion_records(connection, query, rebuilder)
                     else:
                         rows = (await connection.execute(query)).mappings().all()
                         records = [request_log_record(row) for row in rows]
@@ -228,16 +233,18 @@ async def keep_day(
 
 
 async def _completion_records(
-    connection: AsyncConnection, query: Select[Any]
+    connection: AsyncConnection, query: Select[Any], rebuilder: Rebuilder | None = None
 ) -> list[dict[str, Any]]:
     rows: list[RowMapping] = list((await connection.execute(query)).mappings())
-    rebuilder = Rebuilder(connection)
+    rebuilder = rebuilder or Rebuilder(connection)
     await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
-    records = []
-    for row in rows:
-        item = rebuilt(rebuilder, row)
-        records.append(export_record(item.row, item.request, item.answer, item.conversation))
-    return records
+    try:
+        items = [rebuilt(rebuilder, row) for row in rows]
+    except LookupError:  # a message stored since its conversation was read: read it again
+        rebuilder.forget()
+        await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
+        items = [rebuilt(rebuilder, row) for row in rows]
+    return [export_record(*item) for item in items]
 
 
 def database_name(dsn: str) -> str:

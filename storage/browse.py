@@ -199,7 +199,7 @@ class Rebuilder:
     of a thousand completions costs a query per conversation, not one per completion."""
 
     def __init__(self, connection: AsyncConnection) -> None:
-        self._connection = connection
+        self.connection = connection  # what ``load`` reads with (another, for another page)
         self._trees: dict[str, dict[str, tuple[str | None, Any]]] = {}
         self._conversations: dict[str, RowMapping] = {}
 
@@ -211,13 +211,18 @@ class Rebuilder:
             for conversation_id in chunk:
                 self._trees[conversation_id] = {}
             query = select(messages).where(messages.c.conversation_id.in_(chunk))
-            for row in (await self._connection.execute(query)).mappings():
+            for row in (await self.connection.execute(query)).mappings():
                 tree = self._trees[row["conversation_id"]]
                 tree[row["hash"]] = (row["parent_hash"], stored_message(row))
             if with_rows:
                 query = select(conversations).where(conversations.c.id.in_(chunk))
-                for row in (await self._connection.execute(query)).mappings():
+                for row in (await self.connection.execute(query)).mappings():
                     self._conversations[row["id"]] = row
+
+    @property
+    def loaded(self) -> int:
+        """How many conversations' messages are held."""
+        return len(self._trees)
 
     def conversation(self, conversation_id: str) -> RowMapping | None:
         """A conversation's row, if ``load`` read it."""
