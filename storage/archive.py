@@ -16,6 +16,7 @@ is stored once.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gzip
 import hashlib
 import os
@@ -33,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.browse import Rebuilder, rebuilt
 from storage.dsn import parse_dsn
-from storage.exports import MANIFEST, export_record, line, request_log_record
+from storage.exports import MANIFEST, REQUEST_LOG, export_record, line, request_log_record
 from storage.partitions import Partitions
 from storage.schema import completions, request_logs
 
@@ -84,7 +85,7 @@ class Member:
                 lines.append(raw)
                 self.digest.update(raw)
                 self.records += 1
-                if record.get("object") == "request_log":
+                if record.get("object") == REQUEST_LOG:
                     self.request_logs += 1
                 else:
                     self.completions += 1
@@ -117,19 +118,21 @@ class Member:
             self._gzip.close()
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
             _sync_folder(self.archive.root)
         except OSError as error:
             self.abort()
             raise ArchiveFailed(f"{self.archive.path(self.day)}: {error}") from error
+        self._file.close()  # and with it the lock
         self._gzip = self._file = None
         self.archive.records += self.records
 
     def abort(self) -> None:
         """The file as it was before this member (best effort: the disk may be full)."""
-        file, self._gzip, self._file = self._file, None, None
+        file, compressor, self._gzip, self._file = self._file, self._gzip, None, None
         if file is None:
             return
+        if compressor is not None:
+            compressor.fileobj = None  # type: ignore[assignment]  # its trailer is not wanted
         try:
             file.truncate(self._start)
             file.flush()
@@ -142,6 +145,8 @@ class Member:
     def _open(self) -> None:
         self.archive.root.mkdir(parents=True, exist_ok=True)
         self._file = open(self.archive.path(self.day), "ab")  # noqa: SIM115 - closed in commit
+        # One member at a time in a file: a prune and retention may archive one day at once.
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         self._start = self._file.seek(0, os.SEEK_END)
         self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=6, mtime=0)
 

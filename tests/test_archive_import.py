@@ -21,6 +21,7 @@ import orjson
 import pytest
 from sqlalchemy import delete
 
+from storage import archive as archive_module
 from storage import retention
 from storage.archive import Archive, ArchiveFailed
 from storage.database import create_engine
@@ -368,8 +369,20 @@ def test_an_archive_member_that_fails_midway_is_cut_off(
         second.write([{"id": "b", "started_at": "2026-11-23T11:00:00"}])
     monkeypatch.undo()
     assert kept.path(day).read_bytes() == whole
+
+    def no_sync(folder: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    third = kept.member(day, "retention")
+    third.write([{"id": "c", "started_at": "2026-11-23T12:00:00"}])
+    monkeypatch.setattr(archive_module, "_sync_folder", no_sync)
+    with pytest.raises(ArchiveFailed, match="Input/output"):
+        third.commit()
+    monkeypatch.undo()
+    assert kept.path(day).read_bytes() == whole
     assert kept.path(day).name == "history-2026-11-23.jsonl.gz"
     assert [m["last_id"] for m in manifests(kept.path(day))] == ["a"]
+    assert kept.records == 1
 
 
 async def run_import(env: dict[str, str], *paths: Path) -> subprocess.CompletedProcess[str]:
