@@ -6,8 +6,8 @@ one database to another (export from one, import into the other).
 The schema is created or upgraded first (unless ``MES_AUTO_MIGRATE=false``); redaction
 patterns and ``MES_CAPTURE_CONTENT=false`` apply as they do to captured records. On a
 terminal, progress is shown as it goes; a summary ends it, and every line skipped is
-listed with its file and line number. The exit status is 1 when a line was skipped or an
-archive failed its check, 0 otherwise.
+listed with its file and line number. The exit status is 1 when a line was skipped, an
+archive's manifest did not match or a compressed file was cut short, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ async def run(settings: Settings, paths: list[Path], out: TextIO = sys.stdout) -
     finally:
         await engine.dispose()
     _summary(tally, out)
-    return 1 if tally.skipped or any("manifest" in p for p in tally.problems) else 0
+    return 1 if tally.skipped or tally.mismatched or tally.damaged else 0
 
 
 def _summary(tally: Tally, out: TextIO) -> None:

@@ -118,6 +118,7 @@ class Member:
             self._gzip.close()
             self._file.flush()
             os.fsync(self._file.fileno())
+            _partial(self.archive.path(self.day)).unlink()
             _sync_folder(self.archive.root)
         except OSError as error:
             self.abort()
@@ -137,18 +138,35 @@ class Member:
             file.truncate(self._start)
             file.flush()
             os.fsync(file.fileno())
+            _partial(self.archive.path(self.day)).unlink(missing_ok=True)
         except OSError:
-            pass
+            pass  # the length kept beside the file cuts it back before the next member
         finally:
             file.close()
 
     def _open(self) -> None:
         self.archive.root.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.archive.path(self.day), "ab")  # noqa: SIM115 - closed in commit
+        path = self.archive.path(self.day)
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in commit
         # One member at a time in a file: a prune and retention may archive one day at once.
         fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        # A member a process died writing would make the members after it unreadable: the
+        # file's length before each member is kept beside it until the member is whole.
+        partial = _partial(path)
+        if partial.exists():
+            self._file.truncate(int(partial.read_text() or 0))
+            os.fsync(self._file.fileno())
         self._start = self._file.seek(0, os.SEEK_END)
+        partial.write_text(str(self._start))
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        _sync_folder(self.archive.root)
         self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=6, mtime=0)
+
+
+def _partial(path: Path) -> Path:
+    """Where the length of ``path`` before the member being written is kept."""
+    return path.with_name(path.name + ".partial")
 
 
 def _sync_folder(folder: Path) -> None:
@@ -204,6 +222,8 @@ async def keep_day(
     rebuilder: Rebuilder | None = None  # kept from page to page: a conversation's turns
     try:  # are spread over the day, and its messages are read once, not once a page
         for name in ("completions", "request_logs"):
+            if not partitions.holds(name, day):
+                continue  # dropped already (a round that stopped between the two)
             table, hint = partitions.of_day(name, day)
             after: tuple[datetime, str] | None = None
             while True:

@@ -165,6 +165,10 @@ class Partitions:
         other backends route rows to their partitions on their own)."""
         return self._sqlite_day_table if self.kind == "sqlite" else None
 
+    def holds(self, table: str, day: date) -> bool:
+        """Whether ``table`` has a partition of ``day`` (as last read)."""
+        return day in self._days[table]
+
     def of_day(self, table: str, day: date) -> tuple[Table, str | None]:
         """What to select ``day``'s rows of ``table`` from, to read its partition alone:
         the day's table (SQLite, PostgreSQL), or the table with a MySQL hint naming the
@@ -207,6 +211,11 @@ class Partitions:
                 kept = await keep(old) if keep is not None else None
                 counts = []
                 try:
+                    if kept is not None:  # every table as archived, before any is dropped
+                        for index, table in enumerate(TABLES):
+                            if old in self._days[table]:
+                                name = partition_name(table, old)
+                                await self._count(table, name, kept[index])
                     for index, table in enumerate(TABLES):
                         if old in self._days[table]:
                             expected = None if kept is None else kept[index]
@@ -217,7 +226,9 @@ class Partitions:
                             counts.append(0)
                 except PartitionChanged as changed:
                     log.warning("%s: kept for the next round", changed)
-                    continue
+                    if not counts:  # nothing of the day dropped
+                        continue
+                    counts += [0] * (len(TABLES) - len(counts))
                 dropped[old] = (counts[0], counts[1])
                 async with self.engine.begin() as connection:  # the day's usage went with it
                     for usage in (usage_daily, latency_daily):
@@ -299,6 +310,14 @@ class Partitions:
             except DBAPIError as error:  # made meanwhile by a replica that held no lock
                 if "Duplicate partition" not in str(error) and "already exists" not in str(error):
                     raise
+
+    async def _count(self, table: str, name: str, expected: int) -> None:
+        """``PartitionChanged`` unless ``table``'s partition ``name`` holds ``expected`` rows."""
+        source = f"{table} PARTITION ({name})" if self.kind == "mysql" else name
+        async with self.engine.connect() as connection:
+            rows = int(await connection.scalar(text(f"SELECT COUNT(*) FROM {source}")) or 0)
+        if rows != expected:
+            raise PartitionChanged(f"{name} holds {rows} rows, {expected} were archived")
 
     async def _drop(self, table: str, name: str, expected: int | None = None) -> int:
         """Drop ``table``'s partition ``name``; how many rows it held. Unless it holds

@@ -53,6 +53,8 @@ class Tally:
     erased: int = 0  # records of owners whose history was erased: dropped
     skipped: int = 0  # lines that are no record, or that the database refused
     manifests: int = 0  # archive manifests whose counts and checksum matched
+    mismatched: int = 0  # archive manifests that did not match the lines before them
+    damaged: int = 0  # files that end before their compressed data does
     problems: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -109,6 +111,7 @@ class Importer:
             except StopIteration:
                 break
             except BadArchive as error:
+                self.tally.damaged += 1
                 self.tally.problems.append(f"{error}: the lines before were imported")
                 break
             tally.lines += 1
@@ -225,6 +228,7 @@ class _Manifests:
         if expected == self.count and checksum == self.digest.hexdigest():
             self.tally.manifests += 1
         else:
+            self.tally.mismatched += 1
             self.tally.problems.append(
                 f"{where}: the manifest says {expected} records (sha256 {checksum}); "
                 f"the lines before it are {self.count} (sha256 {self.digest.hexdigest()})"

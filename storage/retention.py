@@ -246,6 +246,7 @@ async def _drop_content_step(
                     messages.c.body,
                     messages.c.content_text,
                     messages.c.content_in_text,
+                    messages.c.created_at,
                 )
                 .where(messages.c.created_at < cutoff, messages.c.content_dropped == false())
                 .order_by(messages.c.content_dropped, messages.c.created_at)
@@ -257,8 +258,11 @@ async def _drop_content_step(
     )
     if not rows:
         return 0
+    archived: list[str] | None = None
     if archive is not None:
-        await _keep_content(connection, archive, rows)
+        if len(rows) == limit:  # a record's messages share its time: none left for the next
+            rows = [*rows, *await _same_time(connection, rows)]
+        archived = await _keep_content(connection, archive, rows)
     stripped = [without_content(dict(row)) for row in rows]
     await connection.execute(
         update(messages)
@@ -278,13 +282,14 @@ async def _drop_content_step(
         ],
     )
     touched = sorted({row["conversation_id"] for row in rows})
+    if archived is None:
+        c = completions.c
+        dropping = and_(c.conversation_id.in_(touched), c.started_at < cutoff)
+    else:  # those archived whole: the others keep their choices until their own step
+        dropping = completions.c.id.in_(archived)
     await connection.execute(
         update(completions)
-        .where(
-            completions.c.conversation_id.in_(touched),
-            completions.c.started_at < cutoff,
-            completions.c.extra_choices.isnot(None),
-        )
+        .where(dropping, completions.c.extra_choices.isnot(None))
         .values(extra_choices=None)
     )
     await connection.execute(
@@ -299,9 +304,25 @@ async def _drop_content_step(
     return len(rows)
 
 
+async def _same_time(connection: AsyncConnection, rows: Sequence[RowMapping]) -> list[RowMapping]:
+    """The messages not in ``rows`` stored at the time of its last one (the rest of the
+    record that stored it), whose content goes in the same step."""
+    taken = {(row["conversation_id"], row["hash"]) for row in rows}
+    query = select(
+        messages.c.conversation_id,
+        messages.c.hash,
+        messages.c.body,
+        messages.c.content_text,
+        messages.c.content_in_text,
+        messages.c.created_at,
+    ).where(messages.c.created_at == rows[-1]["created_at"], messages.c.content_dropped == false())
+    found = (await connection.execute(query)).mappings().all()
+    return [row for row in found if (row["conversation_id"], row["hash"]) not in taken]
+
+
 async def _keep_content(
     connection: AsyncConnection, archive: Archive, rows: Sequence[RowMapping]
-) -> None:
+) -> list[str]:
     """Archive the completions whose answer (or, with none, the request's last message) is
     among the messages losing their content: the completion that stored each message, so
     each is archived once, with its whole request, before its content goes."""
@@ -320,4 +341,6 @@ async def _keep_content(
             tail = found.response_hash or found.request_hash
             if (found.conversation_id, tail) in stored:
                 ids.append(found.id)
-    await archiving.keep(connection, sorted(set(ids)), [], archive=archive, reason="content")
+    kept = sorted(set(ids))
+    await archiving.keep(connection, kept, [], archive=archive, reason="content")
+    return kept

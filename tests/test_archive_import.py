@@ -385,6 +385,32 @@ def test_an_archive_member_that_fails_midway_is_cut_off(
     assert kept.records == 1
 
 
+async def test_a_member_a_process_died_writing_is_cut_off_before_the_next(
+    tmp_path: Path,
+) -> None:
+    kept = Archive(tmp_path, "history")
+    day = date(2026, 11, 23)
+    first = kept.member(day, "retention")
+    first.write([{"id": "a", "started_at": "2026-11-23T10:00:00"}])
+    first.commit()
+    dying = kept.member(day, "retention")
+    dying.write([{"id": f"b{n}", "started_at": "2026-11-23T11:00:00"} for n in range(2000)])
+    assert dying._gzip is not None and dying._file is not None
+    dying._gzip.flush()
+    dying._file.close()  # the process is gone: half a member left, its lock released
+    assert kept.path(day).with_name(kept.path(day).name + ".partial").exists()
+    last = kept.member(day, "retention")
+    last.write([{"id": "c", "started_at": "2026-11-23T12:00:00"}])
+    last.commit()
+    assert [m["last_id"] for m in manifests(kept.path(day))] == ["a", "c"]
+    assert not list(tmp_path.glob("*.partial"))
+
+    cut = tmp_path / "cut.jsonl.gz"  # an archive cut short (copied half-way, say)
+    cut.write_bytes(kept.path(day).read_bytes()[:-20])
+    tally = await imported(str(tmp_path / "restored.db"), cut)
+    assert tally.damaged == 1 and tally.manifests == 1
+
+
 async def run_import(env: dict[str, str], *paths: Path) -> subprocess.CompletedProcess[str]:
     """``python -m gateway import`` as a person runs it, with ``env`` over this one."""
     command = [sys.executable, "-m", "gateway", "import", *map(str, paths)]
