@@ -264,6 +264,8 @@ async def _completion_records(
     rebuilder = rebuilder or Rebuilder(connection)
     await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
     try:
+        if not all(rebuilder.holds(row["conversation_id"], row["response_hash"]) for row in rows):
+            raise LookupError("an answer stored since its conversation was read")
         items = [rebuilt(rebuilder, row) for row in rows]
     except LookupError:  # a message stored since its conversation was read: read it again
         rebuilder.forget()

@@ -219,6 +219,11 @@ class Rebuilder:
                 for row in (await self.connection.execute(query)).mappings():
                     self._conversations[row["id"]] = row
 
+    def holds(self, conversation_id: str, digest: str | None) -> bool:
+        """Whether the message ``digest`` (none: trivially) of a loaded conversation is
+        held."""
+        return digest is None or digest in self._trees.get(conversation_id, {})
+
     @property
     def loaded(self) -> int:
         """How many conversations' messages are held."""
