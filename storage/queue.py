@@ -158,6 +158,10 @@ class Forwarder:
         self._progress_at = stalled_since or time.time()
         self._caught_up = stalled_since is None
         self._last_sync = self._last_ping = time.monotonic()
+        # The Redis server last seen (its run id) and when: records sent before then to the
+        # server still running may leave the spool (see ``_same_server``).
+        self._run_id: str | None = None
+        self._checked_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[None] | None = None
 
@@ -210,19 +214,24 @@ class Forwarder:
                 await asyncio.sleep(self._backoff.longest)
 
     async def _step(self) -> None:
-        self._commit_durable()
         entries = self._read()
-        if not entries:
+        if entries:
+            self._caught_up = False
+        else:
             self._caught_up = True
             self._progress_at = time.time()
-            if not self.reachable or time.monotonic() - self._last_ping > SYNC_SECONDS:
-                self._last_ping = time.monotonic()
-                await self.redis.ping()  # /readyz says whether Redis answers, idle or not
-                self._succeeded()
+        if not self.reachable or time.monotonic() - self._last_ping > SYNC_SECONDS:
+            self._last_ping = time.monotonic()
+            # /readyz says whether Redis answers, idle or not
+            restarted = await self._same_server()
+            self._succeeded()
+            if restarted:
+                return  # from the checkpoint again
+        self._commit_durable()
+        if not entries:
             await self._sync()
             await asyncio.sleep(POLL_SECONDS)
             return
-        self._caught_up = False
         pipe = self.redis.pipeline(transaction=False)
         for entry, _ in entries:
             pipe.execute_command("XADD", STREAM, "*", FIELD, entry)
@@ -242,9 +251,23 @@ class Forwarder:
         self._sent.clear()
         self._cursor = self.spool.checkpoint
 
+    async def _same_server(self) -> bool:
+        """Ask Redis which server it is; True if it restarted since (another run id): it may
+        have lost what it took, which is added again. A client may reconnect to a restarted Redis
+        without an error to see (redis-py 8 does), so a failure is not the only sign."""
+        checked = time.monotonic()
+        run_id = str((await self.redis.info("server")).get("run_id"))
+        restarted = self._run_id is not None and run_id != self._run_id
+        if restarted:
+            log.warning("Redis restarted: adding again what it took since the checkpoint")
+            self._rewind()
+        self._run_id, self._checked_at = run_id, checked
+        return restarted
+
     def _commit_durable(self) -> None:
-        """Move the checkpoint past what Redis took ``durable_seconds`` ago or earlier."""
-        old = time.monotonic() - self.durable_seconds
+        """Move the checkpoint past what Redis took ``durable_seconds`` ago or earlier, and
+        before the last look at which server it is (``_same_server``)."""
+        old = min(time.monotonic() - self.durable_seconds, self._checked_at)
         end, count = None, 0
         while self._sent and self._sent[0][0] <= old:
             _, end, added = self._sent.popleft()
