@@ -137,6 +137,7 @@ def writer_config(settings: Settings) -> WriterConfig:
         batch_size=settings.capture_batch_size,
         flush_interval=settings.capture_flush_interval,
         retry_seconds=settings.capture_retry_seconds,
+        nice=settings.writer_nice,
         redact_patterns=settings.redact_patterns,
         capture_content=settings.capture_content,
         shutdown_grace=settings.shutdown_grace_seconds,

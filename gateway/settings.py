@@ -83,6 +83,7 @@ class Settings:
     capture_batch_size: int = 200
     capture_flush_interval: float = 0.2
     capture_retry_seconds: float = 5.0
+    writer_nice: int = 10
     spool_dir: str = "mes_spool"
     spool_max_bytes: int = 2**30
     redact_patterns: tuple[str, ...] = ()
@@ -214,7 +215,7 @@ def flag(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int, most: int | None = None) -> Callable[[str], int]:
     def integer(raw: str) -> int:
         try:
             value = int(raw)
@@ -222,6 +223,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise ValueError("must be an integer") from None
         if value < minimum:
             raise ValueError(f"must be at least {minimum}")
+        if most is not None and value > most:
+            raise ValueError(f"must be at most {most}")
         return value
 
     return integer
@@ -466,6 +469,12 @@ VARIABLES: tuple[Variable, ...] = (
         "capture_retry_seconds",
         seconds,
         "longest wait between two writes to an unavailable database",
+    ),
+    Variable(
+        "MES_WRITER_NICE",
+        "writer_nice",
+        at_least(0, 19),
+        "the gateway's writer process's nice value: requests win the CPU",
     ),
     Variable("MES_SPOOL_DIR", "spool_dir", text, "the durable spool of records"),
     Variable(

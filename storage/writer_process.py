@@ -110,6 +110,9 @@ class WriterConfig:
     providers: dict[str, str | None] = field(default_factory=dict)
     prices_file: str | None = None
     auto_migrate: bool = True
+    # How much lower than its gateway's this process's CPU priority is (MES_WRITER_NICE):
+    # the records wait in the spool while requests are served, not the requests.
+    nice: int = 0
     # OpenTelemetry: a span per stored record (OTEL_EXPORTER_OTLP_ENDPOINT), with message
     # content (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
     otel: bool = False
@@ -448,6 +451,7 @@ def main() -> None:
     size = int.from_bytes(stdin.read(8), "big")
     config: WriterConfig = pickle.loads(stdin.read(size))
     logs.configure(config.log_level, config.log_format)
+    os.nice(config.nice)
     state = SharedState(int(sys.argv[2]))
     import uvloop
 

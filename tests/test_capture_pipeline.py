@@ -171,7 +171,8 @@ async def test_the_writer_runs_beside_the_gateway_and_is_restarted_when_it_dies(
     upstream: Any, tmp_path: Path
 ) -> None:
     """The history writer is a child process of its gateway: killed, it is started again and
-    what was spooled meanwhile is written; the gateway killed, its writer goes with it."""
+    what was spooled meanwhile is written; the gateway killed, its writer goes with it. It
+    runs at a lower CPU priority than its gateway (``MES_WRITER_NICE``, 10 by default)."""
     dsn = str(tmp_path / "history.db")
     env = {"UPSTREAM_BASE_URL": upstream.base_url, "MES_SQLITE_PATH": dsn}
     prompt = "lorem ipsum dolor sit amet " * 800  # ~20 KB
@@ -201,6 +202,9 @@ async def test_the_writer_runs_beside_the_gateway_and_is_restarted_when_it_dies(
                 assert time.monotonic() < deadline, "the spool's size never came back to 0"
                 await asyncio.sleep(0.05)
             (restarted,) = children(gateway.process.pid)
+            # It has written since it started: past setting its priority.
+            niceness = os.getpriority(os.PRIO_PROCESS, restarted)
+            gateway_niceness = os.getpriority(os.PRIO_PROCESS, gateway.process.pid)
         os.kill(gateway.process.pid, signal.SIGKILL)
         gateway.process.wait()
         deadline = time.monotonic() + 5
@@ -210,6 +214,7 @@ async def test_the_writer_runs_beside_the_gateway_and_is_restarted_when_it_dies(
         gateway.stop()
         await database.close()
     assert restarted != writer
+    assert niceness == min(19, gateway_niceness + 10)
     assert not alive(restarted), "the writer outlived its gateway"
     assert "writer process exited" in gateway.log()
     assert len({row["id"] for row in rows}) == 40

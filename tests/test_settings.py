@@ -46,6 +46,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"MES_QUEUE": "http://redis:6379"}, "MES_QUEUE"),
         ({"MES_QUEUE": "redis://r:6379/0?decode_responses=true"}, "MES_QUEUE"),
         ({"MES_QUEUE_CLAIM_SECONDS": "0.5"}, "MES_QUEUE_CLAIM_SECONDS"),
+        ({"MES_WRITER_NICE": "20"}, "MES_WRITER_NICE"),
+        ({"MES_WRITER_NICE": "-1"}, "MES_WRITER_NICE"),
     ],
 )
 def test_a_misconfiguration_fails_with_a_sentence_naming_the_variable(
