@@ -202,8 +202,14 @@ async def _create_postgres_database(
                 log.info("creating PostgreSQL database %s", name)
                 try:
                     await connection.execute(text(f"CREATE DATABASE {quoted} ENCODING 'UTF8'"))
-                except DBAPIError as exc:  # another replica may have created it meanwhile
-                    if "already exists" not in str(exc):
+                except DBAPIError:
+                    # Created meanwhile by another replica, or by this gateway's own writer
+                    # process (same DSN): 42P04 "already exists", or, when both CREATE
+                    # DATABASE ran at once, a unique violation on pg_database_datname_index.
+                    created = await connection.scalar(
+                        text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                    )
+                    if not created:
                         raise
     finally:
         await server.dispose()

@@ -139,7 +139,13 @@ async def test_a_gateway_started_with_its_database_down_serves_and_writes_later(
             not_ready = httpx.get(gateway.url + "/readyz")
             server.start()
             users = await recorded_users(dsn, 30)
+            # The writer retries every MES_RETRY_SECONDS; the main database's set-up backs
+            # off on its own (up to 10 s): ready soon after the records, not at once.
+            deadline = time.monotonic() + 30
             ready = httpx.get(gateway.url + "/readyz")
+            while ready.status_code != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                ready = httpx.get(gateway.url + "/readyz")
     finally:
         server.shutdown()
     assert load.failed == [] and len(load.answered) == 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from storage import history, usage
 from storage.database import create_engine, ensure_database, migrate
 from storage.schema import completions, conversations, messages
 from storage.scope import Scope
+from tests.conftest import database_dsn
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
@@ -159,3 +161,22 @@ print("alembic" in sys.modules)
         for _ in range(2)
     ]
     assert runs == ["True", "False"]
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+async def test_processes_creating_one_database_at_once_all_find_it_made(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path
+) -> None:
+    """A gateway and its writer process on one DSN, or replicas started together, create a
+    database that does not exist yet at the same moment: each goes on with it made (on
+    PostgreSQL, the one that lost an overlapping CREATE DATABASE got a unique violation,
+    not "already exists", and its gateway stayed not ready for another backoff step)."""
+    for round_ in range(5):
+        dsn = database_dsn(request, kind, tmp_path, f"race{round_}")
+        await asyncio.gather(*(ensure_database(dsn) for _ in range(3)))
+        engine = create_engine(await ensure_database(dsn), pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                assert (await connection.exec_driver_sql("SELECT 1")).scalar() == 1
+        finally:
+            await engine.dispose()
