@@ -234,20 +234,24 @@ async def drop_content(
             return Run(contents_dropped=dropped, steps=steps, longest_step=longest)
 
 
+# What a content step reads of a message: enough to strip it, and when it was stored.
+_CONTENT_COLUMNS = (
+    messages.c.conversation_id,
+    messages.c.hash,
+    messages.c.body,
+    messages.c.content_text,
+    messages.c.content_in_text,
+    messages.c.created_at,
+)
+
+
 async def _drop_content_step(
     connection: AsyncConnection, cutoff: datetime, limit: int, archive: Archive | None
 ) -> int:
     rows = (
         (
             await connection.execute(
-                select(
-                    messages.c.conversation_id,
-                    messages.c.hash,
-                    messages.c.body,
-                    messages.c.content_text,
-                    messages.c.content_in_text,
-                    messages.c.created_at,
-                )
+                select(*_CONTENT_COLUMNS)
                 .where(messages.c.created_at < cutoff, messages.c.content_dropped == false())
                 .order_by(messages.c.content_dropped, messages.c.created_at)
                 .limit(limit)
@@ -308,14 +312,9 @@ async def _same_time(connection: AsyncConnection, rows: Sequence[RowMapping]) ->
     """The messages not in ``rows`` stored at the time of its last one (the rest of the
     record that stored it), whose content goes in the same step."""
     taken = {(row["conversation_id"], row["hash"]) for row in rows}
-    query = select(
-        messages.c.conversation_id,
-        messages.c.hash,
-        messages.c.body,
-        messages.c.content_text,
-        messages.c.content_in_text,
-        messages.c.created_at,
-    ).where(messages.c.created_at == rows[-1]["created_at"], messages.c.content_dropped == false())
+    query = select(*_CONTENT_COLUMNS).where(
+        messages.c.created_at == rows[-1]["created_at"], messages.c.content_dropped == false()
+    )
     found = (await connection.execute(query)).mappings().all()
     return [row for row in found if (row["conversation_id"], row["hash"]) not in taken]
 
