@@ -167,6 +167,10 @@ async def run(
         spool_dir=str(workdir / "spool"),
         spool_max_bytes=2**36,
         capture_batch_size=int(os.environ.get("MES_BATCH_SIZE", "200")),
+        # The writer at its gateway's priority: the producer here is this harness, not
+        # requests, and what is measured is what the writer can do (an older checkout's
+        # settings, under bench/writer_ab.py, have no such field).
+        **({"writer_nice": 0} if "writer_nice" in Settings.__dataclass_fields__ else {}),
     )
     answer = Answer(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}, 8

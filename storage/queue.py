@@ -279,20 +279,13 @@ class Forwarder:
     def _read(self) -> list[tuple[bytes, Position]]:
         position = self._cursor
         while True:
-            entries = self.spool.read(position, FORWARD_RECORDS)
+            entries = self.spool.read(position, FORWARD_RECORDS, FORWARD_BYTES)
             if entries:
-                break
+                return entries
             ahead = self.spool.past_ended(position)
             if ahead == position:
                 return []
             position = self._cursor = ahead
-        kept, size = [], 0
-        for entry, end in entries:
-            kept.append((entry, end))
-            size += len(entry)
-            if size >= FORWARD_BYTES:
-                break
-        return kept
 
     async def _sync(self) -> None:
         if time.monotonic() - self._last_sync > SYNC_SECONDS:

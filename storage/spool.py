@@ -216,12 +216,17 @@ class Spool:
             return self._bytes
         return self._bytes - self.released_elsewhere()
 
-    def read(self, start: Position, limit: int) -> list[tuple[bytes, Position]]:
-        """Up to ``limit`` whole records after ``start``, each with the position it ends at."""
+    def read(
+        self, start: Position, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[bytes, Position]]:
+        """Up to ``limit`` whole records after ``start``, each with the position it ends at;
+        with ``max_bytes``, no more once they add up to that many (one, at least): a batch of
+        200 KB prompts is a few MB, not 200 of them read to keep 20."""
         out: list[tuple[bytes, Position]] = []
+        size = 0
         position = start
         end = self.end
-        while len(out) < limit and position < end:
+        while len(out) < limit and position < end and (max_bytes is None or size < max_bytes):
             path = self._path(position.segment)
             if not path.exists() or position.offset >= self._segment_size(position.segment):
                 if position.segment >= self._segment:
@@ -231,11 +236,12 @@ class Spool:
             offset = position.offset
             with open(path, "rb") as segment:
                 segment.seek(offset)
-                while len(out) < limit:
+                while len(out) < limit and (max_bytes is None or size < max_bytes):
                     line = segment.readline()
                     if not line.endswith(b"\n"):
                         break  # the end, or a record still being written
                     offset += len(line)
+                    size += len(line)
                     out.append((line[:-1], Position(position.segment, offset)))
             if offset == position.offset:
                 break  # a record still being written

@@ -373,7 +373,7 @@ class HistoryWriter:
         size = 0  # bytes of the batch's spool entries
         position = self._taken
         while len(batch) < self.batch_size and size < BATCH_BYTES:
-            entries = self.spool.read(position, self.batch_size - len(batch))
+            entries = self.spool.read(position, self.batch_size - len(batch), BATCH_BYTES - size)
             if not entries:
                 ahead = self.spool.past_ended(position)
                 if ahead == position:
@@ -382,8 +382,6 @@ class HistoryWriter:
                 continue
             behind = self._behind()
             for n, (entry, end) in enumerate(entries, 1):
-                if size >= BATCH_BYTES:
-                    break
                 if behind and n % STEP_RECORDS == 0:
                     await asyncio.sleep(0)
                 size += len(entry)

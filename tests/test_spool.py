@@ -48,6 +48,20 @@ def test_records_are_read_back_in_order_across_segments_and_reopens(tmp_path: Pa
     again.close()
 
 
+def test_a_read_stops_once_its_records_reach_the_bytes_asked_for(tmp_path: Path) -> None:
+    """The writer reads a batch of about 4 MB: of 200 KB prompts, 20 records, not the 200 a
+    batch may count (each read costs the writer's memory what it holds)."""
+    spool = Spool(tmp_path, max_bytes=10**9, segment_bytes=10**6)
+    spool.open()
+    written = entries(30, size=1000)  # 1,020 bytes a line, newline included
+    for entry in written:
+        assert spool.append(entry) is not None
+    assert [e for e, _ in spool.read(spool.checkpoint, 200, max_bytes=5000)] == written[:5]
+    assert [e for e, _ in spool.read(spool.checkpoint, 200, max_bytes=1)] == written[:1]
+    assert len(spool.read(spool.checkpoint, 200)) == 30
+    spool.close()
+
+
 def test_a_record_cut_short_by_a_crash_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=10**9)
     spool.open()
