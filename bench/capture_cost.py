@@ -43,6 +43,7 @@ from bench.speed import (  # noqa: E402
     drained,
     history_database,
     prompt_body,
+    rss_mib,
     wrk,
 )
 from bench.writer_ab import measure  # noqa: E402
@@ -106,14 +107,7 @@ def peak_mib(gateway: GatewayProcess) -> float:
     assert gateway.process is not None
     pid = gateway.process.pid
     pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    return sum(_status_kib(each, "VmHWM") for each in pids) / 1024
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(f"{field} not in /proc/{pid}/status")
+    return sum(rss_mib(each)[1] for each in pids)
 
 
 def gateway_figures(

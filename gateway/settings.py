@@ -474,7 +474,7 @@ VARIABLES: tuple[Variable, ...] = (
         "MES_WRITER_NICE",
         "writer_nice",
         at_least(0, 19),
-        "the gateway's writer process's nice value: requests win the CPU",
+        "how much lower the writer process's CPU priority is than its gateway's",
     ),
     Variable("MES_SPOOL_DIR", "spool_dir", text, "the durable spool of records"),
     Variable(

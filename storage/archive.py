@@ -262,16 +262,17 @@ async def _completion_records(
 ) -> list[dict[str, Any]]:
     rows: list[RowMapping] = list((await connection.execute(query)).mappings())
     rebuilder = rebuilder or Rebuilder(connection)
-    await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
+    ids = [row["conversation_id"] for row in rows]
+    await rebuilder.load(ids, with_rows=True)
     try:
-        if not all(rebuilder.holds(row["conversation_id"], row["response_hash"]) for row in rows):
-            raise LookupError("an answer stored since its conversation was read")
-        items = [rebuilt(rebuilder, row) for row in rows]
-    except LookupError:  # a message stored since its conversation was read: read it again
-        rebuilder.forget()
-        await rebuilder.load((row["conversation_id"] for row in rows), with_rows=True)
-        items = [rebuilt(rebuilder, row) for row in rows]
-    return [export_record(*item) for item in items]
+        if all(rebuilder.holds(row["conversation_id"], row["response_hash"]) for row in rows):
+            return [export_record(*rebuilt(rebuilder, row)) for row in rows]
+    except LookupError:  # a request's message missing
+        pass
+    # An answer or a message stored since its conversation was read: read them again.
+    rebuilder.forget()
+    await rebuilder.load(ids, with_rows=True)
+    return [export_record(*rebuilt(rebuilder, row)) for row in rows]
 
 
 def database_name(dsn: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,7 @@ class Spool:
         return self._bytes - self.released_elsewhere()
 
     def read(
-        self, start: Position, limit: int, max_bytes: int | None = None
+        self, start: Position, limit: int, max_bytes: int = sys.maxsize
     ) -> list[tuple[bytes, Position]]:
         """Up to ``limit`` whole records after ``start``, each with the position it ends at;
         with ``max_bytes``, no more once they add up to that many (one, at least): a batch of
@@ -226,7 +227,7 @@ class Spool:
         size = 0
         position = start
         end = self.end
-        while len(out) < limit and position < end and (max_bytes is None or size < max_bytes):
+        while len(out) < limit and position < end and size < max_bytes:
             path = self._path(position.segment)
             if not path.exists() or position.offset >= self._segment_size(position.segment):
                 if position.segment >= self._segment:
@@ -236,7 +237,7 @@ class Spool:
             offset = position.offset
             with open(path, "rb") as segment:
                 segment.seek(offset)
-                while len(out) < limit and (max_bytes is None or size < max_bytes):
+                while len(out) < limit and size < max_bytes:
                     line = segment.readline()
                     if not line.endswith(b"\n"):
                         break  # the end, or a record still being written

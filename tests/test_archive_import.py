@@ -350,14 +350,20 @@ async def test_no_removal_without_its_archive(tmp_path: Path) -> None:
         assert await read_back(running, user) == before
 
 
-def test_an_archive_member_that_fails_midway_is_cut_off(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    kept = Archive(tmp_path, "history")
+def archive_of_one(folder: Path) -> tuple[Archive, date]:
+    """An archive in ``folder`` whose day holds one member, of record "a"."""
+    kept = Archive(folder, "history")
     day = date(2026, 11, 23)
     first = kept.member(day, "retention")
     first.write([{"id": "a", "started_at": "2026-11-23T10:00:00"}])
     first.commit()
+    return kept, day
+
+
+def test_an_archive_member_that_fails_midway_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept, day = archive_of_one(tmp_path)
     whole = kept.path(day).read_bytes()
 
     def disk_full(self: Any, data: bytes) -> int:
@@ -388,11 +394,7 @@ def test_an_archive_member_that_fails_midway_is_cut_off(
 async def test_a_member_a_process_died_writing_is_cut_off_before_the_next(
     tmp_path: Path,
 ) -> None:
-    kept = Archive(tmp_path, "history")
-    day = date(2026, 11, 23)
-    first = kept.member(day, "retention")
-    first.write([{"id": "a", "started_at": "2026-11-23T10:00:00"}])
-    first.commit()
+    kept, day = archive_of_one(tmp_path)
     dying = kept.member(day, "retention")
     dying.write([{"id": f"b{n}", "started_at": "2026-11-23T11:00:00"} for n in range(2000)])
     assert dying._gzip is not None and dying._file is not None
