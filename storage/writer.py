@@ -20,6 +20,7 @@ a crash between commit and checkpoint) is stored once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -215,6 +216,8 @@ class HistoryWriter:
         self.ready_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_sync = time.monotonic()
+        self._gather_until = 0.0  # keeping up: the next batch is not taken before then
+        self._closing = asyncio.Event()
         self._caught_up_at = time.monotonic()  # when a batch last took all the spool held
         # When the checkpoint last moved, or nothing waited; a writer that takes over from one
         # that died stalled (a record that kills it, say) goes on counting from then.
@@ -246,6 +249,7 @@ class HistoryWriter:
         if self._task is None:
             return
         deadline = time.monotonic() + grace
+        self._closing.set()  # no batch gathers any more
         # Idle is only news once the loop has looked again: a writer following another
         # process's slot was idle before that process appended its last records.
         while self._cursor < self.spool.end:
@@ -299,6 +303,7 @@ class HistoryWriter:
 
     async def _loop(self) -> None:
         while True:
+            await self._gather()
             batch = await self._next_batch()
             if not batch:
                 if self._writing is not None:
@@ -356,12 +361,27 @@ class HistoryWriter:
             await asyncio.sleep(POLL_SECONDS)
         if self._taken < self.spool.end:
             self._wake.set()
-        if self._wake.is_set() and self.flush_interval > 0:
-            await asyncio.sleep(self.flush_interval)  # let a batch gather
+        if self._wake.is_set():
+            await self._unless_closing(self.flush_interval)  # let a batch gather
 
     async def _sync_now(self) -> None:
         self._last_sync = time.monotonic()
         await asyncio.to_thread(self.spool.sync)
+
+    async def _gather(self) -> None:
+        """Keeping up (the last batch took all there was), the next is taken no sooner than
+        ``flush_interval`` after it, while that one is written. Taken as soon as the write
+        before ended, batches under a steady load hold only what arrived during one write,
+        a few records, and a batch's statements, round trips and commit then cost each
+        record several times what they do in a full batch (the README's Performance
+        section). Behind, batches are full and nothing waits; closing, nothing waits."""
+        await self._unless_closing(self._gather_until - time.monotonic())
+
+    async def _unless_closing(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the writer is closing: it writes what is left now."""
+        if seconds > 0 and not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _next_batch(self) -> list[tuple[Position, Record]]:
         """The next records in spool order, read back from the spool (from the page cache,
@@ -398,6 +418,8 @@ class HistoryWriter:
         self._taken = position
         if len(batch) < self.batch_size and size < BATCH_BYTES:
             self._caught_up_at = time.monotonic()  # took all there was: not behind
+            if batch:
+                self._gather_until = self._caught_up_at + self.flush_interval
         return batch
 
     def _behind(self) -> bool:
@@ -410,9 +432,9 @@ class HistoryWriter:
         written sends its next statement as soon as the database answers the last, and
         the database works while this process does (more records/s in ``bench/writer.py``).
         Keeping up, they do not: the writer and the database then take turns
-        and leave the other core to the requests, and the batches gather while the writer
-        works, fewer and larger (two batches written at once, tried for the same end,
-        cost requests/s for that reason)."""
+        and leave the other core to the requests, and the batches gather (``_gather``),
+        fewer and larger (two batches written at once, tried for the same end, cost
+        requests/s for that reason)."""
         behind = self._behind()
         rowsets: list[tuple[Record, RowSet]] = []
         for n, (_, record) in enumerate(batch, 1):

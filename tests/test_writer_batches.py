@@ -1,5 +1,6 @@
 """The writer's batches: bounded in bytes as well as in records, and every record written
-once, in spool order, and, when behind, the next batch built during the write before it."""
+once, in spool order; when behind, the next batch built during the write before it; when
+keeping up, gathered for the flush interval."""
 
 from __future__ import annotations
 
@@ -98,6 +99,42 @@ async def test_behind_the_next_batch_is_shaped_while_the_one_before_is_written(
         # Keeping up, the writer and the database take turns: the second batch was
         # shaped before the first was sent.
         assert events[:first] == ["rows"] * 40
+
+
+async def test_keeping_up_a_batch_gathers_for_the_flush_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a steady load the writer keeps up, and each batch takes all there is: the next
+    then waits out ``flush_interval`` from it, gathering what comes during the write and
+    after, rather than taking at once what came during the write; closing, it waits no
+    more."""
+    sizes: list[int] = []
+    released = asyncio.Event()
+    real_write_batch = writer_module.write_batch
+
+    async def gated(connection: Any, rowsets: Any, day_table: Any = None) -> int:
+        sizes.append(len(rowsets))
+        await released.wait()  # the database takes its time with the first batch
+        return await real_write_batch(connection, rowsets, day_table)
+
+    monkeypatch.setattr(writer_module, "write_batch", gated)
+    records = [exchange([{"role": "user", "content": f"turn {n}"}]) for n in range(5)]
+    async with migrated(str(tmp_path / "history.db")) as engine:
+        writer = spooled_writer(engine, tmp_path, batch_size=100, flush_interval=3600)
+        assert writer.submit(records[0])
+        writer.start()
+        await until(lambda: sizes == [1])  # all there was: the writer keeps up
+        for record in records[1:3]:  # during the first batch's write
+            assert writer.submit(record)
+        released.set()
+        await until_written(writer, 1)
+        for record in records[3:]:  # after it
+            assert writer.submit(record)
+        await writer.close(grace=60)  # well within the hour the batch would gather
+        async with engine.connect() as connection:
+            stored = await connection.scalar(select(func.count()).select_from(completions))
+    assert stored == len(records)
+    assert sizes == [1, 4]
 
 
 async def test_a_column_added_while_the_writer_runs_loses_no_record(
