@@ -118,7 +118,7 @@ async def write_batch(
                 if unseen := [row for row in some if row["id"] in new]:
                     await connection.execute(insert(target), unseen)
         if totals:
-            await connection.execute(_RECOUNT, [{"b_id": key} for key in sorted(totals)])
+            await connection.execute(_RECOUNT, {"ids": sorted(totals)})
     if any(r.completion and r.completion.get("call_type") == "responses" for r in fresh):
         await settle_follow_ups(connection, fresh)
     await add_usage(connection, tally(r.completion for r in fresh if r.completion))
@@ -329,7 +329,7 @@ async def _adopt(connection: AsyncConnection, early: str, target: str, tail: str
         )
     )
     if connection.dialect.name == "mysql":
-        await connection.execute(_RECOUNT, [{"b_id": target}])
+        await connection.execute(_RECOUNT, {"ids": [target]})
     await connection.execute(delete(conversations).where(conversations.c.id == early))
 
 
@@ -643,11 +643,12 @@ def _conversation_totals(fresh: list[RowSet]) -> dict[str, Row]:
     return totals
 
 
-# MySQL: a conversation's messages counted under the row lock its upsert took, so the count
-# includes what a writer before this one added.
+# MySQL: the conversations' messages counted under the row locks their upsert took, so the
+# counts include what a writer before this one added; one statement for a batch's
+# conversations (an executemany of UPDATE is a round trip a row).
 _RECOUNT = (
     update(conversations)
-    .where(conversations.c.id == bindparam("b_id"))
+    .where(conversations.c.id.in_(bindparam("ids", expanding=True)))
     .values(
         message_count=select(func.count())
         .select_from(messages)
