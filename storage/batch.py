@@ -31,13 +31,11 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     Table,
-    and_,
     bindparam,
     case,
     delete,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -447,13 +445,13 @@ async def _message_rows(connection: AsyncConnection, fresh: list[RowSet]) -> lis
         columns = ([c for c, _ in keys], [h for _, h in keys])
         stored.update(map(tuple, await connection.exec_driver_sql(_STORED, columns)))
     else:  # pairs ORed: SQLite scans the table for "(a, b) IN (...)", not for this
+        mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+        pair = f"(conversation_id = {mark} AND hash = {mark})"
         for start in range(0, len(keys), LOOKUP_CHUNK):
-            pairs = (
-                and_(messages.c.conversation_id == c, messages.c.hash == h)
-                for c, h in keys[start : start + LOOKUP_CHUNK]
-            )
-            found = await connection.execute(
-                select(messages.c.conversation_id, messages.c.hash).where(or_(*pairs))
+            chunk = keys[start : start + LOOKUP_CHUNK]
+            found = await connection.exec_driver_sql(
+                _STORED_PAIRS + " OR ".join([pair] * len(chunk)),
+                tuple(value for key in chunk for value in key),
             )
             stored.update(map(tuple, found))
 
@@ -514,6 +512,9 @@ _STORED = (
     "SELECT m.conversation_id, m.hash FROM unnest($1::text[], $2::text[]) AS k(c, h) "
     "JOIN messages AS m ON m.conversation_id = k.c AND m.hash = k.h"
 )
+# Elsewhere the pairs in SQL text: as SQLAlchemy expressions, their clauses cost the writer
+# more to build and compile than the lookup itself, a new statement for each count of pairs.
+_STORED_PAIRS = "SELECT conversation_id, hash FROM messages WHERE "
 _LOCK = "SELECT 1 FROM conversations WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
 LOOKUP_CHUNK = 400  # pairs a lookup: two bound values each, well under every driver's limit
 
