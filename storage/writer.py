@@ -361,27 +361,25 @@ class HistoryWriter:
             await asyncio.sleep(POLL_SECONDS)
         if self._taken < self.spool.end:
             self._wake.set()
-        if self._wake.is_set():
-            await self._unless_closing(self.flush_interval)  # let a batch gather
+        if self._wake.is_set():  # let a batch gather (``_gather``)
+            self._gather_until = time.monotonic() + self.flush_interval
 
     async def _sync_now(self) -> None:
         self._last_sync = time.monotonic()
         await asyncio.to_thread(self.spool.sync)
 
     async def _gather(self) -> None:
-        """Keeping up (the last batch took all there was), the next is taken no sooner than
-        ``flush_interval`` after it, while that one is written. Taken as soon as the write
-        before ended, batches under a steady load hold only what arrived during one write,
-        a few records, and a batch's statements, round trips and commit then cost each
-        record several times what they do in a full batch (the README's Performance
-        section). Behind, batches are full and nothing waits; closing, nothing waits."""
-        await self._unless_closing(self._gather_until - time.monotonic())
-
-    async def _unless_closing(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if the writer is closing: it writes what is left now."""
-        if seconds > 0 and not self._closing.is_set():
+        """Let a batch gather: after an idle spell, ``flush_interval`` from the first record
+        found; keeping up (the last batch took all there was), ``flush_interval`` from the
+        last batch, while that one is written. Taken as soon as the write before ended,
+        batches under a steady load held only what arrived during one write, a few records,
+        and a batch's statements, round trips and commit then cost each record several
+        times what they do in a full batch (the README's Performance section). Behind,
+        batches are full and nothing waits; closing, nothing waits."""
+        wait = self._gather_until - time.monotonic()
+        if wait > 0 and not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), seconds)
+                await asyncio.wait_for(self._closing.wait(), wait)
 
     async def _next_batch(self) -> list[tuple[Position, Record]]:
         """The next records in spool order, read back from the spool (from the page cache,
