@@ -71,7 +71,9 @@ Decode = Callable[[bytes], Record]
 Encode = Callable[[Record], bytes]
 SYNC_SECONDS = 1.0
 POLL_SECONDS = 0.02  # how often a writer following another process's spool looks for records
-BATCH_BYTES = 4 * 2**20
+# A batch's bytes, at most: 200 records of a few KB fit; of 200 KB prompts (long agent
+# contexts), five, and the writer holds a few MiB of them rather than tens.
+BATCH_BYTES = 2**20
 STEP_RECORDS = 5  # records read or shaped between two turns of the batch being written
 BEHIND_SECONDS = 1.0  # this long reading only full batches: behind
 
