@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -310,7 +311,7 @@ def open_loop_table(
         f"{'direct p99':>11}{'gw p99':>8}{'added':>7}{'direct ttfb':>12}{'gw ttfb':>8}"
         f"{'added':>7}{'errors':>7}"
     )
-    rows = []
+    rows: list[dict[str, object]] = []
     for stream in (False, True):
         body = prompt_body(1000, stream)
         for rate in rates:
@@ -388,7 +389,7 @@ def main() -> None:
     cells = [(stream, 1000, c) for stream in (False, True) for c in args.concurrency]
     cells += [(stream, size, 16) for stream in (False, True) for size in args.sizes]
 
-    summary: dict[str, dict[str, object]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     with serve_subprocess() as upstream:
         upstream_url = upstream.base_url + "/chat/completions"
         for config in args.configs:
@@ -423,14 +424,15 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def targets(summary: dict[str, dict[str, object]]) -> None:
+def targets(summary: dict[str, dict[str, Any]]) -> None:
     """The figures issue 6 sets targets for, where this run measured them."""
     print("\n== targets ==")
 
-    def cell(config: str, stream: bool, size: int, connections: int) -> dict[str, object] | None:
-        for row in summary.get(config, {}).get("closed", []):  # type: ignore[union-attr]
+    def cell(config: str, stream: bool, size: int, connections: int) -> dict[str, Any] | None:
+        rows: list[dict[str, Any]] = summary.get(config, {}).get("closed", [])
+        for row in rows:
             if (row["stream"], row["size"], row["connections"]) == (stream, size, connections):
-                return row  # type: ignore[no-any-return]
+                return row
         return None
 
     main = "postgresql" if "postgresql" in summary else next(iter(summary), None)
@@ -438,18 +440,18 @@ def targets(summary: dict[str, dict[str, object]]) -> None:
         return
     one, sixteen = cell(main, False, 1000, 1), cell(main, False, 1000, 16)
     if one:
-        added = one["gateway"].p50_ms - one["direct"].p50_ms  # type: ignore[attr-defined]
+        added = one["gateway"].p50_ms - one["direct"].p50_ms
         print(f"[{main}] added p50, non-streamed, c=1: {added:.2f} ms (target <= 0.5)")
     if sixteen:
-        added = sixteen["gateway"].p99_ms - sixteen["direct"].p99_ms  # type: ignore[attr-defined]
-        rps = sixteen["gateway"].requests_per_second  # type: ignore[attr-defined]
+        added = sixteen["gateway"].p99_ms - sixteen["direct"].p99_ms
+        rps = sixteen["gateway"].requests_per_second
         print(f"[{main}] added p99, non-streamed, c=16: {added:.2f} ms (target <= 5)")
         print(f"[{main}] requests/s, non-streamed, c=16: {rps:.0f} (target >= 2000)")
         off = cell("off", False, 1000, 16)
         if off:
-            cost = 1 - rps / off["gateway"].requests_per_second  # type: ignore[attr-defined]
+            cost = 1 - rps / off["gateway"].requests_per_second
             print(f"[{main}] throughput lost to capture at c=16: {cost:.1%} (target <= 10%)")
-    for row in summary[main]["open"]:  # type: ignore[union-attr]
+    for row in summary[main]["open"]:
         if row["stream"]:
             added = row["gateway"].first_byte_p50_ms - row["direct"].first_byte_p50_ms
             print(
