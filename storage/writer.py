@@ -386,9 +386,9 @@ class HistoryWriter:
     async def _next_batch(self) -> list[tuple[Position, Record]]:
         """The next records in spool order, read back from the spool (from the page cache,
         as a rule): at most ``batch_size`` records and about ``BATCH_BYTES`` of them, since
-        a batch of large prompts is held twice (its records, its rows), and one is built
-        while one is written. Behind, the batch being written takes a turn every
-        ``STEP_RECORDS`` records, as in ``_rows``."""
+        a batch of large prompts is held several times over (its spooled lines, its
+        records, its rows), and one is built while one is written. Behind, the batch being
+        written takes a turn every ``STEP_RECORDS`` records, as in ``_rows``."""
         batch: list[tuple[Position, Record]] = []
         size = 0  # bytes of the batch's spool entries
         position = self._taken
